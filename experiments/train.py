@@ -1,0 +1,31 @@
+"""Train (or resume) a run.
+
+  python -m experiments.train --config configs/text_cls.py[:ARG] --workdir DIR \
+      [--config.optimizer.learning_rate=3e-5 ...]
+
+Writes DIR/config.json, DIR/run.json, DIR/metrics.jsonl, DIR/tb/ and DIR/checkpoints/. Running
+it again with the same DIR resumes from the latest checkpoint.
+"""
+import json
+import logging
+import os
+
+from absl import app, flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/NAME.py[:ARG]).")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (created; reused to resume).")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+  del argv
+  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+  from sft_jax.trainer import Trainer  # after flag parsing: keeps --help fast
+  final = Trainer(_CONFIG.value, _WORKDIR.value).run()
+  summary = {k: v for k, v in final.items() if k != "confusion_matrix"}
+  print(json.dumps({"workdir": os.path.abspath(_WORKDIR.value), "validation": summary}))
+
+
+if __name__ == "__main__":
+  app.run(main)
