@@ -31,7 +31,7 @@ def main(argv):
   data, tokenizer = components.load_data(run.cfg)
   ds = components.batches(run.cfg, data, tokenizer, _SPLIT.value, train=False)
   graphdef, params = nnx.split(run.model, nnx.Param)
-  params = params.to_pure_dict()
+  params = nnx.to_pure_dict(params)
   batch_sh = sharding_lib.batch_sharding(run.mesh)
   eval_step = steps.make_eval_step(graphdef, get_task(run.cfg.model.task),
                                    shardings_of(params), batch_sh)

@@ -39,7 +39,9 @@ def make_manager(directory: str, opts: CheckpointOptions) -> ocp.CheckpointManag
     keep.append(policies.BestN(get_metric_fn=lambda m: m[opts.best_metric],
                                reverse=opts.best_mode == "min", n=opts.keep_best,
                                keep_checkpoints_without_metrics=False))
+  # best_fn also makes Orbax write each step's metrics (which BestN and best_step read).
   options = ocp.CheckpointManagerOptions(
+      best_fn=lambda m: m[opts.best_metric], best_mode=opts.best_mode,
       preservation_policy=policies.AnyPreservationPolicy(keep),
       enable_async_checkpointing=opts.async_save, create=True)
   return ocp.CheckpointManager(os.path.abspath(directory), options=options,

@@ -35,7 +35,7 @@ def confusion_matrix(labels: np.ndarray, preds: np.ndarray, num_classes: int,
 def _safe_div(num: np.ndarray, den: np.ndarray) -> np.ndarray:
   # Precision/recall of a class that is never predicted / never present is 0 (sklearn's
   # zero_division=0 convention), not NaN, so macro averages stay defined.
-  return np.where(den > 0, num / np.maximum(den, 1), 0.0)
+  return np.divide(num, den, out=np.zeros_like(num, dtype=np.float64), where=den > 0)
 
 
 def classification_metrics(cm: np.ndarray, label_names: list[str] | None = None) -> dict:

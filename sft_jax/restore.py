@@ -55,7 +55,7 @@ def restore_run(workdir: str, which: str = "best") -> RestoredRun:
   shardings = sharding_lib.param_shardings(model, mesh)
   graphdef, params = nnx.split(model, nnx.Param)
   abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                          params.to_pure_dict(), shardings)
+                          nnx.to_pure_dict(params), shardings)
   restored = ckpt_lib.restore_params(mngr, step, abstract)
   mngr.close()
   return RestoredRun(cfg=cfg, info=info, model=nnx.merge(graphdef, restored), step=step,

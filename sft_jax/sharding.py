@@ -62,8 +62,8 @@ def param_shardings(model: nnx.Module, mesh: Mesh,
   rules = DEFAULT_RULES if rules is None else rules
   state = nnx.state(model, nnx.Param)
 
-  logical = nnx.get_partition_spec(state).to_pure_dict()  # P("embed", "mlp") per leaf
-  shapes = state.to_pure_dict()
+  logical = nnx.to_pure_dict(nnx.get_partition_spec(state))  # P("embed", "mlp") per leaf
+  shapes = nnx.to_pure_dict(state)
 
   def one(spec: P, x: Any) -> NamedSharding:
     names = tuple(spec) + (None,) * (x.ndim - len(tuple(spec)))

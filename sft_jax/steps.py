@@ -81,9 +81,9 @@ def train_step(setup: StepSetup, task: Any, accumulation_steps: int, state: Trai
   metrics = {
       "loss": stats["loss_sum"] / w,
       "accuracy": stats["correct"] / w,
-      "grad_norm": optax.global_norm(grads),
-      "param_norm": optax.global_norm(params),
-      "update_norm": optax.global_norm(updates),
+      "grad_norm": optax.tree.norm(grads),
+      "param_norm": optax.tree.norm(params),
+      "update_norm": optax.tree.norm(updates),
       "learning_rate": setup.lr_schedule(state.step),
   }
   new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)

@@ -2,7 +2,7 @@
 
 ``TrainState`` holds only arrays (so Orbax saves it and ``jit`` donates it); the static parts a
 step needs (the model's graph definition, the optimizer, the trainable mask) live in
-``StepSetup``. Parameters are a pure nested dict (``nnx.State.to_pure_dict()``), which
+``StepSetup``. Parameters are a pure nested dict (``nnx.to_pure_dict(nnx.State)``), which
 ``nnx.merge`` accepts directly.
 """
 from __future__ import annotations
@@ -54,7 +54,7 @@ def split_model(model: nnx.Module) -> tuple[nnx.GraphDef, dict]:
   if jax.tree.leaves(rest):
     raise ValueError("the model holds non-Param variables; they are not part of TrainState yet: "
                      f"{jax.tree.map(lambda x: x.shape, rest)}")
-  return graphdef, params.to_pure_dict()
+  return graphdef, nnx.to_pure_dict(params)
 
 
 def create_train_state(model: nnx.Module, tx: optax.GradientTransformation, mesh: Mesh,
@@ -67,9 +67,11 @@ def create_train_state(model: nnx.Module, tx: optax.GradientTransformation, mesh
   params = jax.device_put(params, p_shard)
   abstract_opt = jax.eval_shape(tx.init, params)
   repl = sharding_lib.replicated(mesh)
-  opt_shard = optax.tree_map_params(tx, lambda _, s: s, abstract_opt, p_shard,
-                                    transform_non_params=lambda _: repl,
-                                    is_leaf=lambda x: isinstance(x, NamedSharding))
+  masked = lambda x: isinstance(x, optax.MaskedNode)  # frozen leaves: no state, keep as is
+  opt_shard = optax.tree_map_params(
+      tx, lambda x, s: x if masked(x) else s, abstract_opt, p_shard,
+      transform_non_params=lambda _: repl,
+      is_leaf=lambda x: masked(x) or isinstance(x, NamedSharding))
   opt_state = jax.jit(tx.init, out_shardings=opt_shard)(params)
   rng = jax.random.key_data(jax.random.key(seed))
   return TrainState(step=jax.device_put(jnp.zeros((), jnp.int32), repl), params=params,

