@@ -115,6 +115,11 @@ class Trainer:
     if step is None:
       return progress
     self.state, progress = ckpt_lib.restore_train_state(self.mngr, step, self.state)
+    # Batch i of the (seeded, repeated) training stream is always the same batch, so the data
+    # position is the step itself; the saved position is a consistency check.
+    if progress["next_batch"] != int(self.state.step):
+      raise RuntimeError(f"checkpoint {step} in {self.workdir}: data position "
+                         f"{progress['next_batch']} != step {int(self.state.step)}")
     log_lib.truncate_after(self.workdir, step)
     log.info("resumed from step %d in %s", step, self.workdir)
     return progress
@@ -141,7 +146,13 @@ class Trainer:
              metrics["accuracy"], metrics["loss"])
     return progress["stopped_early"]
 
-  def run(self) -> dict:
+  def run(self, stop_after_step: int | None = None) -> dict:
+    """Trains from the latest checkpoint (or the start) to the end.
+
+    Args:
+      stop_after_step: stop early, as if preempted, after this step (a checkpoint is saved
+        there so that the next ``run`` resumes from it).
+    """
     progress = self._resume()
     start = int(self.state.step)
     last_eval = None
@@ -172,6 +183,12 @@ class Trainer:
         if self._after_eval(done, last_eval, progress):
           log.info("early stopping at step %d", done)
           break
+      elif done == stop_after_step:
+        progress["next_batch"] = done
+        ckpt_lib.save(self.mngr, self.state, progress)
+      if done == stop_after_step:
+        log.info("stopping after step %d as asked", done)
+        break
     bar.close()
     self.mngr.wait_until_finished()
     self.logger.close()
