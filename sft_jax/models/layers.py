@@ -1,0 +1,384 @@
+"""Shared Flax NNX layers: Dense, Embed, LayerNorm, attention, masks, dropout, activations.
+
+Every parameter is an ``nnx.Param`` annotated with logical axis names (``out_sharding``
+metadata), e.g. ``("embed", "mlp")``. The names used across the model families are:
+
+- ``"vocab"``: token vocabulary rows of an embedding table.
+- ``"embed"``: the model (hidden) dimension.
+- ``"mlp"``: the feed-forward inner dimension.
+- ``"heads"``: attention heads x head_dim, flattened (q/k/v kernels are [embed, heads]).
+- ``"kv"``: the per-head dimension when it is kept separate (caches, unflattened kernels).
+- ``"norm"``: norm scales/biases (normally replicated).
+- ``None``: never sharded (tiny axes such as position/type tables or a label head).
+
+``sft_jax.sharding`` maps these names to mesh axes. The parameters are annotated but not placed
+(``eager_sharding=False``): models build without a mesh, and placement happens once, from the
+logical names, when the train state is created under jit with explicit out_shardings.
+
+Dropout is functional: it is applied iff a PRNG key is passed, so modules store no RNG state and
+the only Variables in a model are ``nnx.Param``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+Array = jax.Array
+Initializer = Callable[..., Array]
+LogicalNames = tuple[str | None, ...]
+
+default_kernel_init = nnx.initializers.normal(stddev=0.02)
+
+
+def make_param(
+    rngs: nnx.Rngs | None,
+    init: Initializer,
+    shape: Sequence[int],
+    names: LogicalNames,
+    param_dtype: Any = jnp.float32,
+) -> nnx.Param:
+    """Creates an ``nnx.Param`` carrying logical axis names.
+
+    Args:
+        rngs: RNG streams; ``rngs.params()`` seeds the initializer (unused by constant inits).
+        init: ``init(key, shape, dtype) -> Array``.
+        shape: Parameter shape.
+        names: One logical axis name (or None) per dimension.
+        param_dtype: Storage dtype.
+
+    Returns:
+        The Param, with ``out_sharding=names`` metadata and eager sharding off.
+    """
+    if len(names) != len(shape):
+        raise ValueError(f"logical names {names} do not match shape {tuple(shape)}")
+    key = rngs.params() if rngs is not None else jax.random.key(0)
+    value = init(key, tuple(shape), jnp.dtype(param_dtype))
+    return nnx.Param(value, out_sharding=tuple(names), eager_sharding=False)
+
+
+class Dense(nnx.Module):
+    """``y = x @ kernel + bias`` over the last axis; kernel is [in, out].
+
+    Args:
+        in_features: Input size.
+        out_features: Output size.
+        names: Logical names of the kernel axes (input, output); the bias takes the output one.
+        use_bias: Whether to add a bias.
+        dtype: Compute dtype (inputs and kernel are cast to it).
+        param_dtype: Storage dtype of the parameters.
+        kernel_init: Kernel initializer (default normal(0.02), as BERT/GPT-2/Llama).
+        rngs: RNG streams for initialization.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        names: LogicalNames = ("embed", "mlp"),
+        use_bias: bool = True,
+        dtype: Any = jnp.float32,
+        param_dtype: Any = jnp.float32,
+        kernel_init: Initializer = default_kernel_init,
+        rngs: nnx.Rngs,
+    ):
+        self.dtype = jnp.dtype(dtype)
+        self.kernel = make_param(rngs, kernel_init, (in_features, out_features), names, param_dtype)
+        self.bias = (
+            make_param(rngs, nnx.initializers.zeros, (out_features,), names[-1:], param_dtype)
+            if use_bias
+            else None
+        )
+
+    def __call__(self, x: Array) -> Array:
+        """Applies the layer: [..., in] -> [..., out]."""
+        y = jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+        if self.bias is not None:
+            y = y + self.bias[...].astype(self.dtype)
+        return y
+
+
+class Embed(nnx.Module):
+    """Embedding table [num_embeddings, features] with a lookup and a tied-output ``attend``.
+
+    Args:
+        num_embeddings: Number of rows (vocabulary, positions, token types).
+        features: Embedding size.
+        names: Logical names of (rows, features); use ``(None, "embed")`` for small tables.
+        dtype: Compute dtype of the output.
+        param_dtype: Storage dtype.
+        embedding_init: Initializer (default normal(0.02)).
+        rngs: RNG streams for initialization.
+    """
+
+    def __init__(
+        self,
+        num_embeddings: int,
+        features: int,
+        *,
+        names: LogicalNames = ("vocab", "embed"),
+        dtype: Any = jnp.float32,
+        param_dtype: Any = jnp.float32,
+        embedding_init: Initializer = default_kernel_init,
+        rngs: nnx.Rngs,
+    ):
+        self.dtype = jnp.dtype(dtype)
+        self.embedding = make_param(
+            rngs, embedding_init, (num_embeddings, features), names, param_dtype
+        )
+
+    def __call__(self, ids: Array) -> Array:
+        """Looks up rows: int [...] -> [..., features]."""
+        return jnp.take(self.embedding[...], ids, axis=0).astype(self.dtype)
+
+    def attend(self, x: Array) -> Array:
+        """Tied output projection: [..., features] -> [..., num_embeddings]."""
+        return jnp.dot(x.astype(self.dtype), self.embedding[...].astype(self.dtype).T)
+
+
+class LayerNorm(nnx.Module):
+    """Layer normalization over the last axis, computed in float32.
+
+    Args:
+        features: Size of the normalized axis.
+        epsilon: Added to the variance.
+        use_bias: Learn a shift (``bias``).
+        use_scale: Learn a gain (``scale``).
+        dtype: Output dtype.
+        param_dtype: Storage dtype.
+        rngs: RNG streams (constant init; kept for a uniform constructor).
+    """
+
+    def __init__(
+        self,
+        features: int,
+        *,
+        epsilon: float = 1e-5,
+        use_bias: bool = True,
+        use_scale: bool = True,
+        dtype: Any = jnp.float32,
+        param_dtype: Any = jnp.float32,
+        rngs: nnx.Rngs | None = None,
+    ):
+        self.epsilon = float(epsilon)
+        self.dtype = jnp.dtype(dtype)
+        def norm_param(init: Initializer) -> nnx.Param:
+            return make_param(rngs, init, (features,), ("norm",), param_dtype)
+
+        self.scale = norm_param(nnx.initializers.ones) if use_scale else None
+        self.bias = norm_param(nnx.initializers.zeros) if use_bias else None
+
+    def __call__(self, x: Array) -> Array:
+        """Normalizes [..., features] -> [..., features]."""
+        x32 = x.astype(jnp.float32)
+        mean = jnp.mean(x32, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+        y = (x32 - mean) * jax.lax.rsqrt(var + self.epsilon)
+        if self.scale is not None:
+            y = y * self.scale[...].astype(jnp.float32)
+        if self.bias is not None:
+            y = y + self.bias[...].astype(jnp.float32)
+        return y.astype(self.dtype)
+
+
+def dropout(x: Array, rate: float, rng: Array | None) -> Array:
+    """Inverted dropout; identity when ``rng`` is None or ``rate`` is 0.
+
+    Args:
+        x: Any array.
+        rate: Probability of zeroing an element.
+        rng: PRNG key, or None for inference.
+
+    Returns:
+        ``x`` with elements dropped and the rest scaled by ``1 / (1 - rate)``.
+    """
+    if rng is None or rate == 0.0:
+        return x
+    if rate >= 1.0:
+        return jnp.zeros_like(x)
+    keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x)).astype(x.dtype)
+
+
+def split_rng(rng: Array | None, num: int) -> list[Array | None]:
+    """Splits a dropout key into ``num`` keys, or returns ``num`` Nones when ``rng`` is None."""
+    if rng is None:
+        return [None] * num
+    return list(jax.random.split(rng, num))
+
+
+ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),  # exact erf form (HF "gelu")
+    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),  # tanh approximation
+    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "relu": jax.nn.relu,
+    "silu": jax.nn.silu,
+    "swish": jax.nn.silu,
+    "tanh": jnp.tanh,
+}
+
+
+def get_activation(name: str) -> Callable[[Array], Array]:
+    """Returns the activation for a Hugging Face ``hidden_act`` name."""
+    if name not in ACTIVATIONS:
+        raise ValueError(f"unsupported activation {name!r}; supported: {sorted(ACTIVATIONS)}")
+    return ACTIVATIONS[name]
+
+
+def make_attention_mask(
+    q_len: int,
+    kv_len: int | None = None,
+    *,
+    padding_mask: Array | None = None,
+    segment_ids: Array | None = None,
+    causal: bool = False,
+) -> Array | None:
+    """Builds a boolean attention mask (True = may attend) from its optional parts.
+
+    Args:
+        q_len: Number of query positions T.
+        kv_len: Number of key positions S (default T). With ``causal``, the queries are the
+            last T of the S positions (KV-cache decoding).
+        padding_mask: [B, S] 1/0 (or bool) marking real key tokens.
+        segment_ids: [B, T] ints for packed sequences (requires S == T); tokens attend only
+            within their own segment.
+        causal: Forbid attending to later positions.
+
+    Returns:
+        Bool [B or 1, 1, T, S], broadcastable over heads, or None when nothing is masked.
+    """
+    kv_len = q_len if kv_len is None else kv_len
+    mask = None
+
+    def _and(a: Array | None, b: Array) -> Array:
+        return b if a is None else jnp.logical_and(a, b)
+
+    if padding_mask is not None:
+        mask = _and(mask, padding_mask.astype(bool)[:, None, None, :])  # [B, 1, 1, S]
+    if segment_ids is not None:
+        if kv_len != q_len:
+            raise ValueError("segment_ids need q_len == kv_len")
+        same = segment_ids[:, :, None] == segment_ids[:, None, :]  # [B, T, T]
+        mask = _and(mask, same[:, None])
+    if causal:
+        q_pos = jnp.arange(q_len)[:, None] + (kv_len - q_len)  # [T, 1]
+        mask = _and(mask, (jnp.arange(kv_len)[None, :] <= q_pos)[None, None])  # [1, 1, T, S]
+    return mask
+
+
+def dot_product_attention(
+    q: Array,
+    k: Array,
+    v: Array,
+    mask: Array | None = None,
+    *,
+    dropout_rate: float = 0.0,
+    dropout_rng: Array | None = None,
+) -> Array:
+    """Scaled dot-product attention with grouped-query support; softmax in float32.
+
+    Args:
+        q: Queries [B, T, N, D].
+        k: Keys [B, S, K, D]; N must be a multiple of K (K < N is GQA/MQA).
+        v: Values [B, S, K, D].
+        mask: Bool, broadcastable to [B, 1, T, S] (True = attend), or None.
+        dropout_rate: Dropout on the attention probabilities.
+        dropout_rng: Key enabling that dropout.
+
+    Returns:
+        [B, T, N, D] in q's dtype.
+    """
+    b, t, n, d = q.shape
+    kh = k.shape[2]
+    if n % kh:
+        raise ValueError(f"{n} query heads is not a multiple of {kh} key/value heads")
+    qg = q.reshape(b, t, kh, n // kh, d)  # [B, T, K, G, D]
+    scores = jnp.einsum("btkgd,bskd->bkgts", qg, k).astype(jnp.float32) * (d**-0.5)
+    if mask is not None:
+        mask = jnp.broadcast_to(mask, (mask.shape[0], 1) + scores.shape[-2:])[:, :, None]
+        scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)  # [B, K, G, T, S]
+    probs = jax.nn.softmax(scores, axis=-1)
+    probs = dropout(probs, dropout_rate, dropout_rng).astype(v.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+    return out.reshape(b, t, n, d).astype(q.dtype)
+
+
+class SelfAttention(nnx.Module):
+    """Multi-head (or grouped-query) self-attention: ``query``/``key``/``value`` projections,
+    attention, and an optional output projection ``out``.
+
+    Families whose output projection lives elsewhere (BERT's ``attention.output.dense``) pass
+    ``out_proj=False`` and get the merged heads [B, T, N*D]. Positional transforms (RoPE) and a
+    KV cache belong between the projections and ``dot_product_attention`` when added.
+
+    Args:
+        hidden_size: Input (and output) size.
+        num_heads: Query heads N.
+        num_kv_heads: Key/value heads K (default N).
+        head_dim: Per-head size D (default hidden_size // num_heads).
+        use_bias: Biases on the q/k/v (and out) projections.
+        out_proj: Add the ``out`` projection [N*D, hidden].
+        kernel_init: Initializer of all projection kernels.
+        dtype: Compute dtype.
+        param_dtype: Storage dtype.
+        rngs: RNG streams for initialization.
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        num_heads: int,
+        *,
+        num_kv_heads: int | None = None,
+        head_dim: int | None = None,
+        use_bias: bool = True,
+        out_proj: bool = True,
+        kernel_init: Initializer = default_kernel_init,
+        dtype: Any = jnp.float32,
+        param_dtype: Any = jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        if head_dim is None and hidden_size % num_heads:
+            raise ValueError(f"hidden_size {hidden_size} not divisible by {num_heads} heads")
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads or num_heads
+        self.head_dim = head_dim or hidden_size // num_heads
+        kw = dict(
+            use_bias=use_bias, kernel_init=kernel_init, dtype=dtype, param_dtype=param_dtype,
+            rngs=rngs,
+        )  # fmt: skip
+        q_size, kv_size = num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        self.query = Dense(hidden_size, q_size, names=("embed", "heads"), **kw)
+        self.key = Dense(hidden_size, kv_size, names=("embed", "heads"), **kw)
+        self.value = Dense(hidden_size, kv_size, names=("embed", "heads"), **kw)
+        self.out = Dense(q_size, hidden_size, names=("heads", "embed"), **kw) if out_proj else None
+
+    def __call__(
+        self,
+        x: Array,
+        mask: Array | None = None,
+        *,
+        dropout_rate: float = 0.0,
+        dropout_rng: Array | None = None,
+    ) -> Array:
+        """Attends [B, T, hidden] -> [B, T, hidden] (or [B, T, N*D] without ``out``).
+
+        Args:
+            x: Input [B, T, hidden].
+            mask: From ``make_attention_mask``: bool [B or 1, 1, T, T], or None.
+            dropout_rate: Attention-probability dropout rate.
+            dropout_rng: Key enabling that dropout.
+        """
+        b, t, _ = x.shape
+        q = self.query(x).reshape(b, t, self.num_heads, self.head_dim)  # [B, T, N, D]
+        k = self.key(x).reshape(b, t, self.num_kv_heads, self.head_dim)  # [B, T, K, D]
+        v = self.value(x).reshape(b, t, self.num_kv_heads, self.head_dim)  # [B, T, K, D]
+        y = dot_product_attention(
+            q, k, v, mask, dropout_rate=dropout_rate, dropout_rng=dropout_rng
+        ).reshape(b, t, self.num_heads * self.head_dim)  # [B, T, N*D]
+        return self.out(y) if self.out is not None else y

@@ -1,0 +1,71 @@
+"""Shared layers: masks, attention (MHA and GQA), dropout, LayerNorm, logical axis names."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from sft_jax.models import layers
+
+
+def test_make_attention_mask_parts():
+    pad = jnp.array([[1, 1, 0]])
+    m = layers.make_attention_mask(3, padding_mask=pad)
+    assert m.shape == (1, 1, 1, 3) and m.dtype == jnp.bool_
+    causal = layers.make_attention_mask(3, causal=True)
+    np.testing.assert_array_equal(causal[0, 0], np.tril(np.ones((3, 3), bool)))
+    seg = layers.make_attention_mask(4, segment_ids=jnp.array([[1, 1, 2, 2]]), causal=True)
+    want = np.array([[1, 0, 0, 0], [1, 1, 0, 0], [0, 0, 1, 0], [0, 0, 1, 1]], bool)
+    np.testing.assert_array_equal(seg[0, 0], want)
+    # Decoding: 1 query over 4 cached keys sees all of them.
+    assert bool(layers.make_attention_mask(1, 4, causal=True).all())
+    assert layers.make_attention_mask(3) is None
+
+
+def test_gqa_equals_mha_with_repeated_kv_heads():
+    kq, kk, kv = jax.random.split(jax.random.key(0), 3)
+    q = jax.random.normal(kq, (2, 5, 6, 4))  # [B, T, N=6, D]
+    k = jax.random.normal(kk, (2, 5, 2, 4))  # K=2 heads, groups of 3
+    v = jax.random.normal(kv, (2, 5, 2, 4))
+    mask = layers.make_attention_mask(5, padding_mask=jnp.array([[1, 1, 1, 0, 0]] * 2))
+    got = layers.dot_product_attention(q, k, v, mask)
+    want = layers.dot_product_attention(q, jnp.repeat(k, 3, 2), jnp.repeat(v, 3, 2), mask)
+    np.testing.assert_allclose(got, want, atol=1e-6)
+    # Masked keys get no weight: changing them changes nothing.
+    v2 = v.at[:, 3:].set(100.0)
+    np.testing.assert_allclose(layers.dot_product_attention(q, k, v2, mask), got, atol=1e-6)
+
+
+def test_dropout_is_identity_without_rng_and_scales_with_it():
+    x = jnp.ones((1000,))
+    assert layers.dropout(x, 0.5, None) is x
+    y = layers.dropout(x, 0.5, jax.random.key(0))
+    assert set(np.unique(np.asarray(y))) <= {0.0, 2.0}
+    assert 0.4 < float((y == 0).mean()) < 0.6
+
+
+def test_layer_norm_matches_numpy():
+    ln = layers.LayerNorm(8, epsilon=1e-6)
+    x = np.random.RandomState(0).randn(3, 8).astype(np.float32)
+    want = (x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + 1e-6)
+    np.testing.assert_allclose(ln(jnp.asarray(x)), want, atol=1e-5)
+
+
+def test_params_carry_logical_names():
+    attn = layers.SelfAttention(12, 3, num_kv_heads=1, rngs=nnx.Rngs(0))
+    specs = {
+        ".".join(map(str, p)): v.get_metadata()["out_sharding"]
+        for p, v in nnx.to_flat_state(nnx.state(attn, nnx.Param))
+    }
+    assert specs["query.kernel"] == ("embed", "heads")
+    assert specs["out.kernel"] == ("heads", "embed")
+    assert specs["out.bias"] == ("embed",)
+    assert attn.key.kernel.shape == (12, 4)  # one kv head of head_dim 4
+    y = attn(jnp.ones((2, 5, 12)), layers.make_attention_mask(5, causal=True))
+    assert y.shape == (2, 5, 12)
+
+
+def test_unknown_activation_is_an_error():
+    with pytest.raises(ValueError, match="unsupported activation 'nope'"):
+        layers.get_activation("nope")
