@@ -8,7 +8,6 @@ Uses exactly the train examples the config's training run would see (the same su
 writes them to --out (JSON) when given.
 """
 import json
-import logging
 
 import numpy as np
 from absl import app, flags
@@ -34,7 +33,8 @@ def _texts_labels(source, text_pair: bool):
 
 def main(argv):
   del argv
-  logging.basicConfig(level=logging.INFO)
+  from sft_jax.logging import setup_cli_logging
+  setup_cli_logging()
   from sklearn.feature_extraction.text import TfidfVectorizer
   from sklearn.linear_model import LogisticRegression
   from sft_jax import components, metrics as metrics_lib

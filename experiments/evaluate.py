@@ -6,7 +6,6 @@ Writes DIR/eval_<split>.json (accuracy, macro/per-class precision/recall/F1, con
 loss, and which checkpoint step was used).
 """
 import json
-import logging
 import os
 
 from absl import app, flags
@@ -19,7 +18,8 @@ flags.mark_flags_as_required(["workdir"])
 
 def main(argv):
   del argv
-  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+  from sft_jax.logging import setup_cli_logging
+  setup_cli_logging()
   from flax import nnx
   from sft_jax import components, sharding as sharding_lib, steps
   from sft_jax.evaluation import evaluate_classification

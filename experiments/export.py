@@ -6,7 +6,6 @@ OUT_DIR gets config.json (with id2label), model.safetensors and the tokenizer fi
 with transformers' Auto classes (AutoModelForSequenceClassification) and by load_pretrained.
 """
 import json
-import logging
 
 from absl import app, flags
 
@@ -18,7 +17,8 @@ flags.mark_flags_as_required(["workdir", "out"])
 
 def main(argv):
   del argv
-  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+  from sft_jax.logging import setup_cli_logging
+  setup_cli_logging()
   from sft_jax.hf.export import export_model
   from sft_jax.restore import restore_run
 

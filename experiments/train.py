@@ -7,7 +7,6 @@ Writes DIR/config.json, DIR/run.json, DIR/metrics.jsonl, DIR/tb/ and DIR/checkpo
 it again with the same DIR resumes from the latest checkpoint.
 """
 import json
-import logging
 import os
 
 from absl import app, flags
@@ -20,7 +19,8 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def main(argv):
   del argv
-  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+  from sft_jax.logging import setup_cli_logging
+  setup_cli_logging()
   from sft_jax.trainer import Trainer  # after flag parsing: keeps --help fast
   final = Trainer(_CONFIG.value, _WORKDIR.value).run()
   summary = {k: v for k, v in final.items() if k != "confusion_matrix"}

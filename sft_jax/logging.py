@@ -61,6 +61,20 @@ def truncate_after(workdir: str, step: int) -> None:
     f.writelines(json.dumps(r) + "\n" for r in rows)
 
 
+def setup_cli_logging() -> None:
+  """INFO for this package's messages; libraries (Orbax, absl) only at WARNING and above."""
+  import logging as pylog
+  from absl import logging as absl_logging
+  absl_logging.set_verbosity(absl_logging.WARNING)
+  logger = pylog.getLogger("sft_jax")
+  if not logger.handlers:
+    handler = pylog.StreamHandler(sys.stderr)
+    handler.setFormatter(pylog.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logger.addHandler(handler)
+  logger.setLevel(pylog.INFO)
+  logger.propagate = False
+
+
 def progress_bar(total: int, initial: int):
   from tqdm import tqdm
   return tqdm(total=total, initial=initial, dynamic_ncols=True, file=sys.stderr,
