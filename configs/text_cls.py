@@ -9,90 +9,92 @@ shipped 3-class tweet sentiment corpus).
 Arguments (comma separated, combinable): ``debug`` (tiny, ~1 minute), ``probe`` (train only the
 head: a linear probe on the frozen encoder), ``full`` (the whole train split for 3 epochs).
 """
+
 import ml_collections
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
-  args = {a for a in arg.split(",") if a}
-  unknown = args - {"debug", "probe", "full"}
-  if unknown:
-    raise ValueError(f"configs/text_cls.py: unknown argument(s) {sorted(unknown)}; "
-                     "use debug, probe, full")
-  c = ml_collections.ConfigDict()
-  c.seed = 0
+    args = {a for a in arg.split(",") if a}
+    unknown = args - {"debug", "probe", "full"}
+    if unknown:
+        raise ValueError(
+            f"configs/text_cls.py: unknown argument(s) {sorted(unknown)}; use debug, probe, full"
+        )
+    c = ml_collections.ConfigDict()
+    c.seed = 0
 
-  c.model = ml_collections.ConfigDict()
-  c.model.path = "minilm-l6"  # short name, a local Hugging Face directory, or a GGUF file
-  c.model.task = "classification"
-  c.model.classifier_dropout = 0.1
+    c.model = ml_collections.ConfigDict()
+    c.model.path = "minilm-l6"  # short name, a local Hugging Face directory, or a GGUF file
+    c.model.task = "classification"
+    c.model.classifier_dropout = 0.1
 
-  c.data = ml_collections.ConfigDict()
-  c.data.name = "tweet_sentiment"  # or "files" with train_file/validation_file/test_file
-  c.data.data_dir = ""  # tfds data_dir; "" -> $SFT_JAX_DATA_DIR or ~/tensorflow_datasets
-  c.data.train_file = ""
-  c.data.validation_file = ""
-  c.data.test_file = ""
-  c.data.text_field = "text"
-  c.data.text_pair_field = ""
-  c.data.label_field = "label"
-  c.data.max_train_examples = 9600  # 0 = all (30.5k); the default job uses a subsample
-  c.data.max_length = 128
-  c.data.buckets = (32, 64, 128)
-  c.data.batch_size = 32
-  c.data.eval_batch_size = 64
+    c.data = ml_collections.ConfigDict()
+    c.data.name = "tweet_sentiment"  # or "files" with train_file/validation_file/test_file
+    c.data.data_dir = ""  # tfds data_dir; "" -> $SFT_JAX_DATA_DIR or ~/tensorflow_datasets
+    c.data.train_file = ""
+    c.data.validation_file = ""
+    c.data.test_file = ""
+    c.data.text_field = "text"
+    c.data.text_pair_field = ""
+    c.data.label_field = "label"
+    c.data.max_train_examples = 16000  # 0 = all (29,795); the default job uses a subsample
+    c.data.max_length = 128
+    c.data.buckets = (32, 64, 128)
+    c.data.batch_size = 32
+    c.data.eval_batch_size = 64
 
-  c.optimizer = ml_collections.ConfigDict()
-  c.optimizer.name = "adamw"
-  c.optimizer.learning_rate = 5e-5
-  c.optimizer.b1 = 0.9
-  c.optimizer.b2 = 0.999
-  c.optimizer.eps = 1e-8
-  c.optimizer.momentum = 0.9  # sgd only
-  c.optimizer.nesterov = False  # sgd only
-  c.optimizer.weight_decay = 0.01
-  c.optimizer.schedule = "linear"  # constant | linear | cosine (after warmup)
-  c.optimizer.warmup_steps = 0
-  c.optimizer.warmup_ratio = 0.1
-  c.optimizer.grad_clip_norm = 1.0
-  c.optimizer.accumulation_steps = 1
+    c.optimizer = ml_collections.ConfigDict()
+    c.optimizer.name = "adamw"
+    c.optimizer.learning_rate = 5e-5
+    c.optimizer.b1 = 0.9
+    c.optimizer.b2 = 0.999
+    c.optimizer.eps = 1e-8
+    c.optimizer.momentum = 0.9  # sgd only
+    c.optimizer.nesterov = False  # sgd only
+    c.optimizer.weight_decay = 0.01
+    c.optimizer.schedule = "linear"  # constant | linear | cosine (after warmup)
+    c.optimizer.warmup_steps = 0
+    c.optimizer.warmup_ratio = 0.1
+    c.optimizer.grad_clip_norm = 1.0
+    c.optimizer.accumulation_steps = 1
 
-  c.freeze = ml_collections.ConfigDict()
-  c.freeze.policy = "full"  # a preset of sft_jax.freezing.PRESETS
+    c.freeze = ml_collections.ConfigDict()
+    c.freeze.policy = "full"  # a preset of sft_jax.freezing.PRESETS
 
-  c.train = ml_collections.ConfigDict()
-  c.train.num_epochs = 1
-  c.train.num_steps = 0  # > 0 overrides num_epochs
-  c.train.eval_every_steps = 100  # 0 = once per epoch
-  c.train.log_every_steps = 10
-  c.train.early_stopping_patience = 0  # evaluations without improvement; 0 = off
-  c.train.max_eval_batches = 0  # 0 = the whole validation split
+    c.train = ml_collections.ConfigDict()
+    c.train.num_epochs = 1
+    c.train.num_steps = 0  # > 0 overrides num_epochs
+    c.train.eval_every_steps = 125  # 0 = once per epoch
+    c.train.log_every_steps = 10
+    c.train.early_stopping_patience = 0  # evaluations without improvement; 0 = off
+    c.train.max_eval_batches = 0  # 0 = the whole validation split
 
-  c.checkpoint = ml_collections.ConfigDict()
-  c.checkpoint.keep_latest = 1
-  c.checkpoint.keep_best = 1
-  c.checkpoint.best_metric = "macro_f1"
-  c.checkpoint.best_mode = "max"
-  c.checkpoint.async_save = True
+    c.checkpoint = ml_collections.ConfigDict()
+    c.checkpoint.keep_latest = 1
+    c.checkpoint.keep_best = 1
+    c.checkpoint.best_metric = "macro_f1"
+    c.checkpoint.best_mode = "max"
+    c.checkpoint.async_save = True
 
-  c.mesh = ml_collections.ConfigDict()
-  c.mesh.shape = (-1, 1, 1)  # (data, fsdp, tensor); -1 = all remaining devices
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.shape = (-1, 1, 1)  # (data, fsdp, tensor); -1 = all remaining devices
 
-  if "full" in args:
-    c.data.max_train_examples = 0
-    c.train.num_epochs = 3
-    c.train.eval_every_steps = 0
-  if "probe" in args:
-    c.freeze.policy = "head_only"
-    c.optimizer.learning_rate = 1e-3
-    c.model.classifier_dropout = 0.0
-  if "debug" in args:
-    c.data.max_train_examples = 256
-    c.data.batch_size = 16
-    c.data.buckets = (32, 64)
-    c.data.max_length = 64
-    c.train.num_steps = 12
-    c.train.eval_every_steps = 6
-    c.train.log_every_steps = 2
-    c.train.max_eval_batches = 2
-  c.lock()
-  return c
+    if "full" in args:
+        c.data.max_train_examples = 0
+        c.train.num_epochs = 3
+        c.train.eval_every_steps = 0
+    if "probe" in args:
+        c.freeze.policy = "head_only"
+        c.optimizer.learning_rate = 1e-3
+        c.model.classifier_dropout = 0.0
+    if "debug" in args:
+        c.data.max_train_examples = 256
+        c.data.batch_size = 16
+        c.data.buckets = (32, 64)
+        c.data.max_length = 64
+        c.train.num_steps = 12
+        c.train.eval_every_steps = 6
+        c.train.log_every_steps = 2
+        c.train.max_eval_batches = 2
+    c.lock()
+    return c

@@ -6,6 +6,7 @@
 Writes DIR/config.json, DIR/run.json, DIR/metrics.jsonl, DIR/tb/ and DIR/checkpoints/. Running
 it again with the same DIR resumes from the latest checkpoint.
 """
+
 import json
 import os
 
@@ -14,18 +15,24 @@ from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/NAME.py[:ARG]).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (created; reused to resume).")
+_DRY_RUN = flags.DEFINE_bool("dry_run", False, "Print the resolved config as JSON and exit.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv):
-  del argv
-  from sft_jax.logging import setup_cli_logging
-  setup_cli_logging()
-  from sft_jax.trainer import Trainer  # after flag parsing: keeps --help fast
-  final = Trainer(_CONFIG.value, _WORKDIR.value).run()
-  summary = {k: v for k, v in final.items() if k != "confusion_matrix"}
-  print(json.dumps({"workdir": os.path.abspath(_WORKDIR.value), "validation": summary}))
+    del argv
+    if _DRY_RUN.value:
+        print(_CONFIG.value.to_json(indent=2))
+        return
+    from sft_jax.logging import setup_cli_logging
+
+    setup_cli_logging()
+    from sft_jax.trainer import Trainer  # after flag parsing: keeps --help fast
+
+    final = Trainer(_CONFIG.value, _WORKDIR.value).run()
+    summary = {k: v for k, v in final.items() if k != "confusion_matrix"}
+    print(json.dumps({"workdir": os.path.abspath(_WORKDIR.value), "validation": summary}))
 
 
 if __name__ == "__main__":
-  app.run(main)
+    app.run(main)

@@ -9,7 +9,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from sft_jax.pretrained import load_pretrained, resolve_model_dir
+    from sft_jax.pretrained import load_pretrained, resolve_model_dir  # noqa: F401
 
 # Public name -> module that defines it.
 _LAZY = {

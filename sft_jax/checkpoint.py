@@ -6,6 +6,7 @@ Each checkpoint step holds three items:
   ``progress``  JSON: the next data batch index, epoch, early-stopping bookkeeping.
 Writes are atomic (Orbax finalizes a temporary directory by rename), optionally asynchronous.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -23,91 +24,115 @@ log = logging.getLogger(__name__)
 
 @dataclasses.dataclass
 class CheckpointOptions:
-  keep_latest: int = 1
-  keep_best: int = 2
-  best_metric: str = "macro_f1"
-  best_mode: str = "max"  # "max" or "min"
-  async_save: bool = True
+    keep_latest: int = 1
+    keep_best: int = 2
+    best_metric: str = "macro_f1"
+    best_mode: str = "max"  # "max" or "min"
+    async_save: bool = True
 
 
 def make_manager(directory: str, opts: CheckpointOptions) -> ocp.CheckpointManager:
-  """A manager that keeps the ``keep_latest`` newest and the ``keep_best`` best steps."""
-  if opts.best_mode not in ("max", "min"):
-    raise ValueError(f"checkpoint.best_mode={opts.best_mode!r}; use 'max' or 'min'")
-  keep = [policies.LatestN(n=opts.keep_latest)]
-  if opts.keep_best > 0:
-    keep.append(policies.BestN(get_metric_fn=lambda m: m[opts.best_metric],
-                               reverse=opts.best_mode == "min", n=opts.keep_best,
-                               keep_checkpoints_without_metrics=False))
-  # best_fn also makes Orbax write each step's metrics (which BestN and best_step read).
-  options = ocp.CheckpointManagerOptions(
-      best_fn=lambda m: m[opts.best_metric], best_mode=opts.best_mode,
-      preservation_policy=policies.AnyPreservationPolicy(keep),
-      enable_async_checkpointing=opts.async_save, create=True)
-  return ocp.CheckpointManager(os.path.abspath(directory), options=options,
-                               item_names=("params", "train", "progress"))
+    """A manager that keeps the ``keep_latest`` newest and the ``keep_best`` best steps."""
+    if opts.best_mode not in ("max", "min"):
+        raise ValueError(f"checkpoint.best_mode={opts.best_mode!r}; use 'max' or 'min'")
+    keep = [policies.LatestN(n=opts.keep_latest)]
+    if opts.keep_best > 0:
+        keep.append(
+            policies.BestN(
+                get_metric_fn=lambda m: m[opts.best_metric],
+                reverse=opts.best_mode == "min",
+                n=opts.keep_best,
+                keep_checkpoints_without_metrics=False,
+            )
+        )
+    # best_fn also makes Orbax write each step's metrics (which BestN and best_step read).
+    options = ocp.CheckpointManagerOptions(
+        best_fn=lambda m: m[opts.best_metric],
+        best_mode=opts.best_mode,
+        preservation_policy=policies.AnyPreservationPolicy(keep),
+        enable_async_checkpointing=opts.async_save,
+        create=True,
+    )
+    return ocp.CheckpointManager(
+        os.path.abspath(directory), options=options, item_names=("params", "train", "progress")
+    )
 
 
-def save(mngr: ocp.CheckpointManager, state: TrainState, progress: dict,
-         metrics: dict | None = None) -> None:
-  """Saves ``state`` at ``state.step`` (``metrics`` ranks it for best-k)."""
-  step = int(state.step)
-  train = {"step": state.step, "opt_state": state.opt_state, "rng": state.rng}
-  mngr.save(step, args=ocp.args.Composite(
-      params=ocp.args.StandardSave(state.params),
-      train=ocp.args.StandardSave(train),
-      progress=ocp.args.JsonSave(progress)),
-      metrics=metrics, force=True)
+def save(
+    mngr: ocp.CheckpointManager, state: TrainState, progress: dict, metrics: dict | None = None
+) -> None:
+    """Saves ``state`` at ``state.step`` (``metrics`` ranks it for best-k)."""
+    step = int(state.step)
+    train = {"step": state.step, "opt_state": state.opt_state, "rng": state.rng}
+    mngr.save(
+        step,
+        args=ocp.args.Composite(
+            params=ocp.args.StandardSave(state.params),
+            train=ocp.args.StandardSave(train),
+            progress=ocp.args.JsonSave(progress),
+        ),
+        metrics=metrics,
+        force=True,
+    )
 
 
-def restore_train_state(mngr: ocp.CheckpointManager, step: int,
-                        like: TrainState) -> tuple[TrainState, dict]:
-  """Restores the full state onto ``like``'s shapes and shardings (no extra allocation)."""
-  target = abstract_of(like)
-  train_target = {"step": target.step, "opt_state": target.opt_state, "rng": target.rng}
-  out = mngr.restore(step, args=ocp.args.Composite(
-      params=ocp.args.StandardRestore(target.params),
-      train=ocp.args.StandardRestore(train_target),
-      progress=ocp.args.JsonRestore()))
-  train = out["train"]
-  state = TrainState(step=train["step"], params=out["params"], opt_state=train["opt_state"],
-                     rng=train["rng"])
-  return state, out["progress"]
+def restore_train_state(
+    mngr: ocp.CheckpointManager, step: int, like: TrainState
+) -> tuple[TrainState, dict]:
+    """Restores the full state onto ``like``'s shapes and shardings (no extra allocation)."""
+    target = abstract_of(like)
+    train_target = {"step": target.step, "opt_state": target.opt_state, "rng": target.rng}
+    out = mngr.restore(
+        step,
+        args=ocp.args.Composite(
+            params=ocp.args.StandardRestore(target.params),
+            train=ocp.args.StandardRestore(train_target),
+            progress=ocp.args.JsonRestore(),
+        ),
+    )
+    train = out["train"]
+    state = TrainState(
+        step=train["step"], params=out["params"], opt_state=train["opt_state"], rng=train["rng"]
+    )
+    return state, out["progress"]
 
 
 def restore_params(mngr: ocp.CheckpointManager, step: int, abstract_params: Any) -> Any:
-  """Restores only the parameters (evaluation / export need nothing else)."""
-  out = mngr.restore(step, args=ocp.args.Composite(
-      params=ocp.args.StandardRestore(abstract_params)))
-  return out["params"]
+    """Restores only the parameters (evaluation / export need nothing else)."""
+    out = mngr.restore(
+        step, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract_params))
+    )
+    return out["params"]
 
 
 def best_step(mngr: ocp.CheckpointManager, opts: CheckpointOptions) -> int | None:
-  """The kept step with the best ``opts.best_metric`` (None if no step has metrics)."""
-  scored = []
-  for step in mngr.all_steps():
-    metrics = mngr.metrics(step)
-    if metrics and opts.best_metric in metrics:
-      scored.append((metrics[opts.best_metric], step))
-  if not scored:
-    return None
-  pick = max if opts.best_mode == "max" else min
-  return pick(scored)[1]
+    """The kept step with the best ``opts.best_metric`` (None if no step has metrics)."""
+    scored = []
+    for step in mngr.all_steps():
+        metrics = mngr.metrics(step)
+        if metrics and opts.best_metric in metrics:
+            scored.append((metrics[opts.best_metric], step))
+    if not scored:
+        return None
+    sign = -1.0 if opts.best_mode == "max" else 1.0
+    return min(scored, key=lambda vs: (sign * vs[0], vs[1]))[1]  # ties: the earliest step
 
 
 def resolve_step(mngr: ocp.CheckpointManager, which: str, opts: CheckpointOptions) -> int:
-  """``best`` | ``latest`` | a step number -> an existing step, with a clear error."""
-  steps = list(mngr.all_steps())
-  if not steps:
-    raise FileNotFoundError(f"no checkpoints in {mngr.directory}")
-  if which == "latest":
-    return max(steps)
-  if which == "best":
-    step = best_step(mngr, opts)
-    if step is None:
-      log.warning("no checkpoint carries metric %r; using the latest", opts.best_metric)
-      return max(steps)
-    return step
-  if not which.isdigit() or int(which) not in steps:
-    raise ValueError(f"--checkpoint={which!r}: use best, latest or one of the kept steps {steps}")
-  return int(which)
+    """``best`` | ``latest`` | a step number -> an existing step, with a clear error."""
+    steps = list(mngr.all_steps())
+    if not steps:
+        raise FileNotFoundError(f"no checkpoints in {mngr.directory}")
+    if which == "latest":
+        return max(steps)
+    if which == "best":
+        step = best_step(mngr, opts)
+        if step is None:
+            log.warning("no checkpoint carries metric %r; using the latest", opts.best_metric)
+            return max(steps)
+        return step
+    if not which.isdigit() or int(which) not in steps:
+        raise ValueError(
+            f"--checkpoint={which!r}: use best, latest or one of the kept steps {steps}"
+        )
+    return int(which)

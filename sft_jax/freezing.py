@@ -6,6 +6,7 @@ unmatched parameters are trainable. Named presets expand to such lists. The opti
 resulting boolean mask (frozen leaves get ``optax.set_to_zero`` and no optimizer state) and the
 step differentiates only trainable leaves.
 """
+
 from __future__ import annotations
 
 import re
@@ -25,40 +26,42 @@ PRESETS: dict[str, list[tuple[str, bool]]] = {
 
 
 def parse_rules(policy: str | list[Any]) -> list[tuple[str, bool]]:
-  """Expands a preset name or validates an explicit ``[(regex, trainable), ...]`` list."""
-  if isinstance(policy, str):
-    if policy not in PRESETS:
-      raise ValueError(f"Unknown freezing preset {policy!r}; known presets: {sorted(PRESETS)}")
-    return PRESETS[policy]
-  rules = []
-  for i, rule in enumerate(policy):
-    if len(rule) != 2 or not isinstance(rule[1], bool):
-      raise ValueError(f"freeze rule {i} must be (regex, trainable: bool), got {rule!r}")
-    rules.append((str(rule[0]), rule[1]))
-  return rules
+    """Expands a preset name or validates an explicit ``[(regex, trainable), ...]`` list."""
+    if isinstance(policy, str):
+        if policy not in PRESETS:
+            raise ValueError(
+                f"Unknown freezing preset {policy!r}; known presets: {sorted(PRESETS)}"
+            )
+        return PRESETS[policy]
+    rules = []
+    for i, rule in enumerate(policy):
+        if len(rule) != 2 or not isinstance(rule[1], bool):
+            raise ValueError(f"freeze rule {i} must be (regex, trainable: bool), got {rule!r}")
+        rules.append((str(rule[0]), rule[1]))
+    return rules
 
 
 def trainable_mask(params: Any, policy: str | list[Any]) -> Any:
-  """Returns a pytree of bools with the structure of ``params`` (True = trainable).
+    """Returns a pytree of bools with the structure of ``params`` (True = trainable).
 
-  Raises:
-    ValueError: if the policy leaves no parameter trainable, or a rule matches nothing (a typo
-      in a regex would otherwise silently train everything).
-  """
-  rules = [(re.compile(p), t) for p, t in parse_rules(policy)]
-  used = [False] * len(rules)
+    Raises:
+      ValueError: if the policy leaves no parameter trainable, or a rule matches nothing (a typo
+        in a regex would otherwise silently train everything).
+    """
+    rules = [(re.compile(p), t) for p, t in parse_rules(policy)]
+    used = [False] * len(rules)
 
-  def decide(path: str) -> bool:
-    for i, (pattern, trainable) in enumerate(rules):
-      if pattern.search(path):
-        used[i] = True
-        return trainable
-    return True
+    def decide(path: str) -> bool:
+        for i, (pattern, trainable) in enumerate(rules):
+            if pattern.search(path):
+                used[i] = True
+                return trainable
+        return True
 
-  mask = tree_util.map_with_path_str(lambda path, _: decide(path), params)
-  unused = [rules[i][0].pattern for i, u in enumerate(used) if not u]
-  if unused:
-    raise ValueError(f"freeze rules matched no parameter: {unused}")
-  if not any(tree_util.leaves(mask)):
-    raise ValueError(f"freezing policy {policy!r} leaves no trainable parameter")
-  return mask
+    mask = tree_util.map_with_path_str(lambda path, _: decide(path), params)
+    unused = [rules[i][0].pattern for i, u in enumerate(used) if not u]
+    if unused:
+        raise ValueError(f"freeze rules matched no parameter: {unused}")
+    if not any(tree_util.leaves(mask)):
+        raise ValueError(f"freezing policy {policy!r} leaves no trainable parameter")
+    return mask

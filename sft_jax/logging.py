@@ -1,4 +1,5 @@
 """Run logging: ``metrics.jsonl`` (one JSON object per line), TensorBoard events, progress bar."""
+
 from __future__ import annotations
 
 import json
@@ -11,71 +12,80 @@ import numpy as np
 
 
 def _jsonable(v: Any) -> Any:
-  if isinstance(v, (np.generic, np.ndarray)) or hasattr(v, "__array__"):
-    v = np.asarray(v)
-    return v.item() if v.ndim == 0 else v.tolist()
-  return v
+    if isinstance(v, (np.generic, np.ndarray)) or hasattr(v, "__array__"):
+        v = np.asarray(v)
+        return v.item() if v.ndim == 0 else v.tolist()
+    return v
 
 
 class MetricsLogger:
-  """Appends ``{"step", "split", **metrics}`` lines to ``workdir/metrics.jsonl`` and mirrors
-  scalar metrics to TensorBoard under ``workdir/tb``."""
+    """Appends ``{"step", "split", **metrics}`` lines to ``workdir/metrics.jsonl`` and mirrors
+    scalar metrics to TensorBoard under ``workdir/tb``."""
 
-  def __init__(self, workdir: str, tensorboard: bool = True):
-    self.path = os.path.join(workdir, "metrics.jsonl")
-    self._tb = None
-    if tensorboard:
-      from tensorboardX import SummaryWriter  # lazy: only the trainer needs it
-      self._tb = SummaryWriter(os.path.join(workdir, "tb"))
+    def __init__(self, workdir: str, tensorboard: bool = True):
+        self.path = os.path.join(workdir, "metrics.jsonl")
+        self._tb = None
+        if tensorboard:
+            from tensorboardX import SummaryWriter  # lazy: only the trainer needs it
 
-  def write(self, step: int, split: str, metrics: dict[str, Any]) -> None:
-    row = {"step": int(step), "split": split}
-    row.update({k: _jsonable(v) for k, v in metrics.items()})
-    with open(self.path, "a") as f:
-      f.write(json.dumps(row) + "\n")
-    if self._tb is not None:
-      for k, v in row.items():
-        if k not in ("step", "split") and isinstance(v, (int, float)) and math.isfinite(v):
-          self._tb.add_scalar(f"{split}/{k}", v, step)
-      self._tb.flush()
+            self._tb = SummaryWriter(os.path.join(workdir, "tb"))
 
-  def close(self) -> None:
-    if self._tb is not None:
-      self._tb.close()
+    def write(self, step: int, split: str, metrics: dict[str, Any]) -> None:
+        row = {"step": int(step), "split": split}
+        row.update({k: _jsonable(v) for k, v in metrics.items()})
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self._tb is not None:
+            for k, v in row.items():
+                if k not in ("step", "split") and isinstance(v, (int, float)) and math.isfinite(v):
+                    self._tb.add_scalar(f"{split}/{k}", v, step)
+            self._tb.flush()
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
 
 
 def read_metrics(workdir: str) -> list[dict]:
-  """All rows of ``workdir/metrics.jsonl``."""
-  path = os.path.join(workdir, "metrics.jsonl")
-  if not os.path.exists(path):
-    return []
-  with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+    """All rows of ``workdir/metrics.jsonl``."""
+    path = os.path.join(workdir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
 
 
 def truncate_after(workdir: str, step: int) -> None:
-  """Drops rows past ``step`` (written after the checkpoint a resumed run starts from), so a
-  resumed run's log equals an uninterrupted one."""
-  rows = [r for r in read_metrics(workdir) if r["step"] <= step]
-  with open(os.path.join(workdir, "metrics.jsonl"), "w") as f:
-    f.writelines(json.dumps(r) + "\n" for r in rows)
+    """Drops rows past ``step`` (written after the checkpoint a resumed run starts from), so a
+    resumed run's log equals an uninterrupted one."""
+    rows = [r for r in read_metrics(workdir) if r["step"] <= step]
+    with open(os.path.join(workdir, "metrics.jsonl"), "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
 
 
 def setup_cli_logging() -> None:
-  """INFO for this package's messages; libraries (Orbax, absl) only at WARNING and above."""
-  import logging as pylog
-  from absl import logging as absl_logging
-  absl_logging.set_verbosity(absl_logging.WARNING)
-  logger = pylog.getLogger("sft_jax")
-  if not logger.handlers:
-    handler = pylog.StreamHandler(sys.stderr)
-    handler.setFormatter(pylog.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    logger.addHandler(handler)
-  logger.setLevel(pylog.INFO)
-  logger.propagate = False
+    """INFO for this package's messages; libraries (Orbax, absl) only at WARNING and above."""
+    import logging as pylog
+
+    from absl import logging as absl_logging
+
+    absl_logging.set_verbosity(absl_logging.WARNING)
+    logger = pylog.getLogger("sft_jax")
+    if not logger.handlers:
+        handler = pylog.StreamHandler(sys.stderr)
+        handler.setFormatter(pylog.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        logger.addHandler(handler)
+    logger.setLevel(pylog.INFO)
+    logger.propagate = False
 
 
 def progress_bar(total: int, initial: int):
-  from tqdm import tqdm
-  return tqdm(total=total, initial=initial, dynamic_ncols=True, file=sys.stderr,
-              disable=not sys.stderr.isatty() and os.environ.get("SFT_JAX_PROGRESS") != "1")
+    from tqdm import tqdm
+
+    return tqdm(
+        total=total,
+        initial=initial,
+        dynamic_ncols=True,
+        file=sys.stderr,
+        disable=not sys.stderr.isatty() and os.environ.get("SFT_JAX_PROGRESS") != "1",
+    )

@@ -5,6 +5,7 @@ task loss (summed over real examples), differentiates only the trainable leaves,
 ``accumulation_steps`` micro-batches with ``lax.scan``, and applies the optax update. Metrics are
 global-batch means plus gradient / parameter / update norms (as big_vision's ``update_fn``).
 """
+
 from __future__ import annotations
 
 import functools
@@ -19,90 +20,111 @@ from sft_jax.train_state import StepSetup, TrainState
 
 
 def _split(params: Any, mask: Any) -> tuple[Any, Any]:
-  """(trainable, frozen): the same tree twice, with None where the other half lives."""
-  trainable = jax.tree.map(lambda p, m: p if m else None, params, mask)
-  frozen = jax.tree.map(lambda p, m: None if m else p, params, mask)
-  return trainable, frozen
+    """(trainable, frozen): the same tree twice, with None where the other half lives."""
+    trainable = jax.tree.map(lambda p, m: p if m else None, params, mask)
+    frozen = jax.tree.map(lambda p, m: None if m else p, params, mask)
+    return trainable, frozen
 
 
 def _join(trainable: Any, frozen: Any) -> Any:
-  return jax.tree.map(lambda t, f: f if t is None else t, trainable, frozen,
-                      is_leaf=lambda x: x is None)
+    return jax.tree.map(
+        lambda t, f: f if t is None else t, trainable, frozen, is_leaf=lambda x: x is None
+    )
 
 
 def _micro_batches(batch: dict, n: int) -> dict:
-  """[B, ...] -> [n, B/n, ...] for scanning over micro-batches."""
-  def reshape(x):
-    if x.shape[0] % n:
-      raise ValueError(f"batch size {x.shape[0]} not divisible by accumulation_steps={n}")
-    return x.reshape((n, x.shape[0] // n) + x.shape[1:])
-  return jax.tree.map(reshape, batch)
+    """[B, ...] -> [n, B/n, ...] for scanning over micro-batches."""
+
+    def reshape(x):
+        if x.shape[0] % n:
+            raise ValueError(f"batch size {x.shape[0]} not divisible by accumulation_steps={n}")
+        return x.reshape((n, x.shape[0] // n) + x.shape[1:])
+
+    return jax.tree.map(reshape, batch)
 
 
-def _grads_and_stats(setup: StepSetup, task: Any, params: Any, batch: dict, rng: jax.Array,
-                     accumulation_steps: int) -> tuple[Any, dict]:
-  """Gradient of the global-batch mean loss w.r.t. trainable params, and summed stats."""
-  trainable, frozen = _split(params, setup.trainable)
-  total_w = jnp.maximum(jnp.sum(batch["example_mask"]), 1.0)
+def _grads_and_stats(
+    setup: StepSetup, task: Any, params: Any, batch: dict, rng: jax.Array, accumulation_steps: int
+) -> tuple[Any, dict]:
+    """Gradient of the global-batch mean loss w.r.t. trainable params, and summed stats."""
+    trainable, frozen = _split(params, setup.trainable)
+    total_w = jnp.maximum(jnp.sum(batch["example_mask"]), 1.0)
 
-  def loss_fn(t, mb, key):
-    model = nnx.merge(setup.graphdef, _join(t, frozen))
-    loss_sum, stats = task.loss_sums(model, mb, key)
-    return loss_sum / total_w, stats
+    def loss_fn(t, mb, key):
+        model = nnx.merge(setup.graphdef, _join(t, frozen))
+        loss_sum, stats = task.loss_sums(model, mb, key)
+        return loss_sum / total_w, stats
 
-  grad_fn = jax.grad(loss_fn, has_aux=True)
-  if accumulation_steps == 1:
-    return grad_fn(trainable, batch, rng)
+    grad_fn = jax.grad(loss_fn, has_aux=True)
+    if accumulation_steps == 1:
+        return grad_fn(trainable, batch, rng)
 
-  def body(carry, xs):
-    mb, i = xs
-    g, stats = grad_fn(trainable, mb, jax.random.fold_in(rng, i))
-    return jax.tree.map(jnp.add, carry, (g, stats)), None
+    def body(carry, xs):
+        mb, i = xs
+        g, stats = grad_fn(trainable, mb, jax.random.fold_in(rng, i))
+        return jax.tree.map(jnp.add, carry, (g, stats)), None
 
-  zeros = jax.eval_shape(grad_fn, trainable, jax.tree.map(lambda x: x[0], _micro_batches(
-      batch, accumulation_steps)), rng)
-  zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), zeros)
-  (grads, stats), _ = jax.lax.scan(
-      body, zeros, (_micro_batches(batch, accumulation_steps), jnp.arange(accumulation_steps)))
-  return grads, stats
-
-
-def train_step(setup: StepSetup, task: Any, accumulation_steps: int, state: TrainState,
-               batch: dict) -> tuple[TrainState, dict]:
-  """One optimizer update on a global batch. Pure; jit it with ``make_train_step``."""
-  rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-  grads, stats = _grads_and_stats(setup, task, state.params, batch, rng, accumulation_steps)
-  # Frozen leaves: zero gradients (optax.set_to_zero ignores them; XLA folds the zeros away).
-  full_grads = jax.tree.map(lambda g, p: jnp.zeros_like(p) if g is None else g,
-                            grads, state.params, is_leaf=lambda x: x is None)
-  updates, opt_state = setup.tx.update(full_grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
-  w = jnp.maximum(stats["weight"], 1.0)
-  metrics = {
-      "loss": stats["loss_sum"] / w,
-      "accuracy": stats["correct"] / w,
-      "grad_norm": optax.tree.norm(grads),
-      "param_norm": optax.tree.norm(params),
-      "update_norm": optax.tree.norm(updates),
-      "learning_rate": setup.lr_schedule(state.step),
-  }
-  new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
-  return new_state, metrics
+    zeros = jax.eval_shape(
+        grad_fn,
+        trainable,
+        jax.tree.map(lambda x: x[0], _micro_batches(batch, accumulation_steps)),
+        rng,
+    )
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), zeros)
+    (grads, stats), _ = jax.lax.scan(
+        body, zeros, (_micro_batches(batch, accumulation_steps), jnp.arange(accumulation_steps))
+    )
+    return grads, stats
 
 
-def make_train_step(setup: StepSetup, task: Any,
-                    accumulation_steps: int = 1) -> Callable[[TrainState, dict], tuple]:
-  """``jit(train_step)`` with the state donated and explicit in/out shardings."""
-  repl = jax.sharding.NamedSharding(setup.mesh, jax.sharding.PartitionSpec())
-  fn = functools.partial(train_step, setup, task, accumulation_steps)
-  return jax.jit(fn, in_shardings=(setup.state_shardings, setup.batch_sharding),
-                 out_shardings=(setup.state_shardings, repl), donate_argnums=0)
+def train_step(
+    setup: StepSetup, task: Any, accumulation_steps: int, state: TrainState, batch: dict
+) -> tuple[TrainState, dict]:
+    """One optimizer update on a global batch. Pure; jit it with ``make_train_step``."""
+    rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+    grads, stats = _grads_and_stats(setup, task, state.params, batch, rng, accumulation_steps)
+    # Frozen leaves: zero gradients (optax.set_to_zero ignores them; XLA folds the zeros away).
+    full_grads = jax.tree.map(
+        lambda g, p: jnp.zeros_like(p) if g is None else g,
+        grads,
+        state.params,
+        is_leaf=lambda x: x is None,
+    )
+    updates, opt_state = setup.tx.update(full_grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    w = jnp.maximum(stats["weight"], 1.0)
+    metrics = {
+        "loss": stats["loss_sum"] / w,
+        "accuracy": stats["correct"] / w,
+        "grad_norm": optax.tree.norm(grads),
+        "param_norm": optax.tree.norm(params),
+        "update_norm": optax.tree.norm(updates),
+        "learning_rate": setup.lr_schedule(state.step),
+    }
+    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+    return new_state, metrics
 
 
-def make_eval_step(graphdef: nnx.GraphDef, task: Any, param_shardings: Any,
-                   batch_sharding: Any) -> Callable[[Any, dict], dict]:
-  """``jit(params, batch) -> per-example outputs`` (predictions, loss sums)."""
-  def eval_step(params, batch):
-    return task.eval_outputs(nnx.merge(graphdef, params), batch)
+def make_train_step(
+    setup: StepSetup, task: Any, accumulation_steps: int = 1
+) -> Callable[[TrainState, dict], tuple]:
+    """``jit(train_step)`` with the state donated and explicit in/out shardings."""
+    repl = jax.sharding.NamedSharding(setup.mesh, jax.sharding.PartitionSpec())
+    fn = functools.partial(train_step, setup, task, accumulation_steps)
+    return jax.jit(
+        fn,
+        in_shardings=(setup.state_shardings, setup.batch_sharding),
+        out_shardings=(setup.state_shardings, repl),
+        donate_argnums=0,
+    )
 
-  return jax.jit(eval_step, in_shardings=(param_shardings, batch_sharding))
+
+def make_eval_step(
+    graphdef: nnx.GraphDef, task: Any, param_shardings: Any, batch_sharding: Any
+) -> Callable[[Any, dict], dict]:
+    """``jit(params, batch) -> per-example outputs`` (predictions, loss sums)."""
+
+    def eval_step(params, batch):
+        return task.eval_outputs(nnx.merge(graphdef, params), batch)
+
+    return jax.jit(eval_step, in_shardings=(param_shardings, batch_sharding))

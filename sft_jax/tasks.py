@@ -4,6 +4,7 @@ A task is the only place that knows which batch keys a model consumes. Losses ar
 *sums* with their weights so that gradient accumulation and data-parallel reduction are exact:
 ``loss = loss_sum / weight`` over the whole global batch.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -14,44 +15,54 @@ import optax
 
 
 class ClassificationTask:
-  """Sequence classification: ``model(input_ids, attention_mask, token_type_ids) -> [B, K]``.
+    """Sequence classification: ``model(input_ids, attention_mask, token_type_ids) -> [B, K]``.
 
-  Batch keys: ``input_ids``, ``attention_mask``, ``token_type_ids`` (int32 [B, T]), ``labels``
-  (int32 [B]), ``example_mask`` (float32 [B], 0 for padding rows).
-  """
+    Batch keys: ``input_ids``, ``attention_mask``, ``token_type_ids`` (int32 [B, T]), ``labels``
+    (int32 [B]), ``example_mask`` (float32 [B], 0 for padding rows).
+    """
 
-  name = "classification"
+    name = "classification"
 
-  def logits(self, model: Any, batch: dict, dropout_rng: jax.Array | None) -> jax.Array:
-    logits = model(batch["input_ids"], attention_mask=batch["attention_mask"],
-                   token_type_ids=batch.get("token_type_ids"), dropout_rng=dropout_rng)
-    return logits.astype(jnp.float32)  # loss in float32 whatever the compute dtype
+    def logits(self, model: Any, batch: dict, dropout_rng: jax.Array | None) -> jax.Array:
+        logits = model(
+            batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            token_type_ids=batch.get("token_type_ids"),
+            dropout_rng=dropout_rng,
+        )
+        return logits.astype(jnp.float32)  # loss in float32 whatever the compute dtype
 
-  def loss_sums(self, model: Any, batch: dict,
-                dropout_rng: jax.Array | None) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Returns ``(loss_sum, stats)``: stats are sums over real examples (``weight``,
-    ``correct``)."""
-    logits = self.logits(model, batch, dropout_rng)  # [B, K]
-    w = batch["example_mask"].astype(jnp.float32)
-    losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"])  # [B]
-    correct = (jnp.argmax(logits, -1) == batch["labels"]).astype(jnp.float32)
-    loss_sum = jnp.sum(losses * w)
-    return loss_sum, {"loss_sum": loss_sum, "weight": jnp.sum(w),
-                      "correct": jnp.sum(correct * w)}
+    def loss_sums(
+        self, model: Any, batch: dict, dropout_rng: jax.Array | None
+    ) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """Returns ``(loss_sum, stats)``: stats are sums over real examples (``weight``,
+        ``correct``)."""
+        logits = self.logits(model, batch, dropout_rng)  # [B, K]
+        w = batch["example_mask"].astype(jnp.float32)
+        losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"])  # [B]
+        correct = (jnp.argmax(logits, -1) == batch["labels"]).astype(jnp.float32)
+        loss_sum = jnp.sum(losses * w)
+        return loss_sum, {
+            "loss_sum": loss_sum,
+            "weight": jnp.sum(w),
+            "correct": jnp.sum(correct * w),
+        }
 
-  def eval_outputs(self, model: Any, batch: dict) -> dict[str, jax.Array]:
-    """Per-example outputs the host accumulates (predictions for the confusion matrix)."""
-    logits = self.logits(model, batch, None)
-    losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"])
-    return {"preds": jnp.argmax(logits, -1).astype(jnp.int32),
+    def eval_outputs(self, model: Any, batch: dict) -> dict[str, jax.Array]:
+        """Per-example outputs the host accumulates (predictions for the confusion matrix)."""
+        logits = self.logits(model, batch, None)
+        losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"])
+        return {
+            "preds": jnp.argmax(logits, -1).astype(jnp.int32),
             "loss_sum": jnp.sum(losses * batch["example_mask"]),
-            "weight": jnp.sum(batch["example_mask"])}
+            "weight": jnp.sum(batch["example_mask"]),
+        }
 
 
 TASKS = {"classification": ClassificationTask}
 
 
 def get_task(name: str) -> ClassificationTask:
-  if name not in TASKS:
-    raise ValueError(f"model.task={name!r}; supported: {sorted(TASKS)}")
-  return TASKS[name]()
+    if name not in TASKS:
+        raise ValueError(f"model.task={name!r}; supported: {sorted(TASKS)}")
+    return TASKS[name]()

@@ -5,6 +5,7 @@ step needs (the model's graph definition, the optimizer, the trainable mask) liv
 ``StepSetup``. Parameters are a pure nested dict (``nnx.to_pure_dict(nnx.State)``), which
 ``nnx.merge`` accepts directly.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -22,67 +23,84 @@ from sft_jax import sharding as sharding_lib
 
 @flax.struct.dataclass
 class TrainState:
-  """Everything that changes during training (all leaves are arrays).
+    """Everything that changes during training (all leaves are arrays).
 
-  Attributes:
-    step: int32 scalar, the number of optimizer updates applied.
-    params: nested dict of parameter arrays (pure dict of the model's ``nnx.Param`` state).
-    opt_state: optax state; frozen parameters have none (``optax.MaskedNode``).
-    rng: uint32 [2] raw PRNG key data; the dropout key of step ``s`` is ``fold_in(rng, s)``.
-  """
-  step: jax.Array
-  params: Any
-  opt_state: Any
-  rng: jax.Array
+    Attributes:
+      step: int32 scalar, the number of optimizer updates applied.
+      params: nested dict of parameter arrays (pure dict of the model's ``nnx.Param`` state).
+      opt_state: optax state; frozen parameters have none (``optax.MaskedNode``).
+      rng: uint32 [2] raw PRNG key data; the dropout key of step ``s`` is ``fold_in(rng, s)``.
+    """
+
+    step: jax.Array
+    params: Any
+    opt_state: Any
+    rng: jax.Array
 
 
 @dataclasses.dataclass(frozen=True)
 class StepSetup:
-  """Static, non-array parts of training: hashable by identity, closed over by the step."""
-  graphdef: nnx.GraphDef
-  tx: optax.GradientTransformation
-  trainable: Any  # bool pytree with the structure of params
-  lr_schedule: optax.Schedule
-  mesh: Mesh
-  state_shardings: TrainState
-  batch_sharding: NamedSharding
+    """Static, non-array parts of training: hashable by identity, closed over by the step."""
+
+    graphdef: nnx.GraphDef
+    tx: optax.GradientTransformation
+    trainable: Any  # bool pytree with the structure of params
+    lr_schedule: optax.Schedule
+    mesh: Mesh
+    state_shardings: TrainState
+    batch_sharding: NamedSharding
 
 
 def split_model(model: nnx.Module) -> tuple[nnx.GraphDef, dict]:
-  """``(graphdef, params)`` with params as a pure dict (every Variable must be a Param)."""
-  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-  if jax.tree.leaves(rest):
-    raise ValueError("the model holds non-Param variables; they are not part of TrainState yet: "
-                     f"{jax.tree.map(lambda x: x.shape, rest)}")
-  return graphdef, nnx.to_pure_dict(params)
+    """``(graphdef, params)`` with params as a pure dict (every Variable must be a Param)."""
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    if jax.tree.leaves(rest):
+        raise ValueError(
+            "the model holds non-Param variables; they are not part of TrainState yet: "
+            f"{jax.tree.map(lambda x: x.shape, rest)}"
+        )
+    return graphdef, nnx.to_pure_dict(params)
 
 
-def create_train_state(model: nnx.Module, tx: optax.GradientTransformation, mesh: Mesh,
-                       seed: int, rules: dict | None = None) -> TrainState:
-  """Places the model's params on ``mesh`` by the logical-axis rules and initializes the
-  optimizer state with the matching shardings (param-shaped optimizer leaves follow their
-  parameter; counters are replicated)."""
-  _, params = split_model(model)
-  p_shard = sharding_lib.param_shardings(model, mesh, rules)
-  params = jax.device_put(params, p_shard)
-  abstract_opt = jax.eval_shape(tx.init, params)
-  repl = sharding_lib.replicated(mesh)
-  masked = lambda x: isinstance(x, optax.MaskedNode)  # frozen leaves: no state, keep as is
-  opt_shard = optax.tree_map_params(
-      tx, lambda x, s: x if masked(x) else s, abstract_opt, p_shard,
-      transform_non_params=lambda _: repl,
-      is_leaf=lambda x: masked(x) or isinstance(x, NamedSharding))
-  opt_state = jax.jit(tx.init, out_shardings=opt_shard)(params)
-  rng = jax.random.key_data(jax.random.key(seed))
-  return TrainState(step=jax.device_put(jnp.zeros((), jnp.int32), repl), params=params,
-                    opt_state=opt_state, rng=jax.device_put(rng, repl))
+def create_train_state(
+    model: nnx.Module,
+    tx: optax.GradientTransformation,
+    mesh: Mesh,
+    seed: int,
+    rules: dict | None = None,
+) -> TrainState:
+    """Places the model's params on ``mesh`` by the logical-axis rules and initializes the
+    optimizer state with the matching shardings (param-shaped optimizer leaves follow their
+    parameter; counters are replicated)."""
+    _, params = split_model(model)
+    p_shard = sharding_lib.param_shardings(model, mesh, rules)
+    params = jax.device_put(params, p_shard)
+    abstract_opt = jax.eval_shape(tx.init, params)
+    repl = sharding_lib.replicated(mesh)
+    masked = lambda x: isinstance(x, optax.MaskedNode)  # frozen leaves: no state, keep as is
+    opt_shard = optax.tree_map_params(
+        tx,
+        lambda x, s: x if masked(x) else s,
+        abstract_opt,
+        p_shard,
+        transform_non_params=lambda _: repl,
+        is_leaf=lambda x: masked(x) or isinstance(x, NamedSharding),
+    )
+    opt_state = jax.jit(tx.init, out_shardings=opt_shard)(params)
+    rng = jax.random.key_data(jax.random.key(seed))
+    return TrainState(
+        step=jax.device_put(jnp.zeros((), jnp.int32), repl),
+        params=params,
+        opt_state=opt_state,
+        rng=jax.device_put(rng, repl),
+    )
 
 
 def shardings_of(tree: Any) -> Any:
-  """The ``.sharding`` of every array leaf (for jit in/out shardings and restore targets)."""
-  return jax.tree.map(lambda x: x.sharding, tree)
+    """The ``.sharding`` of every array leaf (for jit in/out shardings and restore targets)."""
+    return jax.tree.map(lambda x: x.sharding, tree)
 
 
 def abstract_of(tree: Any) -> Any:
-  """ShapeDtypeStructs carrying each leaf's sharding: a restore target that allocates nothing."""
-  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
+    """ShapeDtypeStructs carrying each leaf's sharding: a restore target that allocates nothing."""
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)

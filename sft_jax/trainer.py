@@ -3,13 +3,13 @@
 The trainer knows tasks and configs, not model families: the model comes from
 ``components.build_model`` and the loss from ``tasks``.
 """
+
 from __future__ import annotations
 
 import json
 import logging
 import os
 import time
-from typing import Any
 
 import jax
 import ml_collections
@@ -27,169 +27,214 @@ log = logging.getLogger(__name__)
 
 
 def checkpoint_options(cfg: ml_collections.ConfigDict) -> ckpt_lib.CheckpointOptions:
-  c = cfg.checkpoint
-  return ckpt_lib.CheckpointOptions(keep_latest=c.keep_latest, keep_best=c.keep_best,
-                                    best_metric=c.best_metric, best_mode=c.best_mode,
-                                    async_save=c.async_save)
+    c = cfg.checkpoint
+    return ckpt_lib.CheckpointOptions(
+        keep_latest=c.keep_latest,
+        keep_best=c.keep_best,
+        best_metric=c.best_metric,
+        best_mode=c.best_mode,
+        async_save=c.async_save,
+    )
 
 
 def write_run_files(cfg: ml_collections.ConfigDict, workdir: str, info: dict) -> None:
-  """``config.json`` (warning on keys that changed since a previous run) and ``run.json``."""
-  path = os.path.join(workdir, "config.json")
-  new = json.loads(cfg.to_json())
-  if os.path.exists(path):
-    with open(path) as f:
-      old = json.load(f)
-    changed = sorted(k for k in set(_flat(old)) | set(_flat(new))
-                     if _flat(old).get(k) != _flat(new).get(k))
-    if changed:
-      log.warning("config differs from the previous run in %s: %s", workdir, changed)
-  with open(path, "w") as f:
-    json.dump(new, f, indent=2)
-  with open(os.path.join(workdir, "run.json"), "w") as f:
-    json.dump(info, f, indent=2)
+    """``config.json`` (warning on keys that changed since a previous run) and ``run.json``."""
+    path = os.path.join(workdir, "config.json")
+    new = json.loads(cfg.to_json())
+    if os.path.exists(path):
+        with open(path) as f:
+            old = json.load(f)
+        changed = sorted(
+            k for k in set(_flat(old)) | set(_flat(new)) if _flat(old).get(k) != _flat(new).get(k)
+        )
+        if changed:
+            log.warning("config differs from the previous run in %s: %s", workdir, changed)
+    with open(path, "w") as f:
+        json.dump(new, f, indent=2)
+    with open(os.path.join(workdir, "run.json"), "w") as f:
+        json.dump(info, f, indent=2)
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
-  out = {}
-  for k, v in d.items():
-    if isinstance(v, dict):
-      out.update(_flat(v, f"{prefix}{k}."))
-    else:
-      out[f"{prefix}{k}"] = v
-  return out
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
 
 
 class Trainer:
-  """Holds a run's pieces; ``run()`` trains to the end (or early stop) and returns the final
-  validation metrics."""
+    """Holds a run's pieces; ``run()`` trains to the end (or early stop) and returns the final
+    validation metrics."""
 
-  def __init__(self, cfg: ml_collections.ConfigDict, workdir: str):
-    self.cfg, self.workdir = cfg, workdir
-    os.makedirs(workdir, exist_ok=True)
-    self.task = get_task(cfg.model.task)
-    self.data, tokenizer = components.load_data(cfg)
-    self.label_names = list(self.data.label_names)
-    self.train_ds = components.batches(cfg, self.data, tokenizer, "train", train=True)
-    self.val_ds = components.batches(cfg, self.data, tokenizer, "validation", train=False)
-    self.steps_per_epoch = len(self.data.sources["train"]) // cfg.data.batch_size
-    if self.steps_per_epoch == 0:
-      raise ValueError(f"train split has {len(self.data.sources['train'])} examples, fewer than "
-                       f"data.batch_size={cfg.data.batch_size}")
-    self.total_steps = cfg.train.num_steps or self.steps_per_epoch * cfg.train.num_epochs
-    self.eval_every = cfg.train.eval_every_steps or self.steps_per_epoch
-    self._build_state(components.build_model(cfg, len(self.label_names)))
-    write_run_files(cfg, workdir, self._run_info())
-    self.ckpt_opts = checkpoint_options(cfg)
-    self.mngr = ckpt_lib.make_manager(os.path.join(workdir, "checkpoints"), self.ckpt_opts)
-    self.logger = log_lib.MetricsLogger(workdir)
+    def __init__(self, cfg: ml_collections.ConfigDict, workdir: str):
+        self.cfg, self.workdir = cfg, workdir
+        os.makedirs(workdir, exist_ok=True)
+        self.task = get_task(cfg.model.task)
+        self.data, tokenizer = components.load_data(cfg)
+        self.label_names = list(self.data.label_names)
+        self.train_ds = components.batches(cfg, self.data, tokenizer, "train", train=True)
+        self.val_ds = components.batches(cfg, self.data, tokenizer, "validation", train=False)
+        self.steps_per_epoch = len(self.data.sources["train"]) // cfg.data.batch_size
+        if self.steps_per_epoch == 0:
+            raise ValueError(
+                f"train split has {len(self.data.sources['train'])} examples, fewer than "
+                f"data.batch_size={cfg.data.batch_size}"
+            )
+        self.total_steps = cfg.train.num_steps or self.steps_per_epoch * cfg.train.num_epochs
+        self.eval_every = cfg.train.eval_every_steps or self.steps_per_epoch
+        self._build_state(components.build_model(cfg, len(self.label_names)))
+        write_run_files(cfg, workdir, self._run_info())
+        self.ckpt_opts = checkpoint_options(cfg)
+        self.mngr = ckpt_lib.make_manager(os.path.join(workdir, "checkpoints"), self.ckpt_opts)
+        self.logger = log_lib.MetricsLogger(workdir)
 
-  def _build_state(self, model) -> None:
-    cfg = self.cfg
-    mesh = sharding_lib.make_mesh(cfg.mesh.shape)
-    graphdef, params = nnx.split(model, nnx.Param)
-    self.trainable = freezing.trainable_mask(nnx.to_pure_dict(params), cfg.freeze.policy)
-    tx, lr = optim.build_optimizer(cfg.optimizer, self.trainable, self.total_steps)
-    self.state = create_train_state(model, tx, mesh, cfg.seed)
-    self.setup = StepSetup(graphdef=graphdef, tx=tx, trainable=self.trainable, lr_schedule=lr,
-                           mesh=mesh, state_shardings=shardings_of(self.state),
-                           batch_sharding=sharding_lib.batch_sharding(mesh))
-    self.train_step = steps.make_train_step(self.setup, self.task,
-                                            cfg.optimizer.accumulation_steps)
-    self.eval_step = steps.make_eval_step(graphdef, self.task, self.setup.state_shardings.params,
-                                           self.setup.batch_sharding)
+    def _build_state(self, model) -> None:
+        cfg = self.cfg
+        mesh = sharding_lib.make_mesh(cfg.mesh.shape)
+        graphdef, params = nnx.split(model, nnx.Param)
+        self.trainable = freezing.trainable_mask(nnx.to_pure_dict(params), cfg.freeze.policy)
+        tx, lr = optim.build_optimizer(cfg.optimizer, self.trainable, self.total_steps)
+        self.state = create_train_state(model, tx, mesh, cfg.seed)
+        self.setup = StepSetup(
+            graphdef=graphdef,
+            tx=tx,
+            trainable=self.trainable,
+            lr_schedule=lr,
+            mesh=mesh,
+            state_shardings=shardings_of(self.state),
+            batch_sharding=sharding_lib.batch_sharding(mesh),
+        )
+        self.train_step = steps.make_train_step(
+            self.setup, self.task, cfg.optimizer.accumulation_steps
+        )
+        self.eval_step = steps.make_eval_step(
+            graphdef, self.task, self.setup.state_shardings.params, self.setup.batch_sharding
+        )
 
-  def _run_info(self) -> dict:
-    params = self.state.params
-    return {"label_names": self.label_names,
+    def _run_info(self) -> dict:
+        params = self.state.params
+        return {
+            "label_names": self.label_names,
             "model_dir": str(components.model_dir(self.cfg)),
             "num_params": tree_util.count(params),
             "num_trainable_params": tree_util.count(params, self.trainable),
             "optimizer_state_bytes": tree_util.nbytes(self.state.opt_state),
-            "steps_per_epoch": self.steps_per_epoch, "total_steps": self.total_steps,
-            "num_devices": jax.device_count(), "mesh_shape": dict(self.setup.mesh.shape)}
+            "steps_per_epoch": self.steps_per_epoch,
+            "total_steps": self.total_steps,
+            "num_devices": jax.device_count(),
+            "mesh_shape": dict(self.setup.mesh.shape),
+        }
 
-  def _resume(self) -> dict:
-    progress = {"next_batch": 0, "best": None, "evals_since_best": 0, "stopped_early": False}
-    step = self.mngr.latest_step()
-    if step is None:
-      return progress
-    self.state, progress = ckpt_lib.restore_train_state(self.mngr, step, self.state)
-    # Batch i of the (seeded, repeated) training stream is always the same batch, so the data
-    # position is the step itself; the saved position is a consistency check.
-    if progress["next_batch"] != int(self.state.step):
-      raise RuntimeError(f"checkpoint {step} in {self.workdir}: data position "
-                         f"{progress['next_batch']} != step {int(self.state.step)}")
-    log_lib.truncate_after(self.workdir, step)
-    log.info("resumed from step %d in %s", step, self.workdir)
-    return progress
+    def _resume(self) -> dict:
+        progress = {"next_batch": 0, "best": None, "evals_since_best": 0, "stopped_early": False}
+        step = self.mngr.latest_step()
+        if step is None:
+            return progress
+        self.state, progress = ckpt_lib.restore_train_state(self.mngr, step, self.state)
+        # Batch i of the (seeded, repeated) training stream is always the same batch, so the data
+        # position is the step itself; the saved position is a consistency check.
+        if progress["next_batch"] != int(self.state.step):
+            raise RuntimeError(
+                f"checkpoint {step} in {self.workdir}: data position "
+                f"{progress['next_batch']} != step {int(self.state.step)}"
+            )
+        log_lib.truncate_after(self.workdir, step)
+        log.info("resumed from step %d in %s", step, self.workdir)
+        return progress
 
-  def evaluate(self) -> dict:
-    return evaluate_classification(self.eval_step, self.state.params, self.val_ds,
-                                   self.label_names, self.setup.batch_sharding,
-                                   self.cfg.train.max_eval_batches)
+    def evaluate(self) -> dict:
+        return evaluate_classification(
+            self.eval_step,
+            self.state.params,
+            self.val_ds,
+            self.label_names,
+            self.setup.batch_sharding,
+            self.cfg.train.max_eval_batches,
+        )
 
-  def _after_eval(self, step: int, metrics: dict, progress: dict) -> bool:
-    """Logs, checkpoints with the metric, updates early stopping. True = stop."""
-    self.logger.write(step, "validation", metrics)
-    name, mode = self.ckpt_opts.best_metric, self.ckpt_opts.best_mode
-    value = metrics[name]
-    best = progress["best"]
-    improved = best is None or (value > best if mode == "max" else value < best)
-    progress["best"] = value if improved else best
-    progress["evals_since_best"] = 0 if improved else progress["evals_since_best"] + 1
-    patience = self.cfg.train.early_stopping_patience
-    progress["stopped_early"] = bool(patience and progress["evals_since_best"] >= patience)
-    progress["next_batch"] = step
-    ckpt_lib.save(self.mngr, self.state, progress, metrics={name: value})
-    log.info("step %d validation %s=%.4f accuracy=%.4f loss=%.4f", step, name, value,
-             metrics["accuracy"], metrics["loss"])
-    return progress["stopped_early"]
+    def _after_eval(self, step: int, metrics: dict, progress: dict) -> bool:
+        """Logs, checkpoints with the metric, updates early stopping. True = stop."""
+        self.logger.write(step, "validation", metrics)
+        name, mode = self.ckpt_opts.best_metric, self.ckpt_opts.best_mode
+        value = metrics[name]
+        best = progress["best"]
+        improved = best is None or (value > best if mode == "max" else value < best)
+        progress["best"] = value if improved else best
+        progress["evals_since_best"] = 0 if improved else progress["evals_since_best"] + 1
+        patience = self.cfg.train.early_stopping_patience
+        progress["stopped_early"] = bool(patience and progress["evals_since_best"] >= patience)
+        progress["next_batch"] = step
+        ckpt_lib.save(self.mngr, self.state, progress, metrics={name: value})
+        log.info(
+            "step %d validation %s=%.4f accuracy=%.4f loss=%.4f",
+            step,
+            name,
+            value,
+            metrics["accuracy"],
+            metrics["loss"],
+        )
+        return progress["stopped_early"]
 
-  def run(self, stop_after_step: int | None = None) -> dict:
-    """Trains from the latest checkpoint (or the start) to the end.
+    def run(self, stop_after_step: int | None = None) -> dict:
+        """Trains from the latest checkpoint (or the start) to the end.
 
-    Args:
-      stop_after_step: stop early, as if preempted, after this step (a checkpoint is saved
-        there so that the next ``run`` resumes from it).
-    """
-    progress = self._resume()
-    start = int(self.state.step)
-    last_eval = None
-    if progress["stopped_early"] or start >= self.total_steps:
-      log.info("run in %s is already complete at step %d", self.workdir, start)
-    bar = log_lib.progress_bar(self.total_steps, start)
-    t0, tokens, log_step0 = time.time(), 0, start
-    for step in range(start, self.total_steps):
-      if progress["stopped_early"]:
-        break
-      batch = self.train_ds[step]
-      tokens += int(batch["attention_mask"].sum())
-      self.state, m = self.train_step(self.state,
-                                      sharding_lib.put_batch(batch, self.setup.batch_sharding))
-      done = step + 1
-      if done % self.cfg.train.log_every_steps == 0 or done == self.total_steps:
-        m = jax.device_get(m)
-        dt = time.time() - t0
-        m.update(tokens_per_sec=tokens / dt, steps_per_sec=(done - log_step0) / dt,
-                 epoch=done / self.steps_per_epoch,
-                 num_compilations=self.train_step._cache_size())
-        self.logger.write(done, "train", m)
-        bar.set_postfix(loss=f"{m['loss']:.4f}", tok_s=f"{m['tokens_per_sec']:.0f}")
-        t0, tokens, log_step0 = time.time(), 0, done
-      bar.update(1)
-      if done % self.eval_every == 0 or done == self.total_steps:
-        last_eval = self.evaluate()
-        if self._after_eval(done, last_eval, progress):
-          log.info("early stopping at step %d", done)
-          break
-      elif done == stop_after_step:
-        progress["next_batch"] = done
-        ckpt_lib.save(self.mngr, self.state, progress)
-      if done == stop_after_step:
-        log.info("stopping after step %d as asked", done)
-        break
-    bar.close()
-    self.mngr.wait_until_finished()
-    self.logger.close()
-    return last_eval or {}
+        Args:
+          stop_after_step: stop early, as if preempted, after this step (a checkpoint is saved
+            there so that the next ``run`` resumes from it).
+        """
+        progress = self._resume()
+        start = int(self.state.step)
+        last_eval = None
+        if progress["stopped_early"] or start >= self.total_steps:
+            log.info("run in %s is already complete at step %d", self.workdir, start)
+        bar = log_lib.progress_bar(self.total_steps, start)
+        t0, tokens, log_step0 = time.time(), 0, start
+        for step in range(start, self.total_steps):
+            if progress["stopped_early"]:
+                break
+            batch = self.train_ds[step]
+            tokens += int(batch["attention_mask"].sum())
+            self.state, m = self.train_step(
+                self.state, sharding_lib.put_batch(batch, self.setup.batch_sharding)
+            )
+            done = step + 1
+            if done % self.cfg.train.log_every_steps == 0 or done == self.total_steps:
+                m = jax.device_get(m)
+                dt = time.time() - t0
+                m.update(
+                    tokens_per_sec=tokens / dt,
+                    steps_per_sec=(done - log_step0) / dt,
+                    epoch=done / self.steps_per_epoch,
+                    num_compilations=self.train_step._cache_size(),
+                )
+                self.logger.write(done, "train", m)
+                bar.set_postfix(loss=f"{m['loss']:.4f}", tok_s=f"{m['tokens_per_sec']:.0f}")
+                if bar.disable:  # no terminal: a log line instead of the bar
+                    log.info(
+                        "step %d/%d loss=%.4f lr=%.2e %.0f tokens/s",
+                        done,
+                        self.total_steps,
+                        m["loss"],
+                        m["learning_rate"],
+                        m["tokens_per_sec"],
+                    )
+                t0, tokens, log_step0 = time.time(), 0, done
+            bar.update(1)
+            if done % self.eval_every == 0 or done == self.total_steps:
+                last_eval = self.evaluate()
+                if self._after_eval(done, last_eval, progress):
+                    log.info("early stopping at step %d", done)
+                    break
+            elif done == stop_after_step:
+                progress["next_batch"] = done
+                ckpt_lib.save(self.mngr, self.state, progress)
+            if done == stop_after_step:
+                log.info("stopping after step %d as asked", done)
+                break
+        bar.close()
+        self.mngr.wait_until_finished()
+        self.logger.close()
+        return last_eval or {}

@@ -34,188 +34,196 @@ import tokenizers
 
 @dataclasses.dataclass(frozen=True)
 class Encoded:
-  """One tokenized example: ids and segment ids with special tokens, and whether it was cut."""
+    """One tokenized example: ids and segment ids with special tokens, and whether it was cut."""
 
-  input_ids: list[int]
-  token_type_ids: list[int]
-  truncated: bool
+    input_ids: list[int]
+    token_type_ids: list[int]
+    truncated: bool
 
 
 class TextTokenizer:
-  """A checkpoint's fast tokenizer (`tokenizer.json`) with its pad id and length limit.
+    """A checkpoint's fast tokenizer (`tokenizer.json`) with its pad id and length limit.
 
-  Encodes exactly like `transformers.AutoTokenizer.from_pretrained(model_dir)` (same
-  normalizer, pre-tokenizer, model and `[CLS] A [SEP] B [SEP]` post-processor), without
-  importing transformers. Thread-safe and picklable, so grain can map with it.
+    Encodes exactly like `transformers.AutoTokenizer.from_pretrained(model_dir)` (same
+    normalizer, pre-tokenizer, model and `[CLS] A [SEP] B [SEP]` post-processor), without
+    importing transformers. Thread-safe and picklable, so grain can map with it.
 
-  Attributes:
-    backend: the `tokenizers.Tokenizer`, with padding and truncation turned off.
-    pad_id: id used to pad batches.
-    model_max_length: longest input the model accepts (from tokenizer_config.json).
-  """
-
-  def __init__(self, backend: tokenizers.Tokenizer, *, pad_id: int, model_max_length: int):
-    self.backend = tokenizers.Tokenizer.from_str(backend.to_str())  # private copy
-    self.backend.no_padding()
-    self.backend.no_truncation()
-    self.pad_id = pad_id
-    self.model_max_length = model_max_length
-    self._truncating: dict[int, tokenizers.Tokenizer] = {}
-
-  @property
-  def vocab_size(self) -> int:
-    return self.backend.get_vocab_size(with_added_tokens=True)
-
-  def encode(
-      self, text: str, text_pair: str | None = None, *, max_length: int | None = None
-  ) -> Encoded:
-    """Tokenizes `text` (and `text_pair`), adding special tokens.
-
-    Args:
-      text: first text.
-      text_pair: optional second text (token type 1).
-      max_length: if set, longer encodings are truncated longest-first to this many tokens,
-        special tokens included.
-
-    Returns:
-      The `Encoded` example.
+    Attributes:
+      backend: the `tokenizers.Tokenizer`, with padding and truncation turned off.
+      pad_id: id used to pad batches.
+      model_max_length: longest input the model accepts (from tokenizer_config.json).
     """
-    enc = self.backend.encode(text, text_pair)
-    if max_length is None or len(enc.ids) <= max_length:
-      return Encoded(enc.ids, enc.type_ids, False)
-    enc = self._truncator(max_length).encode(text, text_pair)
-    return Encoded(enc.ids, enc.type_ids, True)
 
-  def _truncator(self, max_length: int) -> tokenizers.Tokenizer:
-    # A copy per length, so no thread ever changes the settings of a tokenizer in use.
-    if max_length not in self._truncating:
-      tok = tokenizers.Tokenizer.from_str(self.backend.to_str())
-      tok.enable_truncation(max_length)
-      self._truncating[max_length] = tok
-    return self._truncating[max_length]
+    def __init__(self, backend: tokenizers.Tokenizer, *, pad_id: int, model_max_length: int):
+        self.backend = tokenizers.Tokenizer.from_str(backend.to_str())  # private copy
+        self.backend.no_padding()
+        self.backend.no_truncation()
+        self.pad_id = pad_id
+        self.model_max_length = model_max_length
+        self._truncating: dict[int, tokenizers.Tokenizer] = {}
 
-  def __getstate__(self) -> dict[str, Any]:
-    return {"backend": self.backend.to_str(), "pad_id": self.pad_id,
-            "model_max_length": self.model_max_length}
+    @property
+    def vocab_size(self) -> int:
+        return self.backend.get_vocab_size(with_added_tokens=True)
 
-  def __setstate__(self, state: dict[str, Any]) -> None:
-    self.__init__(tokenizers.Tokenizer.from_str(state["backend"]), pad_id=state["pad_id"],
-                  model_max_length=state["model_max_length"])
+    def encode(
+        self, text: str, text_pair: str | None = None, *, max_length: int | None = None
+    ) -> Encoded:
+        """Tokenizes `text` (and `text_pair`), adding special tokens.
+
+        Args:
+          text: first text.
+          text_pair: optional second text (token type 1).
+          max_length: if set, longer encodings are truncated longest-first to this many tokens,
+            special tokens included.
+
+        Returns:
+          The `Encoded` example.
+        """
+        enc = self.backend.encode(text, text_pair)
+        if max_length is None or len(enc.ids) <= max_length:
+            return Encoded(enc.ids, enc.type_ids, False)
+        enc = self._truncator(max_length).encode(text, text_pair)
+        return Encoded(enc.ids, enc.type_ids, True)
+
+    def _truncator(self, max_length: int) -> tokenizers.Tokenizer:
+        # A copy per length, so no thread ever changes the settings of a tokenizer in use.
+        if max_length not in self._truncating:
+            tok = tokenizers.Tokenizer.from_str(self.backend.to_str())
+            tok.enable_truncation(max_length)
+            self._truncating[max_length] = tok
+        return self._truncating[max_length]
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {
+            "backend": self.backend.to_str(),
+            "pad_id": self.pad_id,
+            "model_max_length": self.model_max_length,
+        }
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(
+            tokenizers.Tokenizer.from_str(state["backend"]),
+            pad_id=state["pad_id"],
+            model_max_length=state["model_max_length"],
+        )
 
 
 def _token_content(token: Any) -> str | None:
-  # tokenizer_config.json stores special tokens as strings or as AddedToken dicts.
-  return token.get("content") if isinstance(token, Mapping) else token
+    # tokenizer_config.json stores special tokens as strings or as AddedToken dicts.
+    return token.get("content") if isinstance(token, Mapping) else token
 
 
 def load_tokenizer(model_dir: str | pathlib.Path) -> TextTokenizer:
-  """Loads the tokenizer of a local Hugging Face checkpoint directory.
+    """Loads the tokenizer of a local Hugging Face checkpoint directory.
 
-  Args:
-    model_dir: directory with `tokenizer.json` and, optionally, `tokenizer_config.json`
-      (for the pad token and `model_max_length`).
+    Args:
+      model_dir: directory with `tokenizer.json` and, optionally, `tokenizer_config.json`
+        (for the pad token and `model_max_length`).
 
-  Returns:
-    A `TextTokenizer`.
+    Returns:
+      A `TextTokenizer`.
 
-  Raises:
-    FileNotFoundError: the directory has no `tokenizer.json`.
-  """
-  model_dir = pathlib.Path(model_dir)
-  path = model_dir / "tokenizer.json"
-  if not path.is_file():
-    raise FileNotFoundError(
-        f"{path} not found: sft_jax needs a fast tokenizer file. Save one with "
-        "transformers: AutoTokenizer.from_pretrained(...).save_pretrained(dir).")
-  backend = tokenizers.Tokenizer.from_file(str(path))
-  config_path = model_dir / "tokenizer_config.json"
-  config = json.loads(config_path.read_text()) if config_path.is_file() else {}
-  pad_token = _token_content(config.get("pad_token"))
-  if pad_token is None and backend.padding:
-    pad_token = backend.padding["pad_token"]
-  pad_id = backend.token_to_id(pad_token) if pad_token else None
-  # Some configs say 1e30 for "no limit"; keep an int.
-  max_len = int(min(float(config.get("model_max_length", 512)), 2**31 - 1))
-  return TextTokenizer(backend, pad_id=0 if pad_id is None else pad_id, model_max_length=max_len)
+    Raises:
+      FileNotFoundError: the directory has no `tokenizer.json`.
+    """
+    model_dir = pathlib.Path(model_dir)
+    path = model_dir / "tokenizer.json"
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} not found: sft_jax needs a fast tokenizer file. Save one with "
+            "transformers: AutoTokenizer.from_pretrained(...).save_pretrained(dir)."
+        )
+    backend = tokenizers.Tokenizer.from_file(str(path))
+    config_path = model_dir / "tokenizer_config.json"
+    config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+    pad_token = _token_content(config.get("pad_token"))
+    if pad_token is None and backend.padding:
+        pad_token = backend.padding["pad_token"]
+    pad_id = backend.token_to_id(pad_token) if pad_token else None
+    # Some configs say 1e30 for "no limit"; keep an int.
+    max_len = int(min(float(config.get("model_max_length", 512)), 2**31 - 1))
+    return TextTokenizer(backend, pad_id=0 if pad_id is None else pad_id, model_max_length=max_len)
 
 
 def pick_bucket(length: int, buckets: Sequence[int]) -> int:
-  """Smallest bucket >= `length` (buckets ascending); ValueError if none is."""
-  for bucket in buckets:
-    if length <= bucket:
-      return bucket
-  raise ValueError(f"Sequence of length {length} is longer than the largest bucket {buckets}")
+    """Smallest bucket >= `length` (buckets ascending); ValueError if none is."""
+    for bucket in buckets:
+        if length <= bucket:
+            return bucket
+    raise ValueError(f"Sequence of length {length} is longer than the largest bucket {buckets}")
 
 
 def check_buckets(buckets: Sequence[int], max_length: int) -> tuple[int, ...]:
-  """Validates buckets: positive, strictly ascending, the last equal to `max_length`."""
-  buckets = tuple(int(b) for b in buckets)
-  ascending = all(a < b for a, b in zip(buckets, buckets[1:]))
-  if not buckets or buckets[0] <= 0 or not ascending or buckets[-1] != max_length:
-    raise ValueError(
-        f"buckets must be positive, strictly ascending and end with max_length={max_length};"
-        f" got {buckets}")
-  return buckets
+    """Validates buckets: positive, strictly ascending, the last equal to `max_length`."""
+    buckets = tuple(int(b) for b in buckets)
+    ascending = all(a < b for a, b in zip(buckets, buckets[1:]))
+    if not buckets or buckets[0] <= 0 or not ascending or buckets[-1] != max_length:
+        raise ValueError(
+            f"buckets must be positive, strictly ascending and end with max_length={max_length};"
+            f" got {buckets}"
+        )
+    return buckets
 
 
 def _as_str(value: Any) -> str:
-  return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
 
 
 @dataclasses.dataclass(frozen=True)
 class _Encode:
-  """Grain map: a record -> token ids [L] (L <= max_length), segment ids [L], label."""
+    """Grain map: a record -> token ids [L] (L <= max_length), segment ids [L], label."""
 
-  tokenizer: TextTokenizer
-  max_length: int
-  text_pair: bool
+    tokenizer: TextTokenizer
+    max_length: int
+    text_pair: bool
 
-  def __call__(self, record: Mapping[str, Any]) -> dict[str, Any]:
-    pair = _as_str(record["text_pair"]) if self.text_pair else None
-    enc = self.tokenizer.encode(_as_str(record["text"]), pair, max_length=self.max_length)
-    return {
-        "input_ids": np.asarray(enc.input_ids, np.int32),
-        "token_type_ids": np.asarray(enc.token_type_ids, np.int32),
-        "label": int(record["label"]),
-    }
+    def __call__(self, record: Mapping[str, Any]) -> dict[str, Any]:
+        pair = _as_str(record["text_pair"]) if self.text_pair else None
+        enc = self.tokenizer.encode(_as_str(record["text"]), pair, max_length=self.max_length)
+        return {
+            "input_ids": np.asarray(enc.input_ids, np.int32),
+            "token_type_ids": np.asarray(enc.token_type_ids, np.int32),
+            "label": int(record["label"]),
+        }
 
 
 @dataclasses.dataclass(frozen=True)
 class _Collate:
-  """Grain batch_fn: pads up to `batch_size` rows and to the smallest fitting bucket."""
+    """Grain batch_fn: pads up to `batch_size` rows and to the smallest fitting bucket."""
 
-  batch_size: int
-  buckets: tuple[int, ...]
-  pad_id: int
-  filler: Mapping[str, Any]  # encoding of an empty text, for rows past the last example
+    batch_size: int
+    buckets: tuple[int, ...]
+    pad_id: int
+    filler: Mapping[str, Any]  # encoding of an empty text, for rows past the last example
 
-  def __call__(self, examples: Sequence[Mapping[str, Any]]) -> dict[str, np.ndarray]:
-    rows = list(examples) + [self.filler] * (self.batch_size - len(examples))
-    t = pick_bucket(max(len(r["input_ids"]) for r in rows), self.buckets)
-    input_ids = np.full((self.batch_size, t), self.pad_id, np.int32)  # [B, T]
-    attention_mask = np.zeros((self.batch_size, t), np.int32)  # [B, T]
-    token_type_ids = np.zeros((self.batch_size, t), np.int32)  # [B, T]
-    for i, row in enumerate(rows):
-      n = len(row["input_ids"])
-      input_ids[i, :n] = row["input_ids"]
-      attention_mask[i, :n] = 1
-      token_type_ids[i, :n] = row["token_type_ids"]
-    example_mask = np.zeros(self.batch_size, np.float32)  # [B]
-    example_mask[: len(examples)] = 1.0
-    return {
-        "input_ids": input_ids,
-        "attention_mask": attention_mask,
-        "token_type_ids": token_type_ids,
-        "labels": np.asarray([r["label"] for r in rows], np.int32),  # [B]
-        "example_mask": example_mask,
-    }
+    def __call__(self, examples: Sequence[Mapping[str, Any]]) -> dict[str, np.ndarray]:
+        rows = list(examples) + [self.filler] * (self.batch_size - len(examples))
+        t = pick_bucket(max(len(r["input_ids"]) for r in rows), self.buckets)
+        input_ids = np.full((self.batch_size, t), self.pad_id, np.int32)  # [B, T]
+        attention_mask = np.zeros((self.batch_size, t), np.int32)  # [B, T]
+        token_type_ids = np.zeros((self.batch_size, t), np.int32)  # [B, T]
+        for i, row in enumerate(rows):
+            n = len(row["input_ids"])
+            input_ids[i, :n] = row["input_ids"]
+            attention_mask[i, :n] = 1
+            token_type_ids[i, :n] = row["token_type_ids"]
+        example_mask = np.zeros(self.batch_size, np.float32)  # [B]
+        example_mask[: len(examples)] = 1.0
+        return {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "token_type_ids": token_type_ids,
+            "labels": np.asarray([r["label"] for r in rows], np.int32),  # [B]
+            "example_mask": example_mask,
+        }
 
 
 def num_batches(num_examples: int, batch_size: int, drop_remainder: bool) -> int:
-  """Batches in one epoch of `num_examples` (what `text_cls_dataset` yields per epoch)."""
-  if drop_remainder:
-    return num_examples // batch_size
-  return math.ceil(num_examples / batch_size)
+    """Batches in one epoch of `num_examples` (what `text_cls_dataset` yields per epoch)."""
+    if drop_remainder:
+        return num_examples // batch_size
+    return math.ceil(num_examples / batch_size)
 
 
 def text_cls_dataset(
@@ -231,46 +239,46 @@ def text_cls_dataset(
     drop_remainder: bool,
     text_pair: bool = False,
 ) -> grain.MapDataset:
-  """Tokenized, bucketed, padded batches of a text classification source.
+    """Tokenized, bucketed, padded batches of a text classification source.
 
-  Each epoch is shuffled with its own seed (`seed + epoch`) yet reproducibly, tokenized per
-  example and batched within the epoch (no batch spans two epochs). `ds[i]` is always batch
-  `i`, so a trainer resumes at a step by indexing, or by `set_state` on an iterator of
-  `ds.to_iter_dataset()`. `len(ds)` is `num_batches(...) * num_epochs` (`sys.maxsize` when
-  `num_epochs` is None).
+    Each epoch is shuffled with its own seed (`seed + epoch`) yet reproducibly, tokenized per
+    example and batched within the epoch (no batch spans two epochs). `ds[i]` is always batch
+    `i`, so a trainer resumes at a step by indexing, or by `set_state` on an iterator of
+    `ds.to_iter_dataset()`. `len(ds)` is `num_batches(...) * num_epochs` (`sys.maxsize` when
+    `num_epochs` is None).
 
-  Args:
-    source: records with `text` (bytes or str), `label` (int) and, when `text_pair`,
-      `text_pair`.
-    tokenizer: from `load_tokenizer`.
-    batch_size: rows per batch (B); always the leading dimension.
-    buckets: ascending sequence lengths to pad to; the last must equal `max_length`.
-    max_length: longer encodings are truncated (special tokens kept).
-    shuffle: shuffle examples (training) or keep source order (evaluation).
-    seed: shuffle seed, 0 <= seed < 2**32.
-    num_epochs: passes over the data; None repeats forever.
-    drop_remainder: drop a last short batch (training) or pad it with filler rows
-      (`example_mask` 0; evaluation).
-    text_pair: encode `text_pair` as the second segment.
+    Args:
+      source: records with `text` (bytes or str), `label` (int) and, when `text_pair`,
+        `text_pair`.
+      tokenizer: from `load_tokenizer`.
+      batch_size: rows per batch (B); always the leading dimension.
+      buckets: ascending sequence lengths to pad to; the last must equal `max_length`.
+      max_length: longer encodings are truncated (special tokens kept).
+      shuffle: shuffle examples (training) or keep source order (evaluation).
+      seed: shuffle seed, 0 <= seed < 2**32.
+      num_epochs: passes over the data; None repeats forever.
+      drop_remainder: drop a last short batch (training) or pad it with filler rows
+        (`example_mask` 0; evaluation).
+      text_pair: encode `text_pair` as the second segment.
 
-  Returns:
-    A `grain.MapDataset` of batch dicts (see the module docstring).
-  """
-  buckets = check_buckets(buckets, max_length)
-  ds = grain.MapDataset.source(source)
-  if shuffle:
-    ds = ds.shuffle(seed=seed)
-  ds = ds.map(_Encode(tokenizer, max_length, text_pair))
-  empty = tokenizer.encode("", "" if text_pair else None)
-  filler = {"input_ids": empty.input_ids, "token_type_ids": empty.token_type_ids, "label": 0}
-  ds = ds.batch(
-      batch_size,
-      drop_remainder=drop_remainder,
-      batch_fn=_Collate(batch_size, buckets, tokenizer.pad_id, filler),
-  )
-  if num_epochs != 1:
-    ds = ds.repeat(num_epochs)  # reseeds the upstream shuffle every epoch
-  return ds
+    Returns:
+      A `grain.MapDataset` of batch dicts (see the module docstring).
+    """
+    buckets = check_buckets(buckets, max_length)
+    ds = grain.MapDataset.source(source)
+    if shuffle:
+        ds = ds.shuffle(seed=seed)
+    ds = ds.map(_Encode(tokenizer, max_length, text_pair))
+    empty = tokenizer.encode("", "" if text_pair else None)
+    filler = {"input_ids": empty.input_ids, "token_type_ids": empty.token_type_ids, "label": 0}
+    ds = ds.batch(
+        batch_size,
+        drop_remainder=drop_remainder,
+        batch_fn=_Collate(batch_size, buckets, tokenizer.pad_id, filler),
+    )
+    if num_epochs != 1:
+        ds = ds.repeat(num_epochs)  # reseeds the upstream shuffle every epoch
+    return ds
 
 
 def length_stats(
@@ -281,24 +289,24 @@ def length_stats(
     max_length: int,
     text_pair: bool = False,
 ) -> dict[str, Any]:
-  """Counts examples per bucket (by their own length) and truncated examples.
+    """Counts examples per bucket (by their own length) and truncated examples.
 
-  Returns:
-    `{"num_examples", "num_truncated", "max_tokens" (before truncation),
-    "bucket_counts": {bucket: count}}`.
-  """
-  buckets = check_buckets(buckets, max_length)
-  records = [source[i] for i in range(len(source))]
-  texts = [_as_str(r["text"]) for r in records]
-  if text_pair:
-    texts = list(zip(texts, [_as_str(r["text_pair"]) for r in records]))
-  lengths = [len(e.ids) for e in tokenizer.backend.encode_batch(texts)]
-  counts = {b: 0 for b in buckets}
-  for n in lengths:
-    counts[pick_bucket(min(n, max_length), buckets)] += 1
-  return {
-      "num_examples": len(lengths),
-      "num_truncated": sum(n > max_length for n in lengths),
-      "max_tokens": max(lengths, default=0),
-      "bucket_counts": counts,
-  }
+    Returns:
+      `{"num_examples", "num_truncated", "max_tokens" (before truncation),
+      "bucket_counts": {bucket: count}}`.
+    """
+    buckets = check_buckets(buckets, max_length)
+    records = [source[i] for i in range(len(source))]
+    texts = [_as_str(r["text"]) for r in records]
+    if text_pair:
+        texts = list(zip(texts, [_as_str(r["text_pair"]) for r in records]))
+    lengths = [len(e.ids) for e in tokenizer.backend.encode_batch(texts)]
+    counts = {b: 0 for b in buckets}
+    for n in lengths:
+        counts[pick_bucket(min(n, max_length), buckets)] += 1
+    return {
+        "num_examples": len(lengths),
+        "num_truncated": sum(n > max_length for n in lengths),
+        "max_tokens": max(lengths, default=0),
+        "bucket_counts": counts,
+    }

@@ -167,6 +167,7 @@ class LayerNorm(nnx.Module):
     ):
         self.epsilon = float(epsilon)
         self.dtype = jnp.dtype(dtype)
+
         def norm_param(init: Initializer) -> nnx.Param:
             return make_param(rngs, init, (features,), ("norm",), param_dtype)
 

@@ -20,14 +20,27 @@ BASE = dict(
 CASES = {
     "3heads_types2": dict(BASE, num_labels=3),
     "5heads_types1_gelu_new": dict(
-        vocab_size=101, hidden_size=20, num_attention_heads=5, num_hidden_layers=1,
-        intermediate_size=7, max_position_embeddings=33, type_vocab_size=1, num_labels=2,
+        vocab_size=101,
+        hidden_size=20,
+        num_attention_heads=5,
+        num_hidden_layers=1,
+        intermediate_size=7,
+        max_position_embeddings=33,
+        type_vocab_size=1,
+        num_labels=2,
         hidden_act="gelu_new",
     ),  # fmt: skip
     "4heads_relu_eps": dict(
-        vocab_size=37, hidden_size=16, num_attention_heads=4, num_hidden_layers=3,
-        intermediate_size=24, max_position_embeddings=64, type_vocab_size=2, num_labels=5,
-        hidden_act="relu", layer_norm_eps=1e-5,
+        vocab_size=37,
+        hidden_size=16,
+        num_attention_heads=4,
+        num_hidden_layers=3,
+        intermediate_size=24,
+        max_position_embeddings=64,
+        type_vocab_size=2,
+        num_labels=5,
+        hidden_act="relu",
+        layer_norm_eps=1e-5,
     ),  # fmt: skip
 }
 

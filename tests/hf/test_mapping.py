@@ -5,8 +5,8 @@ import pytest
 
 from sft_jax.hf import io
 from sft_jax.hf.mapping import (
-    Rule,
     TRANSPOSE,
+    Rule,
     add_prefix,
     export_weights,
     import_weights,

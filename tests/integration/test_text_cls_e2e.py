@@ -1,5 +1,6 @@
 """End to end on a tiny random BERT and a tiny CSV dataset: train, stop + resume equals an
 uninterrupted run, evaluate from the run directory alone, export to transformers."""
+
 import json
 import subprocess
 import sys
@@ -15,96 +16,166 @@ from sft_jax import logging as log_lib
 from sft_jax.pretrained import resolve_model_dir
 from sft_jax.trainer import Trainer
 
-WORDS = {"negative": ["awful", "bad", "hate"], "neutral": ["table", "maybe", "today"],
-         "positive": ["great", "love", "good"]}
+WORDS = {
+    "negative": ["awful", "bad", "hate"],
+    "neutral": ["table", "maybe", "today"],
+    "positive": ["great", "love", "good"],
+}
 
 
 def write_csv(path, n, seed):
-  rng = np.random.default_rng(seed)
-  names = sorted(WORDS)
-  lines = ["text,label"]
-  for i in range(n):
-    label = names[i % 3]
-    words = list(rng.choice(WORDS[label], 2)) + list(rng.choice(["the", "a", "it", "so"], 3))
-    rng.shuffle(words)
-    lines.append(f"{' '.join(words)},{label}")
-  path.write_text("\n".join(lines) + "\n")
-  return str(path)
+    rng = np.random.default_rng(seed)
+    names = sorted(WORDS)
+    lines = ["text,label"]
+    for i in range(n):
+        label = names[i % 3]
+        words = list(rng.choice(WORDS[label], 2)) + list(rng.choice(["the", "a", "it", "so"], 3))
+        rng.shuffle(words)
+        lines.append(f"{' '.join(words)},{label}")
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
 
 
 @pytest.fixture(scope="module")
 def setup_dirs(tmp_path_factory):
-  root = tmp_path_factory.mktemp("e2e")
-  cfg = transformers.BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2,
-                                num_attention_heads=4, intermediate_size=64,
-                                max_position_embeddings=64)
-  torch.manual_seed(0)
-  model_dir = root / "tiny_bert"
-  transformers.BertModel(cfg).save_pretrained(model_dir)
-  tok = transformers.AutoTokenizer.from_pretrained(resolve_model_dir("minilm-l6"))
-  tok.save_pretrained(model_dir)
-  files = {s: write_csv(root / f"{s}.csv", n, seed)
-           for s, n, seed in (("train", 96, 0), ("validation", 30, 1), ("test", 30, 2))}
-  return root, model_dir, files
+    root = tmp_path_factory.mktemp("e2e")
+    cfg = transformers.BertConfig(
+        vocab_size=30522,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=64,
+    )
+    torch.manual_seed(0)
+    model_dir = root / "tiny_bert"
+    transformers.BertModel(cfg).save_pretrained(model_dir)
+    tok = transformers.AutoTokenizer.from_pretrained(resolve_model_dir("minilm-l6"))
+    tok.save_pretrained(model_dir)
+    files = {
+        s: write_csv(root / f"{s}.csv", n, seed)
+        for s, n, seed in (("train", 96, 0), ("validation", 30, 1), ("test", 30, 2))
+    }
+    return root, model_dir, files
 
 
 def make_config(root, model_dir, files, **train):
-  c = text_cls.get_config("debug")
-  c.unlock()
-  c.model.path = str(model_dir)
-  c.data.update(name="files", data_dir=str(root / "tfds"), train_file=files["train"],
-                validation_file=files["validation"], test_file=files["test"],
-                max_train_examples=0)
-  c.data.batch_size = 8
-  c.optimizer.learning_rate = 1e-3
-  c.train.update(num_steps=8, eval_every_steps=4, max_eval_batches=0, log_every_steps=1, **train)
-  c.checkpoint.async_save = False
-  c.lock()
-  return c
+    c = text_cls.get_config("debug")
+    c.unlock()
+    c.model.path = str(model_dir)
+    c.data.update(
+        name="files",
+        data_dir=str(root / "tfds"),
+        train_file=files["train"],
+        validation_file=files["validation"],
+        test_file=files["test"],
+        max_train_examples=0,
+    )
+    c.data.batch_size = 8
+    c.optimizer.learning_rate = 1e-3
+    c.train.update(num_steps=8, eval_every_steps=4, max_eval_batches=0, log_every_steps=1, **train)
+    c.checkpoint.async_save = False
+    c.lock()
+    return c
+
+
+def losses(workdir):
+    return [r["loss"] for r in log_lib.read_metrics(workdir) if r["split"] == "train"]
 
 
 def train_rows(workdir):
-  keys = ("step", "split", "loss", "accuracy", "grad_norm", "macro_f1")
-  return [{k: r[k] for k in keys if k in r} for r in log_lib.read_metrics(workdir)]
+    keys = ("step", "split", "loss", "accuracy", "grad_norm", "macro_f1")
+    return [{k: r[k] for k in keys if k in r} for r in log_lib.read_metrics(workdir)]
 
 
 @pytest.mark.slow
 def test_train_stop_resume_evaluate_export(setup_dirs, tmp_path):
-  root, model_dir, files = setup_dirs
-  cfg = make_config(root, model_dir, files)
-  full = Trainer(cfg, str(tmp_path / "full")).run()
-  assert full["num_examples"] == 30
+    root, model_dir, files = setup_dirs
+    cfg = make_config(root, model_dir, files)
+    full = Trainer(cfg, str(tmp_path / "full")).run()
+    assert full["num_examples"] == 30
 
-  # Stop after step 6 (between evaluations), then resume in a fresh Trainer.
-  part = str(tmp_path / "part")
-  Trainer(cfg, part).run(stop_after_step=6)
-  assert max(r["step"] for r in log_lib.read_metrics(part)) == 6
-  resumed = Trainer(cfg, part).run()
-  assert resumed == full
-  assert train_rows(part) == train_rows(str(tmp_path / "full"))
+    # Data parallel over the 8 fake devices (the default mesh) equals one device.
+    one = make_config(root, model_dir, files)
+    one.mesh.shape = (1, 1, 1)
+    Trainer(one, str(tmp_path / "one_device")).run()
+    np.testing.assert_allclose(
+        losses(str(tmp_path / "full")), losses(str(tmp_path / "one_device")), rtol=2e-5
+    )
 
-  # Evaluate from the run directory alone (a separate process).
-  out = subprocess.run([sys.executable, "-m", "experiments.evaluate", "--workdir", part,
-                        "--split", "test", "--checkpoint", "latest"],
-                       capture_output=True, text=True, check=True)
-  result = json.loads((tmp_path / "part" / "eval_test.json").read_text())
-  assert result["checkpoint_step"] == 8 and result["num_examples"] == 30
-  assert len(result["confusion_matrix"]) == 3
-  assert "macro_f1" in out.stdout
+    # Stop after step 6 (between evaluations), then resume in a fresh Trainer.
+    part = str(tmp_path / "part")
+    Trainer(cfg, part).run(stop_after_step=6)
+    assert max(r["step"] for r in log_lib.read_metrics(part)) == 6
+    resumed = Trainer(cfg, part).run()
+    assert resumed == full
+    assert train_rows(part) == train_rows(str(tmp_path / "full"))
 
-  # Export, then transformers gives the same logits as our restored model.
-  from sft_jax.hf.export import export_model
-  from sft_jax.restore import restore_run
-  run = restore_run(part, "latest")
-  export_dir = tmp_path / "export"
-  export_model(run.model, export_dir, label_names=run.info["label_names"],
-               tokenizer_dir=run.info["model_dir"])
-  hf = transformers.AutoModelForSequenceClassification.from_pretrained(export_dir).eval()
-  tok = transformers.AutoTokenizer.from_pretrained(export_dir)
-  enc = tok(["great love it", "the table today so"], padding=True, return_tensors="np")
-  ours = run.model(jax.numpy.asarray(enc["input_ids"]), attention_mask=enc["attention_mask"],
-                   token_type_ids=enc["token_type_ids"])
-  with torch.no_grad():
-    ref = hf(**{k: torch.from_numpy(v) for k, v in enc.items()}).logits.numpy()
-  np.testing.assert_allclose(np.asarray(ours), ref, atol=1e-4)
-  assert hf.config.id2label == {0: "negative", 1: "neutral", 2: "positive"}
+    # Evaluate from the run directory alone (a separate process).
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "experiments.evaluate",
+            "--workdir",
+            part,
+            "--split",
+            "test",
+            "--checkpoint",
+            "latest",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    result = json.loads((tmp_path / "part" / "eval_test.json").read_text())
+    assert result["checkpoint_step"] == 8 and result["num_examples"] == 30
+    assert len(result["confusion_matrix"]) == 3
+    assert "macro_f1" in out.stdout
+
+    # Export, then transformers gives the same logits as our restored model.
+    from sft_jax.hf.export import export_model
+    from sft_jax.restore import restore_run
+
+    run = restore_run(part, "latest")
+    export_dir = tmp_path / "export"
+    export_model(
+        run.model,
+        export_dir,
+        label_names=run.info["label_names"],
+        tokenizer_dir=run.info["model_dir"],
+    )
+    hf = transformers.AutoModelForSequenceClassification.from_pretrained(export_dir).eval()
+    tok = transformers.AutoTokenizer.from_pretrained(export_dir)
+    enc = tok(["great love it", "the table today so"], padding=True, return_tensors="np")
+    ours = run.model(
+        jax.numpy.asarray(enc["input_ids"]),
+        attention_mask=enc["attention_mask"],
+        token_type_ids=enc["token_type_ids"],
+    )
+    with torch.no_grad():
+        ref = hf(**{k: torch.from_numpy(v) for k, v in enc.items()}).logits.numpy()
+    np.testing.assert_allclose(np.asarray(ours), ref, atol=1e-4)
+    assert hf.config.id2label == {0: "negative", 1: "neutral", 2: "positive"}
+
+
+@pytest.mark.slow
+def test_early_stopping_and_best_checkpoint(setup_dirs, tmp_path):
+    """With a zero learning rate the metric never improves: patience 1 stops at the second
+    evaluation, and "best" is the first evaluated step."""
+    root, model_dir, files = setup_dirs
+    cfg = make_config(root, model_dir, files, early_stopping_patience=1, eval_every_steps=2)
+    cfg.unlock()
+    cfg.optimizer.learning_rate = 0.0
+    cfg.checkpoint.keep_best = 1
+    workdir = str(tmp_path / "stop")
+    Trainer(cfg, workdir).run()
+    evals = [r["step"] for r in log_lib.read_metrics(workdir) if r["split"] == "validation"]
+    assert evals == [2, 4]
+    from sft_jax.restore import restore_run
+
+    assert restore_run(workdir, "best").step == 2
+    assert restore_run(workdir, "latest").step == 4
+    # Running again finds the run complete and does not train further.
+    Trainer(cfg, workdir).run()
+    assert [r["step"] for r in log_lib.read_metrics(workdir)][-1] == 4

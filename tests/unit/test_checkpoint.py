@@ -1,4 +1,5 @@
 """Orbax checkpoints: exact round trip, latest + best-k retention, params-only restore."""
+
 import jax
 import numpy as np
 import pytest
@@ -9,37 +10,38 @@ from tests.unit.test_steps import build, run
 
 
 def test_round_trip_and_retention(tmp_path):
-  state, setup, step_fn = build(policy="head_only")
-  opts = ckpt.CheckpointOptions(keep_latest=1, keep_best=2, best_metric="f1", best_mode="max",
-                                async_save=True)
-  mngr = ckpt.make_manager(str(tmp_path / "ckpt"), opts)
-  scores = {1: 0.5, 2: 0.9, 3: 0.7, 4: 0.6, 5: 0.2}
-  saved = {}
-  for step, score in scores.items():
-    state, _ = run(state, setup, step_fn, n=1)
-    ckpt.save(mngr, state, {"next_batch": step}, metrics={"f1": score})
-    saved[step] = jax.device_get(state)
-  mngr.wait_until_finished()
-  # Best two (steps 2 and 3) plus the latest (5).
-  assert sorted(mngr.all_steps()) == [2, 3, 5]
-  assert ckpt.best_step(mngr, opts) == 2
-  assert ckpt.resolve_step(mngr, "best", opts) == 2
-  assert ckpt.resolve_step(mngr, "latest", opts) == 5
-  with pytest.raises(ValueError, match="one of the kept steps"):
-    ckpt.resolve_step(mngr, "4", opts)
+    state, setup, step_fn = build(policy="head_only")
+    opts = ckpt.CheckpointOptions(
+        keep_latest=1, keep_best=2, best_metric="f1", best_mode="max", async_save=True
+    )
+    mngr = ckpt.make_manager(str(tmp_path / "ckpt"), opts)
+    scores = {1: 0.5, 2: 0.9, 3: 0.7, 4: 0.6, 5: 0.2}
+    saved = {}
+    for step, score in scores.items():
+        state, _ = run(state, setup, step_fn, n=1)
+        ckpt.save(mngr, state, {"next_batch": step}, metrics={"f1": score})
+        saved[step] = jax.device_get(state)
+    mngr.wait_until_finished()
+    # Best two (steps 2 and 3) plus the latest (5).
+    assert sorted(mngr.all_steps()) == [2, 3, 5]
+    assert ckpt.best_step(mngr, opts) == 2
+    assert ckpt.resolve_step(mngr, "best", opts) == 2
+    assert ckpt.resolve_step(mngr, "latest", opts) == 5
+    with pytest.raises(ValueError, match="one of the kept steps"):
+        ckpt.resolve_step(mngr, "4", opts)
 
-  mngr2 = ckpt.make_manager(str(tmp_path / "ckpt"), opts)  # a fresh process would do this
-  restored, progress = ckpt.restore_train_state(mngr2, 3, state)
-  assert progress == {"next_batch": 3}
-  jax.tree.map(np.testing.assert_array_equal, jax.device_get(restored), saved[3])
-  params = ckpt.restore_params(mngr2, 2, abstract_of(state.params))
-  jax.tree.map(np.testing.assert_array_equal, jax.device_get(params), saved[2].params)
-  # The restored state trains on: the step function accepts it unchanged.
-  restored, _ = run(restored, setup, step_fn, n=1)
-  assert int(restored.step) == 4
+    mngr2 = ckpt.make_manager(str(tmp_path / "ckpt"), opts)  # a fresh process would do this
+    restored, progress = ckpt.restore_train_state(mngr2, 3, state)
+    assert progress == {"next_batch": 3}
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(restored), saved[3])
+    params = ckpt.restore_params(mngr2, 2, abstract_of(state.params))
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(params), saved[2].params)
+    # The restored state trains on: the step function accepts it unchanged.
+    restored, _ = run(restored, setup, step_fn, n=1)
+    assert int(restored.step) == 4
 
 
 def test_no_checkpoints_is_a_clear_error(tmp_path):
-  mngr = ckpt.make_manager(str(tmp_path / "empty"), ckpt.CheckpointOptions())
-  with pytest.raises(FileNotFoundError, match="no checkpoints"):
-    ckpt.resolve_step(mngr, "latest", ckpt.CheckpointOptions())
+    mngr = ckpt.make_manager(str(tmp_path / "empty"), ckpt.CheckpointOptions())
+    with pytest.raises(FileNotFoundError, match="no checkpoints"):
+        ckpt.resolve_step(mngr, "latest", ckpt.CheckpointOptions())

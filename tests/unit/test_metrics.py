@@ -6,30 +6,30 @@ from sft_jax import metrics
 
 
 def test_confusion_matrix_exact_and_ignores_padding():
-  labels = np.array([0, 1, 2, 2, 1, 0, 2])
-  preds = np.array([0, 2, 2, 1, 1, 0, 0])
-  weights = np.array([1, 1, 1, 1, 1, 1, 0])  # last row is padding
-  cm = metrics.confusion_matrix(labels, preds, 3, weights)
-  np.testing.assert_array_equal(cm, [[2, 0, 0], [0, 1, 1], [0, 1, 1]])
+    labels = np.array([0, 1, 2, 2, 1, 0, 2])
+    preds = np.array([0, 2, 2, 1, 1, 0, 0])
+    weights = np.array([1, 1, 1, 1, 1, 1, 0])  # last row is padding
+    cm = metrics.confusion_matrix(labels, preds, 3, weights)
+    np.testing.assert_array_equal(cm, [[2, 0, 0], [0, 1, 1], [0, 1, 1]])
 
 
 def test_classification_metrics_match_sklearn():
-  rng = np.random.default_rng(0)
-  labels, preds = rng.integers(0, 4, 200), rng.integers(0, 4, 200)
-  m = metrics.classification_metrics(metrics.confusion_matrix(labels, preds, 4), list("abcd"))
-  p, r, f, _ = precision_recall_fscore_support(labels, preds, labels=range(4), zero_division=0)
-  assert m["accuracy"] == pytest.approx((labels == preds).mean())
-  assert m["macro_f1"] == pytest.approx(f1_score(labels, preds, average="macro"))
-  for i, name in enumerate("abcd"):
-    assert m[f"precision/{name}"] == pytest.approx(p[i])
-    assert m[f"recall/{name}"] == pytest.approx(r[i])
-    assert m[f"f1/{name}"] == pytest.approx(f[i])
-  assert m["num_examples"] == 200
+    rng = np.random.default_rng(0)
+    labels, preds = rng.integers(0, 4, 200), rng.integers(0, 4, 200)
+    m = metrics.classification_metrics(metrics.confusion_matrix(labels, preds, 4), list("abcd"))
+    p, r, f, _ = precision_recall_fscore_support(labels, preds, labels=range(4), zero_division=0)
+    assert m["accuracy"] == pytest.approx((labels == preds).mean())
+    assert m["macro_f1"] == pytest.approx(f1_score(labels, preds, average="macro"))
+    for i, name in enumerate("abcd"):
+        assert m[f"precision/{name}"] == pytest.approx(p[i])
+        assert m[f"recall/{name}"] == pytest.approx(r[i])
+        assert m[f"f1/{name}"] == pytest.approx(f[i])
+    assert m["num_examples"] == 200
 
 
 def test_class_never_predicted_scores_zero_not_nan():
-  cm = np.array([[3, 0], [2, 0]])  # class 1 never predicted
-  m = metrics.classification_metrics(cm)
-  assert m["precision/1"] == 0.0 and m["f1/1"] == 0.0
-  assert m["accuracy"] == pytest.approx(0.6)
-  assert m["macro_f1"] == pytest.approx((2 * 0.6 * 1.0 / 1.6) / 2)
+    cm = np.array([[3, 0], [2, 0]])  # class 1 never predicted
+    m = metrics.classification_metrics(cm)
+    assert m["precision/1"] == 0.0 and m["f1/1"] == 0.0
+    assert m["accuracy"] == pytest.approx(0.6)
+    assert m["macro_f1"] == pytest.approx((2 * 0.6 * 1.0 / 1.6) / 2)

@@ -9,72 +9,82 @@ from configs import text_cls
 from sft_jax import freezing, optim
 
 PARAMS = {
-    "bert": {"embeddings": {"word_embeddings": {"embedding": jnp.ones((10, 4))},
-                            "LayerNorm": {"scale": jnp.ones(4), "bias": jnp.zeros(4)}},
-             "encoder": {"layer": {0: {"dense": {"kernel": jnp.ones((4, 4)),
-                                                "bias": jnp.zeros(4)}}}}},
+    "bert": {
+        "embeddings": {
+            "word_embeddings": {"embedding": jnp.ones((10, 4))},
+            "LayerNorm": {"scale": jnp.ones(4), "bias": jnp.zeros(4)},
+        },
+        "encoder": {"layer": {0: {"dense": {"kernel": jnp.ones((4, 4)), "bias": jnp.zeros(4)}}}},
+    },
     "classifier": {"kernel": jnp.ones((4, 3)), "bias": jnp.zeros(3)},
 }
 
 
 def opt_cfg(**kw) -> ml_collections.ConfigDict:
-  c = text_cls.get_config().optimizer
-  c.unlock()
-  c.update(kw)
-  return c
+    c = text_cls.get_config().optimizer
+    c.unlock()
+    c.update(kw)
+    return c
 
 
 def test_decay_mask_excludes_bias_and_layernorm():
-  mask = optim.decay_mask(PARAMS)
-  assert mask["bert"]["embeddings"]["word_embeddings"]["embedding"]
-  assert not mask["bert"]["embeddings"]["LayerNorm"]["scale"]
-  assert not mask["bert"]["embeddings"]["LayerNorm"]["bias"]
-  assert mask["bert"]["encoder"]["layer"][0]["dense"]["kernel"]
-  assert not mask["bert"]["encoder"]["layer"][0]["dense"]["bias"]
-  assert mask["classifier"]["kernel"] and not mask["classifier"]["bias"]
+    mask = optim.decay_mask(PARAMS)
+    assert mask["bert"]["embeddings"]["word_embeddings"]["embedding"]
+    assert not mask["bert"]["embeddings"]["LayerNorm"]["scale"]
+    assert not mask["bert"]["embeddings"]["LayerNorm"]["bias"]
+    assert mask["bert"]["encoder"]["layer"][0]["dense"]["kernel"]
+    assert not mask["bert"]["encoder"]["layer"][0]["dense"]["bias"]
+    assert mask["classifier"]["kernel"] and not mask["classifier"]["bias"]
 
 
 def test_linear_warmup_then_linear_decay_exact():
-  lr = optim.schedule(opt_cfg(learning_rate=1.0, warmup_ratio=0.0, warmup_steps=2,
-                              schedule="linear"), total_steps=6)
-  np.testing.assert_allclose([float(lr(s)) for s in range(7)],
-                             [0.0, 0.5, 1.0, 0.75, 0.5, 0.25, 0.0])
+    lr = optim.schedule(
+        opt_cfg(learning_rate=1.0, warmup_ratio=0.0, warmup_steps=2, schedule="linear"),
+        total_steps=6,
+    )
+    np.testing.assert_allclose(
+        [float(lr(s)) for s in range(7)], [0.0, 0.5, 1.0, 0.75, 0.5, 0.25, 0.0]
+    )
 
 
 def test_head_only_freezes_encoder_without_optimizer_state():
-  mask = freezing.trainable_mask(PARAMS, "head_only")
-  assert mask["classifier"]["kernel"] and not mask["bert"]["encoder"]["layer"][0]["dense"][
-      "kernel"]
-  tx, _ = optim.build_optimizer(opt_cfg(warmup_ratio=0.0), mask, total_steps=10)
-  state = tx.init(PARAMS)
-  # Adam moments exist for the 6 head scalars x 2 (kernel 12 + bias 3 = 15 per moment) only.
-  n = sum(x.size for x in jax.tree.leaves(state) if x.ndim > 0)
-  assert n == 2 * 15
-  grads = jax.tree.map(jnp.ones_like, PARAMS)
-  updates, _ = tx.update(grads, state, PARAMS)
-  assert float(jnp.abs(updates["bert"]["encoder"]["layer"][0]["dense"]["kernel"]).max()) == 0.0
-  assert float(jnp.abs(updates["classifier"]["kernel"]).max()) > 0.0
+    mask = freezing.trainable_mask(PARAMS, "head_only")
+    assert (
+        mask["classifier"]["kernel"] and not mask["bert"]["encoder"]["layer"][0]["dense"]["kernel"]
+    )
+    tx, _ = optim.build_optimizer(opt_cfg(warmup_ratio=0.0), mask, total_steps=10)
+    state = tx.init(PARAMS)
+    # Adam moments exist for the 6 head scalars x 2 (kernel 12 + bias 3 = 15 per moment) only.
+    n = sum(x.size for x in jax.tree.leaves(state) if x.ndim > 0)
+    assert n == 2 * 15
+    grads = jax.tree.map(jnp.ones_like, PARAMS)
+    updates, _ = tx.update(grads, state, PARAMS)
+    assert float(jnp.abs(updates["bert"]["encoder"]["layer"][0]["dense"]["kernel"]).max()) == 0.0
+    assert float(jnp.abs(updates["classifier"]["kernel"]).max()) > 0.0
 
 
 def test_bad_freeze_policies_are_clear_errors():
-  with pytest.raises(ValueError, match="Unknown freezing preset 'nope'"):
-    freezing.trainable_mask(PARAMS, "nope")
-  with pytest.raises(ValueError, match="matched no parameter"):
-    freezing.trainable_mask(PARAMS, [("^decoder/", False)])
-  with pytest.raises(ValueError, match="no trainable parameter"):
-    freezing.trainable_mask(PARAMS, [(".*", False)])
+    with pytest.raises(ValueError, match="Unknown freezing preset 'nope'"):
+        freezing.trainable_mask(PARAMS, "nope")
+    with pytest.raises(ValueError, match="matched no parameter"):
+        freezing.trainable_mask(PARAMS, [("^decoder/", False)])
+    with pytest.raises(ValueError, match="no trainable parameter"):
+        freezing.trainable_mask(PARAMS, [(".*", False)])
 
 
 @pytest.mark.parametrize("name", ["adamw", "adam", "sgd", "lion", "adafactor"])
 def test_every_optimizer_lowers_a_quadratic(name):
-  params = {"w": jnp.full((4, 4), 3.0), "bias": jnp.full((4,), -2.0)}
-  mask = jax.tree.map(lambda _: True, params)
-  lr = 0.05 if name != "lion" else 0.01
-  tx, _ = optim.build_optimizer(opt_cfg(name=name, learning_rate=lr, warmup_ratio=0.0,
-                                        schedule="constant"), mask, total_steps=50)
-  loss = lambda p: sum(jnp.sum(x**2) for x in jax.tree.leaves(p))
-  state, start = tx.init(params), loss(params)
-  for _ in range(50):
-    updates, state = tx.update(jax.grad(loss)(params), state, params)
-    params = optax.apply_updates(params, updates)
-  assert loss(params) < 0.7 * start
+    params = {"w": jnp.full((4, 4), 3.0), "bias": jnp.full((4,), -2.0)}
+    mask = jax.tree.map(lambda _: True, params)
+    lr = 0.05 if name != "lion" else 0.01
+    tx, _ = optim.build_optimizer(
+        opt_cfg(name=name, learning_rate=lr, warmup_ratio=0.0, schedule="constant"),
+        mask,
+        total_steps=50,
+    )
+    loss = lambda p: sum(jnp.sum(x**2) for x in jax.tree.leaves(p))
+    state, start = tx.init(params), loss(params)
+    for _ in range(50):
+        updates, state = tx.update(jax.grad(loss)(params), state, params)
+        params = optax.apply_updates(params, updates)
+    assert loss(params) < 0.7 * start

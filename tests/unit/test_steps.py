@@ -1,7 +1,7 @@
 """The pure train step on a toy model: learning, accumulation, data parallelism, freezing."""
+
 import jax
 import numpy as np
-import pytest
 from flax import nnx
 
 from configs import text_cls
@@ -11,80 +11,81 @@ from sft_jax.train_state import StepSetup, create_train_state, shardings_of
 from tests.toy import ToyClassifier, toy_batch
 
 
-def build(policy="full", mesh_shape=(1, 1, 1), devices=None, accumulation=1, lr=0.05,
-          dropout=0.1):
-  cfg = text_cls.get_config().optimizer
-  cfg.unlock()
-  cfg.update(learning_rate=lr, warmup_ratio=0.0, schedule="constant")
-  model = ToyClassifier(dropout=dropout)
-  graphdef, params = nnx.split(model, nnx.Param)
-  mask = freezing.trainable_mask(params.to_pure_dict(), policy)
-  tx, lr_fn = optim.build_optimizer(cfg, mask, total_steps=100)
-  mesh = sharding.make_mesh(mesh_shape, devices or jax.devices()[:int(np.prod(mesh_shape))])
-  state = create_train_state(model, tx, mesh, seed=0)
-  setup = StepSetup(graphdef, tx, mask, lr_fn, mesh, shardings_of(state),
-                    sharding.batch_sharding(mesh))
-  return state, setup, steps.make_train_step(setup, ClassificationTask(), accumulation)
+def build(policy="full", mesh_shape=(1, 1, 1), devices=None, accumulation=1, lr=0.05, dropout=0.1):
+    cfg = text_cls.get_config().optimizer
+    cfg.unlock()
+    cfg.update(learning_rate=lr, warmup_ratio=0.0, schedule="constant")
+    model = ToyClassifier(dropout=dropout)
+    graphdef, params = nnx.split(model, nnx.Param)
+    mask = freezing.trainable_mask(params.to_pure_dict(), policy)
+    tx, lr_fn = optim.build_optimizer(cfg, mask, total_steps=100)
+    mesh = sharding.make_mesh(mesh_shape, devices or jax.devices()[: int(np.prod(mesh_shape))])
+    state = create_train_state(model, tx, mesh, seed=0)
+    setup = StepSetup(
+        graphdef, tx, mask, lr_fn, mesh, shardings_of(state), sharding.batch_sharding(mesh)
+    )
+    return state, setup, steps.make_train_step(setup, ClassificationTask(), accumulation)
 
 
 def run(state, setup, step_fn, n=5):
-  losses = []
-  for i in range(n):
-    batch = sharding.put_batch(toy_batch(seed=i), setup.batch_sharding)
-    state, m = step_fn(state, batch)
-    losses.append(float(m["loss"]))
-  return state, losses
+    losses = []
+    for i in range(n):
+        batch = sharding.put_batch(toy_batch(seed=i), setup.batch_sharding)
+        state, m = step_fn(state, batch)
+        losses.append(float(m["loss"]))
+    return state, losses
 
 
 def test_loss_decreases_and_step_compiles_once():
-  state, setup, step_fn = build()
-  batch = sharding.put_batch(toy_batch(), setup.batch_sharding)
-  first = None
-  for _ in range(30):
-    state, m = step_fn(state, batch)
-    first = first if first is not None else float(m["loss"])
-  assert float(m["loss"]) < 0.5 * first
-  assert int(state.step) == 30
-  assert step_fn._cache_size() == 1
-  for key in ("grad_norm", "param_norm", "update_norm", "learning_rate", "accuracy"):
-    assert np.isfinite(float(m[key]))
+    state, setup, step_fn = build()
+    batch = sharding.put_batch(toy_batch(), setup.batch_sharding)
+    first = None
+    for _ in range(30):
+        state, m = step_fn(state, batch)
+        first = first if first is not None else float(m["loss"])
+    assert float(m["loss"]) < 0.5 * first
+    assert int(state.step) == 30
+    assert step_fn._cache_size() == 1
+    for key in ("grad_norm", "param_norm", "update_norm", "learning_rate", "accuracy"):
+        assert np.isfinite(float(m[key]))
 
 
 def test_gradient_accumulation_equals_full_batch():
-  # Without dropout (micro-batches draw different dropout masks than the full batch).
-  s1, setup1, f1 = build(accumulation=1, dropout=0.0)
-  s4, setup4, f4 = build(accumulation=4, dropout=0.0)
-  s1, l1 = run(s1, setup1, f1, n=3)
-  s4, l4 = run(s4, setup4, f4, n=3)
-  np.testing.assert_allclose(l1, l4, rtol=1e-5)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), s1.params, s4.params)
+    # Without dropout (micro-batches draw different dropout masks than the full batch).
+    s1, setup1, f1 = build(accumulation=1, dropout=0.0)
+    s4, setup4, f4 = build(accumulation=4, dropout=0.0)
+    s1, l1 = run(s1, setup1, f1, n=3)
+    s4, l4 = run(s4, setup4, f4, n=3)
+    np.testing.assert_allclose(l1, l4, rtol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), s1.params, s4.params)
 
 
 def test_data_parallel_8_devices_matches_one_device():
-  assert jax.device_count() == 8, "conftest sets 8 fake CPU devices"
-  s1, setup1, f1 = build(mesh_shape=(1, 1, 1))
-  s8, setup8, f8 = build(mesh_shape=(-1, 1, 1), devices=jax.devices())
-  s1, l1 = run(s1, setup1, f1)
-  s8, l8 = run(s8, setup8, f8)
-  np.testing.assert_allclose(l1, l8, rtol=1e-5)
-  assert len(s8.params["dense"]["kernel"].sharding.device_set) == 8
+    assert jax.device_count() == 8, "conftest sets 8 fake CPU devices"
+    s1, setup1, f1 = build(mesh_shape=(1, 1, 1))
+    s8, setup8, f8 = build(mesh_shape=(-1, 1, 1), devices=jax.devices())
+    s1, l1 = run(s1, setup1, f1)
+    s8, l8 = run(s8, setup8, f8)
+    np.testing.assert_allclose(l1, l8, rtol=1e-5)
+    assert len(s8.params["dense"]["kernel"].sharding.device_set) == 8
 
 
 def test_frozen_params_bit_identical_after_training():
-  state, setup, step_fn = build(policy="head_only")
-  before = jax.device_get(state.params)
-  state, _ = run(state, setup, step_fn, n=10)
-  after = jax.device_get(state.params)
-  np.testing.assert_array_equal(before["dense"]["kernel"], after["dense"]["kernel"])
-  np.testing.assert_array_equal(before["embeddings"]["embedding"],
-                                after["embeddings"]["embedding"])
-  assert not np.array_equal(before["classifier"]["kernel"], after["classifier"]["kernel"])
+    state, setup, step_fn = build(policy="head_only")
+    before = jax.device_get(state.params)
+    state, _ = run(state, setup, step_fn, n=10)
+    after = jax.device_get(state.params)
+    np.testing.assert_array_equal(before["dense"]["kernel"], after["dense"]["kernel"])
+    np.testing.assert_array_equal(
+        before["embeddings"]["embedding"], after["embeddings"]["embedding"]
+    )
+    assert not np.array_equal(before["classifier"]["kernel"], after["classifier"]["kernel"])
 
 
 def test_dropout_rng_is_deterministic_per_step():
-  """Same seed -> identical losses; dropout is active (differs from a no-dropout run)."""
-  _, la = run(*build())
-  _, lb = run(*build())
-  _, lc = run(*build(dropout=0.0))
-  assert la == lb
-  assert la != lc
+    """Same seed -> identical losses; dropout is active (differs from a no-dropout run)."""
+    _, la = run(*build())
+    _, lb = run(*build())
+    _, lc = run(*build(dropout=0.0))
+    assert la == lb
+    assert la != lc
