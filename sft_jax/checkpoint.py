@@ -114,8 +114,9 @@ def best_step(mngr: ocp.CheckpointManager, opts: CheckpointOptions) -> int | Non
             scored.append((metrics[opts.best_metric], step))
     if not scored:
         return None
-    sign = -1.0 if opts.best_mode == "max" else 1.0
-    return min(scored, key=lambda vs: (sign * vs[0], vs[1]))[1]  # ties: the earliest step
+    sign = 1.0 if opts.best_mode == "max" else -1.0
+    # Ties go to the latest step, as Orbax's BestN keeps the latest of equal scores.
+    return max(scored, key=lambda vs: (sign * vs[0], vs[1]))[1]
 
 
 def resolve_step(mngr: ocp.CheckpointManager, which: str, opts: CheckpointOptions) -> int:

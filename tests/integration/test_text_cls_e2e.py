@@ -73,7 +73,7 @@ def make_config(root, model_dir, files, **train):
     )
     c.data.batch_size = 8
     c.optimizer.learning_rate = 1e-3
-    c.train.update(num_steps=8, eval_every_steps=4, max_eval_batches=0, log_every_steps=1, **train)
+    c.train.update({**dict(num_steps=8, eval_every_steps=4, max_eval_batches=0, log_every_steps=1), **train})
     c.checkpoint.async_save = False
     c.lock()
     return c
@@ -162,7 +162,7 @@ def test_train_stop_resume_evaluate_export(setup_dirs, tmp_path):
 @pytest.mark.slow
 def test_early_stopping_and_best_checkpoint(setup_dirs, tmp_path):
     """With a zero learning rate the metric never improves: patience 1 stops at the second
-    evaluation, and "best" is the first evaluated step."""
+    evaluation. Equal scores tie; the latest of them is "best" (as Orbax's BestN keeps)."""
     root, model_dir, files = setup_dirs
     cfg = make_config(root, model_dir, files, early_stopping_patience=1, eval_every_steps=2)
     cfg.unlock()
@@ -174,7 +174,7 @@ def test_early_stopping_and_best_checkpoint(setup_dirs, tmp_path):
     assert evals == [2, 4]
     from sft_jax.restore import restore_run
 
-    assert restore_run(workdir, "best").step == 2
+    assert restore_run(workdir, "best").step == 4
     assert restore_run(workdir, "latest").step == 4
     # Running again finds the run complete and does not train further.
     Trainer(cfg, workdir).run()
