@@ -94,6 +94,10 @@ def test_train_stop_resume_evaluate_export(setup_dirs, tmp_path):
     cfg = make_config(root, model_dir, files)
     full = Trainer(cfg, str(tmp_path / "full")).run()
     assert full["num_examples"] == 30
+    rows = log_lib.read_metrics(str(tmp_path / "full"))
+    assert all({"step", "split"} <= set(r) for r in rows)
+    assert [r["step"] for r in rows if r["split"] == "validation"] == [4, 8]
+    assert list((tmp_path / "full" / "tb").glob("events.out.tfevents.*"))
 
     # Data parallel over the 8 fake devices (the default mesh) equals one device.
     one = make_config(root, model_dir, files)

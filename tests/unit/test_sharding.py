@@ -1,0 +1,42 @@
+"""Mesh construction and logical-axis rules (8 fake CPU devices)."""
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from sft_jax import sharding
+from tests.toy import ToyClassifier
+from tests.unit.test_steps import build, run
+
+
+def test_make_mesh_fills_minus_one_and_checks_size():
+    assert dict(sharding.make_mesh((-1, 1, 1)).shape) == {"data": 8, "fsdp": 1, "tensor": 1}
+    assert dict(sharding.make_mesh((2, -1, 1)).shape) == {"data": 2, "fsdp": 4, "tensor": 1}
+    assert sharding.make_mesh((1, 1, 1)).devices.size == 1
+    with pytest.raises(ValueError, match="needs 16 devices"):
+        sharding.make_mesh((16, 1, 1))
+    with pytest.raises(ValueError, match="at most one -1"):
+        sharding.make_mesh((-1, -1, 1))
+
+
+def test_rules_place_params_and_replicate_indivisible_dims():
+    model = ToyClassifier(vocab=50, hidden=16)
+    specs = sharding.param_shardings(model, sharding.make_mesh((1, 8, 1)))
+    # ("vocab", "embed") -> vocab on tensor (size 1: replicated), embed on fsdp (16 % 8 == 0).
+    assert specs["embeddings"]["embedding"].spec == P(None, "fsdp")
+    assert specs["dense"]["kernel"].spec == P("fsdp", None)
+    specs = sharding.param_shardings(model, sharding.make_mesh((1, 1, 8)))
+    # vocab 50 is not divisible by 8: replicated rather than an error.
+    assert specs["embeddings"]["embedding"].spec == P(None, None)
+    assert specs["dense"]["kernel"].spec == P(None, "tensor")
+
+
+def test_fsdp_step_matches_one_device_and_shards_params():
+    s1, setup1, f1 = build(mesh_shape=(1, 1, 1))
+    s8, setup8, f8 = build(mesh_shape=(1, 8, 1), devices=jax.devices())
+    s1, l1 = run(s1, setup1, f1)
+    s8, l8 = run(s8, setup8, f8)
+    np.testing.assert_allclose(l1, l8, rtol=1e-5)
+    kernel = s8.params["dense"]["kernel"]  # [16, 16] split over 8 devices on dim 0
+    assert kernel.addressable_shards[0].data.shape == (2, 16)
