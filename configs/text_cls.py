@@ -4,10 +4,10 @@ shipped 3-class tweet sentiment corpus).
   python -m experiments.train --config configs/text_cls.py --workdir runs/text_cls
   python -m experiments.train --config configs/text_cls.py:debug --workdir /tmp/dbg
   python -m experiments.train --config configs/text_cls.py:probe ...   # frozen encoder
-  python -m experiments.train --config configs/text_cls.py:full ...    # 3 epochs, all data
+  python -m experiments.train --config configs/text_cls.py:full ...    # 2 epochs, all data
 
 Arguments (comma separated, combinable): ``debug`` (tiny, ~1 minute), ``probe`` (train only the
-head: a linear probe on the frozen encoder), ``full`` (the whole train split for 3 epochs).
+head: a linear probe on the frozen encoder), ``full`` (the whole train split for 2 epochs).
 """
 
 import ml_collections
@@ -81,7 +81,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
 
     if "full" in args:
         c.data.max_train_examples = 0
-        c.train.num_epochs = 3
+        c.train.num_epochs = 2
         c.train.eval_every_steps = 0
     if "probe" in args:
         c.freeze.policy = "head_only"

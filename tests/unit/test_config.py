@@ -13,7 +13,7 @@ def test_variants_shrink_or_freeze():
     assert text_cls.get_config("debug").train.num_steps == 12
     assert text_cls.get_config("probe").freeze.policy == "head_only"
     full = text_cls.get_config("full")
-    assert full.data.max_train_examples == 0 and full.train.num_epochs == 3
+    assert full.data.max_train_examples == 0 and full.train.num_epochs == 2
     both = text_cls.get_config("debug,probe")
     assert both.freeze.policy == "head_only" and both.train.num_steps == 12
 
