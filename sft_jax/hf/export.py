@@ -3,9 +3,40 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from flax import nnx
+
+
+def _exporters() -> dict[type, Callable[..., Path]]:
+    """Model class -> exporter(model, out_dir, *, label_names, tokenizer_dir, tokenizer)."""
+    from sft_jax.hf.bert import export_bert_classifier
+    from sft_jax.hf.gpt2 import export_gpt2
+    from sft_jax.hf.llama import export_llama
+    from sft_jax.models.bert import BertForSequenceClassification
+    from sft_jax.models.gpt2 import GPT2LMHeadModel
+    from sft_jax.models.llama import LlamaForCausalLM
+
+    def classifier(model, out_dir, *, label_names, tokenizer_dir, tokenizer):
+        out = export_bert_classifier(
+            model, out_dir, label_names=label_names, tokenizer_dir=tokenizer_dir
+        )
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(out))
+        return out
+
+    def causal_lm(export: Callable[..., Path]) -> Callable[..., Path]:
+        def run(model, out_dir, *, label_names, tokenizer_dir, tokenizer):
+            del label_names  # language models have no labels
+            return export(model, out_dir, tokenizer_dir=tokenizer_dir, tokenizer=tokenizer)
+
+        return run
+
+    return {
+        BertForSequenceClassification: classifier,
+        LlamaForCausalLM: causal_lm(export_llama),
+        GPT2LMHeadModel: causal_lm(export_gpt2),
+    }
 
 
 def export_model(
@@ -14,20 +45,27 @@ def export_model(
     *,
     label_names: Sequence[str] | None = None,
     tokenizer_dir: str | Path | None = None,
+    tokenizer: Any = None,
 ) -> Path:
     """Writes ``config.json``, ``model.safetensors`` and tokenizer files for ``model``.
+
+    Args:
+        model: A supported model (BERT classifier, Llama/Qwen2 or GPT-2 causal LM).
+        out_dir: Destination directory.
+        label_names: Class names (classifiers only).
+        tokenizer_dir: Directory whose tokenizer files are copied.
+        tokenizer: A transformers tokenizer to ``save_pretrained`` (e.g. from a GGUF file).
 
     Raises:
       TypeError: the model's family has no exporter yet.
     """
-    from sft_jax.hf.bert import export_bert_classifier
-    from sft_jax.models.bert import BertForSequenceClassification
-
-    exporters: dict[type, Any] = {BertForSequenceClassification: export_bert_classifier}
+    exporters = _exporters()
     exporter = exporters.get(type(model))
     if exporter is None:
         raise TypeError(
             f"no Hugging Face exporter for {type(model).__name__}; "
             f"supported: {[t.__name__ for t in exporters]}"
         )
-    return exporter(model, out_dir, label_names=label_names, tokenizer_dir=tokenizer_dir)
+    return exporter(
+        model, out_dir, label_names=label_names, tokenizer_dir=tokenizer_dir, tokenizer=tokenizer
+    )

@@ -21,6 +21,7 @@ the only Variables in a model are ``nnx.Param``.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -238,17 +239,20 @@ def make_attention_mask(
     padding_mask: Array | None = None,
     segment_ids: Array | None = None,
     causal: bool = False,
+    q_offset: int | Array | None = None,
 ) -> Array | None:
     """Builds a boolean attention mask (True = may attend) from its optional parts.
 
     Args:
         q_len: Number of query positions T.
         kv_len: Number of key positions S (default T). With ``causal``, the queries are the
-            last T of the S positions (KV-cache decoding).
+            last T of the S positions (KV-cache decoding), unless ``q_offset`` says otherwise.
         padding_mask: [B, S] 1/0 (or bool) marking real key tokens.
         segment_ids: [B, T] ints for packed sequences (requires S == T); tokens attend only
             within their own segment.
         causal: Forbid attending to later positions.
+        q_offset: Key slot of the first query (may be traced), for a fixed-size KV cache whose
+            filled part ends before S; default ``S - T``.
 
     Returns:
         Bool [B or 1, 1, T, S], broadcastable over heads, or None when nothing is masked.
@@ -267,7 +271,8 @@ def make_attention_mask(
         same = segment_ids[:, :, None] == segment_ids[:, None, :]  # [B, T, T]
         mask = _and(mask, same[:, None])
     if causal:
-        q_pos = jnp.arange(q_len)[:, None] + (kv_len - q_len)  # [T, 1]
+        offset = kv_len - q_len if q_offset is None else q_offset
+        q_pos = jnp.arange(q_len)[:, None] + offset  # [T, 1]
         mask = _and(mask, (jnp.arange(kv_len)[None, :] <= q_pos)[None, None])  # [1, 1, T, S]
     return mask
 
@@ -383,3 +388,183 @@ class SelfAttention(nnx.Module):
             q, k, v, mask, dropout_rate=dropout_rate, dropout_rng=dropout_rng
         ).reshape(b, t, self.num_heads * self.head_dim)  # [B, T, N*D]
         return self.out(y) if self.out is not None else y
+
+
+class RMSNorm(nnx.Module):
+    """Root-mean-square normalization (Llama's), computed in float32: ``x / rms(x) * scale``.
+
+    Args:
+        features: Size of the normalized axis.
+        epsilon: Added to the mean square.
+        dtype: Output dtype.
+        param_dtype: Storage dtype.
+        rngs: RNG streams (constant init; kept for a uniform constructor).
+    """
+
+    def __init__(
+        self,
+        features: int,
+        *,
+        epsilon: float = 1e-6,
+        dtype: Any = jnp.float32,
+        param_dtype: Any = jnp.float32,
+        rngs: nnx.Rngs | None = None,
+    ):
+        self.epsilon = float(epsilon)
+        self.dtype = jnp.dtype(dtype)
+        self.scale = make_param(rngs, nnx.initializers.ones, (features,), ("norm",), param_dtype)
+
+    def __call__(self, x: Array) -> Array:
+        """Normalizes [..., features] -> [..., features]."""
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.epsilon)
+        return (y * self.scale[...].astype(jnp.float32)).astype(self.dtype)
+
+
+ROPE_TYPES = ("default", "linear", "llama3")
+
+
+def rope_inv_freq(head_dim: int, theta: float, scaling: dict[str, Any] | None = None) -> Any:
+    """RoPE inverse frequencies [D/2] (numpy float32), as transformers' ``ROPE_INIT_FUNCTIONS``.
+
+    Args:
+        head_dim: Rotated size D (even).
+        theta: Base wavelength (``rope_theta``).
+        scaling: None, or a ``rope_scaling`` dict with ``rope_type`` (or ``type``) ``default``,
+            ``linear`` (``factor``) or ``llama3`` (``factor``, ``low_freq_factor``,
+            ``high_freq_factor``, ``original_max_position_embeddings``).
+    """
+    import math
+
+    import numpy as np
+
+    inv = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim))
+    kind = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
+    if kind == "default":
+        return inv
+    factor = float(scaling["factor"])
+    if kind == "linear":
+        return inv / np.float32(factor)
+    if kind != "llama3":
+        raise ValueError(f"unsupported rope type {kind!r}; supported: {ROPE_TYPES}")
+    low, high = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
+    old_len = float(scaling["original_max_position_embeddings"])
+    wavelen = 2 * math.pi / inv
+    scaled = np.where(wavelen > old_len / low, inv / factor, inv)  # long wavelengths: / factor
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < old_len / high) & ~(wavelen > old_len / low)
+    return np.where(medium, smoothed, scaled).astype(np.float32)
+
+
+def rope_cos_sin(positions: Array, inv_freq: Any) -> tuple[Array, Array]:
+    """cos and sin tables [B, T, D] (float32) for int positions [B, T] (half-split layout)."""
+    freqs = positions[..., None].astype(jnp.float32) * jnp.asarray(inv_freq)  # [B, T, D/2]
+    emb = jnp.concatenate([freqs, freqs], axis=-1)  # [B, T, D]
+    return jnp.cos(emb), jnp.sin(emb)
+
+
+def apply_rope(x: Array, cos: Array, sin: Array) -> Array:
+    """Rotates x [B, T, N, D] by cos/sin [B, T, D] (transformers' ``rotate_half`` convention)."""
+    x32 = x.astype(jnp.float32)
+    x1, x2 = jnp.split(x32, 2, axis=-1)
+    rotated = jnp.concatenate([-x2, x1], axis=-1)
+    return (x32 * cos[:, :, None] + rotated * sin[:, :, None]).astype(x.dtype)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class KVCache:
+    """A fixed-size key/value cache: an explicit pytree argument, never module state.
+
+    Attributes:
+        keys: Per layer [B, S, K, D].
+        values: Per layer [B, S, K, D].
+        mask: int32 [B, S]: 1 where a slot holds a real (non-padding) token.
+        index: int32 []: the next slot to write (slots are shared by the whole batch).
+    """
+
+    keys: tuple[Array, ...]
+    values: tuple[Array, ...]
+    mask: Array
+    index: Array
+
+    @classmethod
+    def create(
+        cls, num_layers: int, batch: int, max_len: int, num_kv_heads: int, head_dim: int, dtype
+    ) -> KVCache:
+        """An empty cache of ``max_len`` slots."""
+        zeros = lambda: jnp.zeros((batch, max_len, num_kv_heads, head_dim), dtype)
+        return cls(
+            keys=tuple(zeros() for _ in range(num_layers)),
+            values=tuple(zeros() for _ in range(num_layers)),
+            mask=jnp.zeros((batch, max_len), jnp.int32),
+            index=jnp.zeros((), jnp.int32),
+        )
+
+
+def write_kv(cache_k: Array, cache_v: Array, k: Array, v: Array, index: Array):
+    """Writes k/v [B, T, K, D] into a layer's cache [B, S, K, D] at slot ``index``."""
+    at = (0, index, 0, 0)
+    k_all = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), at)
+    v_all = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), at)
+    return k_all, v_all
+
+
+def segment_positions(segment_ids: Array) -> Array:
+    """Positions that restart at 0 at every segment change: int [B, T] -> int [B, T]."""
+    b, t = segment_ids.shape
+    idx = jnp.broadcast_to(jnp.arange(t), (b, t))
+    starts = jnp.concatenate(
+        [jnp.ones((b, 1), bool), segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1
+    )
+    return idx - jax.lax.cummax(jnp.where(starts, idx, 0), axis=1)
+
+
+def causal_lm_inputs(
+    b: int,
+    t: int,
+    attention_mask: Array | None = None,
+    segment_ids: Array | None = None,
+    positions: Array | None = None,
+    cache: KVCache | None = None,
+) -> tuple[Array, Array, Array | None]:
+    """The causal attention mask and positions of a decoder call (with or without a cache).
+
+    Default positions count real tokens (``cumsum(mask) - 1``, as transformers' ``generate``),
+    so left- and right-padded rows see the positions of their unpadded sequence; with
+    ``segment_ids`` they restart per segment; with a cache they continue the cached count.
+
+    Args:
+        b: Batch size B.
+        t: New tokens T.
+        attention_mask: [B, T] 1/0 for the new tokens, or None (all real).
+        segment_ids: [B, T] packed-segment ids (0 = padding); not with a cache.
+        positions: int [B, T] explicit positions (win over the defaults).
+        cache: The cache the new tokens are appended to, or None.
+
+    Returns:
+        (bool mask [B, 1, T, S], positions [B, T], the cache's new mask [B, S] or None).
+    """
+    real = jnp.ones((b, t), jnp.int32) if attention_mask is None else attention_mask
+    real = real.astype(jnp.int32)
+    if cache is not None:
+        if segment_ids is not None:
+            raise ValueError("segment_ids (packing) cannot be combined with a KV cache")
+        seen = cache.mask.sum(axis=1, keepdims=True)  # [B, 1] real tokens already cached
+        new_mask = jax.lax.dynamic_update_slice(cache.mask, real, (0, cache.index))  # [B, S]
+        if positions is None:
+            positions = jnp.maximum(seen + jnp.cumsum(real, axis=1) - 1, 0)
+        s = cache.mask.shape[1]
+        mask = make_attention_mask(t, s, padding_mask=new_mask, causal=True, q_offset=cache.index)
+        return mask, positions, new_mask
+    if positions is None:
+        if segment_ids is not None:
+            positions = segment_positions(segment_ids)
+        else:
+            positions = jnp.maximum(jnp.cumsum(real, axis=1) - 1, 0)
+    padding = None if attention_mask is None and segment_ids is None else real
+    if segment_ids is not None:
+        padding = real * (segment_ids != 0)
+    mask = make_attention_mask(t, padding_mask=padding, segment_ids=segment_ids, causal=True)
+    return mask, positions, None

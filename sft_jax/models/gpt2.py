@@ -1,0 +1,261 @@
+"""GPT-2 in Flax NNX, named like Hugging Face's ``GPT2LMHeadModel``.
+
+Attribute paths mirror ``transformers`` (``transformer.wte``, ``transformer.h.{i}.attn.c_attn``,
+``transformer.ln_f``); the LM head is always the tied token embedding (``wte.attend``). HF's
+``Conv1D`` stores weights [in, out], which is our ``Dense`` kernel layout already.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from sft_jax.models import layers
+
+Array = jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class GPT2Config:
+    """GPT-2 hyperparameters, with Hugging Face ``GPT2Config`` field names (plus our dtypes)."""
+
+    vocab_size: int = 50257
+    n_positions: int = 1024
+    n_embd: int = 768
+    n_layer: int = 12
+    n_head: int = 12
+    n_inner: int | None = None
+    activation_function: str = "gelu_new"
+    resid_pdrop: float = 0.1
+    embd_pdrop: float = 0.1
+    attn_pdrop: float = 0.1
+    layer_norm_epsilon: float = 1e-5
+    initializer_range: float = 0.02
+    scale_attn_weights: bool = True
+    scale_attn_by_inverse_layer_idx: bool = False
+    reorder_and_upcast_attn: bool = False  # same math in float32; accepted and ignored
+    tie_word_embeddings: bool = True
+    bos_token_id: int | None = 50256
+    eos_token_id: int | None = 50256
+    pad_token_id: int | None = None
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+
+    _OURS = ("dtype", "param_dtype")
+
+    def __post_init__(self):
+        layers.get_activation(self.activation_function)  # fail early on an unknown activation
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd {self.n_embd} is not divisible by n_head {self.n_head}")
+        if not self.tie_word_embeddings:
+            raise NotImplementedError("GPT-2 with an untied LM head is not supported")
+        if self.n_inner is None:
+            object.__setattr__(self, "n_inner", 4 * self.n_embd)
+        object.__setattr__(self, "dtype", jnp.dtype(self.dtype).name)
+        object.__setattr__(self, "param_dtype", jnp.dtype(self.param_dtype).name)
+
+    @classmethod
+    def from_hf_dict(cls, d: dict[str, Any], **overrides: Any) -> GPT2Config:
+        """Builds a config from a Hugging Face ``config.json`` dict; unknown keys are ignored.
+
+        Raises:
+            NotImplementedError: Cross-attention (``add_cross_attention``) checkpoints.
+        """
+        if d.get("add_cross_attention"):
+            raise NotImplementedError("GPT-2 with cross-attention is not supported")
+        names = {f.name for f in dataclasses.fields(cls)} - set(cls._OURS)
+        kwargs = {k: v for k, v in d.items() if k in names}
+        kwargs.update(overrides)
+        return cls(**kwargs)
+
+    def to_hf_dict(self) -> dict[str, Any]:
+        """Hugging Face config fields (``model_type``, ``architectures`` included; no dtypes)."""
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        for k in self._OURS:
+            d.pop(k)
+        return {**d, "model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}
+
+    @classmethod
+    def gpt2_small(cls, **overrides: Any) -> GPT2Config:
+        """``gpt2``: 12 layers, hidden 768, 12 heads, ~124.4M params."""
+        return cls(**overrides)
+
+
+def _dense(cfg: GPT2Config, n_in: int, n_out: int, names, rngs: nnx.Rngs) -> layers.Dense:
+    return layers.Dense(
+        n_in, n_out, names=names, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+        kernel_init=nnx.initializers.normal(cfg.initializer_range), rngs=rngs,
+    )  # fmt: skip
+
+
+def _layer_norm(cfg: GPT2Config, rngs: nnx.Rngs) -> layers.LayerNorm:
+    return layers.LayerNorm(
+        cfg.n_embd, epsilon=cfg.layer_norm_epsilon, dtype=cfg.dtype,
+        param_dtype=cfg.param_dtype, rngs=rngs,
+    )  # fmt: skip
+
+
+class GPT2Attention(nnx.Module):
+    """Causal self-attention with fused ``c_attn`` (q|k|v, [E, 3E]) and ``c_proj``."""
+
+    def __init__(self, cfg: GPT2Config, layer_idx: int, *, rngs: nnx.Rngs):
+        e = cfg.n_embd
+        self.num_heads, self.head_dim = cfg.n_head, e // cfg.n_head
+        self.attn_pdrop, self.resid_pdrop = cfg.attn_pdrop, cfg.resid_pdrop
+        # dot_product_attention scales by D**-0.5; fold HF's other scalings into q.
+        scale = 1.0 if cfg.scale_attn_weights else self.head_dim**0.5
+        if cfg.scale_attn_by_inverse_layer_idx:
+            scale /= float(layer_idx + 1)
+        self.q_scale = scale
+        self.c_attn = _dense(cfg, e, 3 * e, ("embed", "heads"), rngs)
+        self.c_proj = _dense(cfg, e, e, ("heads", "embed"), rngs)
+
+    def __call__(self, x, mask, kv=None, index=None, dropout_rng=None):
+        """[B, T, E] -> ([B, T, E], updated (k, v) cache [B, S, N, D] or None)."""
+        b, t, e = x.shape
+        rng_probs, rng_out = layers.split_rng(dropout_rng, 2)
+        q, k, v = jnp.split(self.c_attn(x), 3, axis=-1)  # 3 x [B, T, E]
+        q, k, v = (a.reshape(b, t, self.num_heads, self.head_dim) for a in (q, k, v))
+        if self.q_scale != 1.0:
+            q = q * jnp.asarray(self.q_scale, q.dtype)
+        if kv is not None:
+            k, v = kv = layers.write_kv(*kv, k, v, index)  # [B, S, N, D]
+        y = layers.dot_product_attention(
+            q, k, v, mask, dropout_rate=self.attn_pdrop, dropout_rng=rng_probs
+        ).reshape(b, t, e)
+        return layers.dropout(self.c_proj(y), self.resid_pdrop, rng_out), kv
+
+
+class GPT2MLP(nnx.Module):
+    """``c_proj(act(c_fc(x)))`` with residual dropout."""
+
+    def __init__(self, cfg: GPT2Config, *, rngs: nnx.Rngs):
+        self.act, self.resid_pdrop = cfg.activation_function, cfg.resid_pdrop
+        self.c_fc = _dense(cfg, cfg.n_embd, cfg.n_inner, ("embed", "mlp"), rngs)
+        self.c_proj = _dense(cfg, cfg.n_inner, cfg.n_embd, ("mlp", "embed"), rngs)
+
+    def __call__(self, x: Array, dropout_rng=None) -> Array:
+        """[B, T, E] -> [B, T, E]."""
+        h = layers.get_activation(self.act)(self.c_fc(x))  # [B, T, I]
+        return layers.dropout(self.c_proj(h), self.resid_pdrop, dropout_rng)
+
+
+class GPT2Block(nnx.Module):
+    """Pre-LayerNorm block: ``x + attn(ln_1(x))``, then ``x + mlp(ln_2(x))``."""
+
+    def __init__(self, cfg: GPT2Config, layer_idx: int, *, rngs: nnx.Rngs):
+        self.ln_1 = _layer_norm(cfg, rngs)
+        self.attn = GPT2Attention(cfg, layer_idx, rngs=rngs)
+        self.ln_2 = _layer_norm(cfg, rngs)
+        self.mlp = GPT2MLP(cfg, rngs=rngs)
+
+    def __call__(self, x, mask, kv=None, index=None, dropout_rng=None):
+        """[B, T, E] -> ([B, T, E], updated layer cache or None)."""
+        rng_attn, rng_mlp = layers.split_rng(dropout_rng, 2)
+        h, kv = self.attn(self.ln_1(x), mask, kv, index, rng_attn)
+        x = x + h
+        return x + self.mlp(self.ln_2(x), rng_mlp), kv
+
+
+class GPT2Model(nnx.Module):
+    """Token + learned position embeddings, the blocks (``h``) and the final ``ln_f``."""
+
+    def __init__(self, cfg: GPT2Config, *, rngs: nnx.Rngs):
+        self.config = cfg
+
+        def embed(n: int, names) -> layers.Embed:
+            return layers.Embed(
+                n, cfg.n_embd, names=names, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+                embedding_init=nnx.initializers.normal(cfg.initializer_range), rngs=rngs,
+            )  # fmt: skip
+
+        self.wte = embed(cfg.vocab_size, ("vocab", "embed"))
+        self.wpe = embed(cfg.n_positions, (None, "embed"))
+        self.h = nnx.List([GPT2Block(cfg, i, rngs=rngs) for i in range(cfg.n_layer)])
+        self.ln_f = _layer_norm(cfg, rngs)
+
+    def __call__(
+        self,
+        input_ids: Array,
+        attention_mask: Array | None = None,
+        *,
+        segment_ids: Array | None = None,
+        positions: Array | None = None,
+        dropout_rng: Array | None = None,
+        cache: layers.KVCache | None = None,
+    ) -> tuple[Array, layers.KVCache | None]:
+        """int [B, T] -> (hidden states [B, T, E], new cache or None); see ``GPT2LMHeadModel``."""
+        b, t = input_ids.shape
+        mask, positions, cache_mask = layers.causal_lm_inputs(
+            b, t, attention_mask, segment_ids, positions, cache
+        )
+        rng_emb, rng_blocks = layers.split_rng(dropout_rng, 2)
+        x = self.wte(input_ids) + self.wpe(positions)  # [B, T, E]
+        x = layers.dropout(x, self.config.embd_pdrop, rng_emb)
+        keys, values = [], []
+        for i, block in enumerate(self.h):
+            rng = None if rng_blocks is None else jax.random.fold_in(rng_blocks, i)
+            kv = None if cache is None else (cache.keys[i], cache.values[i])
+            x, kv = block(x, mask, kv, None if cache is None else cache.index, rng)
+            if cache is not None:
+                keys.append(kv[0])
+                values.append(kv[1])
+        x = self.ln_f(x)
+        if cache is None:
+            return x, None
+        return x, layers.KVCache(tuple(keys), tuple(values), cache_mask, cache.index + t)
+
+
+class GPT2LMHeadModel(nnx.Module):
+    """GPT-2 with the tied LM head (``transformer.wte.attend``).
+
+    Args:
+        config: Model hyperparameters.
+        rngs: RNG streams for initialization.
+    """
+
+    def __init__(self, config: GPT2Config, *, rngs: nnx.Rngs):
+        self.config = config
+        self.transformer = GPT2Model(config, rngs=rngs)
+
+    def init_cache(self, batch: int, max_len: int) -> layers.KVCache:
+        """An empty KV cache for ``batch`` rows of at most ``max_len`` tokens."""
+        cfg = self.config
+        return layers.KVCache.create(
+            cfg.n_layer, batch, max_len, cfg.n_head, cfg.n_embd // cfg.n_head, cfg.dtype
+        )
+
+    def __call__(
+        self,
+        input_ids: Array,
+        attention_mask: Array | None = None,
+        *,
+        segment_ids: Array | None = None,
+        positions: Array | None = None,
+        dropout_rng: Array | None = None,
+        cache: layers.KVCache | None = None,
+    ):
+        """Next-token logits for a batch.
+
+        Args:
+            input_ids: int [B, T].
+            attention_mask: [B, T] 1 for real tokens, 0 for (left or right) padding.
+            segment_ids: [B, T] packed-sequence ids (0 = padding): no attention across
+                segments, positions restart per segment. Not with ``cache``.
+            positions: int [B, T] (< n_positions); default counts real tokens.
+            dropout_rng: PRNG key; dropout is active iff given.
+            cache: A ``KVCache`` to append to (from ``init_cache``), or None.
+
+        Returns:
+            logits [B, T, vocab] float32; with ``cache``, ``(logits, new_cache)``.
+        """
+        x, new_cache = self.transformer(
+            input_ids, attention_mask, segment_ids=segment_ids, positions=positions,
+            dropout_rng=dropout_rng, cache=cache,
+        )  # fmt: skip
+        logits = self.transformer.wte.attend(x).astype(jnp.float32)  # [B, T, V]
+        return logits if cache is None else (logits, new_cache)
