@@ -11,10 +11,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from flax import nnx
 
 from sft_jax.hf import io
-from sft_jax.hf.llama import dtype_overrides, save_tokenizer, write_generation_config
+from sft_jax.hf.llama import (
+    abstract_model,
+    dtype_overrides,
+    save_tokenizer,
+    write_generation_config,
+)
 from sft_jax.hf.mapping import (
     Rule,
     add_prefix,
@@ -69,7 +73,7 @@ def load_gpt2(
 
     Args:
         model_dir: Directory with ``config.json`` and ``model.safetensors`` (or a sharded index).
-        seed: Seeds the (fully overwritten) initialization.
+        seed: Unused (every weight comes from the checkpoint); accepted for ``load_pretrained``.
         dtype: Compute dtype override (default float32).
         param_dtype: Parameter storage dtype override.
     """
@@ -77,7 +81,8 @@ def load_gpt2(
     config = read_gpt2_config(model_dir, **overrides)
     tensors, source = io.read_model_tensors(model_dir)
     tensors = add_prefix(tensors, "transformer.", _BASE_ROOTS)
-    model = GPT2LMHeadModel(config, rngs=nnx.Rngs(seed))
+    del seed
+    model = abstract_model(GPT2LMHeadModel, config)
     loaded = import_weights(
         tensors, flat_params(model), GPT2_RULES, source=str(source), ignore=GPT2_IGNORE
     )

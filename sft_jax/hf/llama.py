@@ -66,10 +66,17 @@ def read_llama_config(model_dir: str | Path, **overrides: Any) -> LlamaConfig:
     return LlamaConfig.from_hf_dict(hf, **overrides)
 
 
+def abstract_model(cls: type, config: Any) -> Any:
+    """``cls(config)`` with shape-only Params (no random init): a loader fills every one."""
+    return nnx.eval_shape(lambda: cls(config, rngs=nnx.Rngs(0)))
+
+
 def load_llama_tensors(
     model: LlamaForCausalLM, tensors: dict[str, np.ndarray], source: str
 ) -> LlamaForCausalLM:
     """Imports HF-named tensors into ``model`` in place (strict: unused/missing keys fail).
+
+    ``model`` may be abstract (``abstract_model``): every Param is assigned.
 
     A tied model ignores a stored ``lm_head.weight`` (older checkpoints save the tied copy).
     """
@@ -90,14 +97,15 @@ def load_llama(
 
     Args:
         model_dir: Directory with ``config.json`` and ``model.safetensors`` (or a sharded index).
-        seed: Seeds the (fully overwritten) initialization.
+        seed: Unused (every weight comes from the checkpoint); accepted so that callers can
+            pass one seed to ``load_pretrained`` for any task.
         dtype: Compute dtype override (default float32).
         param_dtype: Parameter storage dtype override.
     """
     config = read_llama_config(model_dir, **dtype_overrides(dtype, param_dtype))
     tensors, source = io.read_model_tensors(model_dir)
-    model = LlamaForCausalLM(config, rngs=nnx.Rngs(seed))
-    return load_llama_tensors(model, tensors, str(source))
+    del seed
+    return load_llama_tensors(abstract_model(LlamaForCausalLM, config), tensors, str(source))
 
 
 def write_generation_config(config: Any, out_dir: Path) -> None:
