@@ -1,5 +1,6 @@
 """LlamaForCausalLM: parameters and logical names, packing, padding, KV cache, RoPE, shapes."""
 
+import dataclasses
 import zlib
 
 import jax
@@ -163,3 +164,27 @@ def test_smollm2_shapes_without_allocating():
     assert n == 134_515_008
     out = jax.eval_shape(lambda m, x: m(x), abstract, jax.ShapeDtypeStruct((2, 5), jnp.int32))
     assert out.shape == (2, 5, 49152) and out.dtype == jnp.float32
+
+
+def test_segment_positions_and_cached_mask():
+    seg = jnp.asarray([[1, 1, 2, 2, 2, 0]])
+    np.testing.assert_array_equal(layers.segment_positions(seg), [[0, 1, 0, 1, 2, 0]])
+    cache = layers.KVCache.create(1, 2, 5, 1, 2, jnp.float32)
+    cache = dataclasses.replace(cache, mask=cache.mask.at[:, :2].set(jnp.asarray([[0, 1], [1, 1]])),
+                                index=jnp.asarray(2, jnp.int32))  # fmt: skip
+    mask, pos, new_mask = layers.causal_lm_inputs(2, 1, None, None, None, cache)
+    np.testing.assert_array_equal(pos, [[1], [2]])  # continues the count of real tokens
+    np.testing.assert_array_equal(mask[:, 0, 0], [[0, 1, 1, 0, 0], [1, 1, 1, 0, 0]])
+    np.testing.assert_array_equal(new_mask, [[0, 1, 1, 0, 0], [1, 1, 1, 0, 0]])
+
+
+def test_bfloat16_compute_stays_close_to_float32():
+    f32 = tiny_llama()
+    bf16 = LlamaForCausalLM(LlamaConfig(**TINY, dtype="bfloat16"), rngs=nnx.Rngs(0))
+    nnx.update(bf16, nnx.state(f32, nnx.Param))
+    ids = jnp.asarray([[3, 7, 11, 5]])
+    out = bf16(ids)
+    assert out.dtype == jnp.float32
+    assert np.abs(np.asarray(out) - np.asarray(f32(ids))).max() < 0.1 * np.abs(f32(ids)).max()
+    _, cache = bf16(ids, cache=bf16.init_cache(1, 6))
+    assert cache.keys[0].dtype == jnp.bfloat16
