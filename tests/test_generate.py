@@ -1,5 +1,7 @@
 """KV-cache decoding: cached == uncached == transformers' generate; sampling; stop tokens."""
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -146,8 +148,13 @@ def test_smollm2_greedy_matches_transformers(tmp_path):
     ids, mask = enc["input_ids"].astype(np.int32), enc["attention_mask"].astype(np.int32)
     ours = sft_jax.load_pretrained("smollm2-135m-instruct", task="causal_lm")
     got = generate(ours, ids, mask, max_new_tokens=16, stop_ids=[tok.eos_token_id], pad_id=PAD)
-    export_llama(ours, tmp_path)
+    export_llama(ours, tmp_path, tokenizer=tok)
     ref = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="eager")
+    exported_tok = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    assert exported_tok.chat_template == tok.chat_template and exported_tok.eos_token_id == 2
+    assert exported_tok(texts[0]).input_ids == tok(texts[0]).input_ids
+    assert "chat_template" in json.loads((tmp_path / "tokenizer_config.json").read_text())
+    assert (tmp_path / "special_tokens_map.json").is_file()
     want = hf_generate(ref.eval(), ids, mask, tok.eos_token_id, n=16)
     print([tok.decode(np.asarray(r)) for r in got.tokens])
     np.testing.assert_array_equal(got.tokens, want)

@@ -144,7 +144,26 @@ def save_tokenizer(
             shutil.copyfile(src / name, out_dir / name)
     if tokenizer is not None:
         tokenizer.save_pretrained(str(out_dir))
+        _add_portable_tokenizer_fields(tokenizer, out_dir)
     return names
+
+
+def _add_portable_tokenizer_fields(tokenizer: Any, out_dir: Path) -> None:
+    """Makes a transformers-5 tokenizer save readable by transformers 4 as well.
+
+    transformers 5 writes the chat template to ``chat_template.jinja`` only, names the class
+    ``TokenizersBackend`` and skips ``special_tokens_map.json``; 4.x wants all three the old way.
+    """
+    path = out_dir / "tokenizer_config.json"
+    config = io.read_json(path)
+    if config.get("tokenizer_class") == "TokenizersBackend":
+        config["tokenizer_class"] = "PreTrainedTokenizerFast"  # the same class under its old name
+    if isinstance(tokenizer.chat_template, str):
+        config.setdefault("chat_template", tokenizer.chat_template)
+    io.write_json(config, path)
+    special = {k: v for k, v in tokenizer.special_tokens_map.items() if isinstance(v, str)}
+    if special and not (out_dir / "special_tokens_map.json").is_file():
+        io.write_json(special, out_dir / "special_tokens_map.json")
 
 
 def export_llama(

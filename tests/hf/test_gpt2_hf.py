@@ -9,7 +9,8 @@ import torch
 import transformers
 
 from sft_jax.hf import io
-from sft_jax.hf.gpt2 import export_gpt2, load_gpt2
+from sft_jax.hf.export import export_model
+from sft_jax.hf.gpt2 import load_gpt2
 from tests.hf.test_llama_hf import lm_inputs, max_diff, torch_logits
 
 TOL = 1e-4
@@ -61,7 +62,7 @@ def test_export_round_trip(tmp_path):
     torch_gpt2(seed=1, **BASE).save_pretrained(src)
     ours = load_gpt2(src)
     (src / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 32}))
-    export_gpt2(ours, out, tokenizer_dir=src)
+    export_model(ours, out, tokenizer_dir=src)  # the dispatch table routes to export_gpt2
     ids, mask = lm_inputs(BASE["vocab_size"], seed=4)
     want = np.asarray(ours(jnp.asarray(ids), jnp.asarray(mask)))
     ref = transformers.AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager")
