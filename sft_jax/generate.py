@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from sft_jax.models.layers import KVCache
+from sft_jax.models.decoder import KVCache
 
 Array = jax.Array
 

@@ -57,7 +57,7 @@ _LATER = {
 }
 
 
-class UnsupportedModelError(ValueError, NotImplementedError):
+class UnsupportedModelError(ValueError):
     """A checkpoint whose model type has no loader for the requested task."""
 
 

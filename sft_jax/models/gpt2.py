@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from sft_jax.models import layers
+from sft_jax.models import decoder, layers
 
 Array = jax.Array
 
@@ -123,7 +123,7 @@ class GPT2Attention(nnx.Module):
         if self.q_scale != 1.0:
             q = q * jnp.asarray(self.q_scale, q.dtype)
         if kv is not None:
-            k, v = kv = layers.write_kv(*kv, k, v, index)  # [B, S, N, D]
+            k, v = kv = decoder.write_kv(*kv, k, v, index)  # [B, S, N, D]
         y = layers.dot_product_attention(
             q, k, v, mask, dropout_rate=self.attn_pdrop, dropout_rng=rng_probs
         ).reshape(b, t, e)
@@ -186,11 +186,11 @@ class GPT2Model(nnx.Module):
         segment_ids: Array | None = None,
         positions: Array | None = None,
         dropout_rng: Array | None = None,
-        cache: layers.KVCache | None = None,
-    ) -> tuple[Array, layers.KVCache | None]:
+        cache: decoder.KVCache | None = None,
+    ) -> tuple[Array, decoder.KVCache | None]:
         """int [B, T] -> (hidden states [B, T, E], new cache or None); see ``GPT2LMHeadModel``."""
         b, t = input_ids.shape
-        mask, positions, cache_mask = layers.causal_lm_inputs(
+        mask, positions, cache_mask = decoder.causal_lm_inputs(
             b, t, attention_mask, segment_ids, positions, cache
         )
         rng_emb, rng_blocks = layers.split_rng(dropout_rng, 2)
@@ -207,7 +207,7 @@ class GPT2Model(nnx.Module):
         x = self.ln_f(x)
         if cache is None:
             return x, None
-        return x, layers.KVCache(tuple(keys), tuple(values), cache_mask, cache.index + t)
+        return x, decoder.KVCache(tuple(keys), tuple(values), cache_mask, cache.index + t)
 
 
 class GPT2LMHeadModel(nnx.Module):
@@ -222,10 +222,10 @@ class GPT2LMHeadModel(nnx.Module):
         self.config = config
         self.transformer = GPT2Model(config, rngs=rngs)
 
-    def init_cache(self, batch: int, max_len: int) -> layers.KVCache:
+    def init_cache(self, batch: int, max_len: int) -> decoder.KVCache:
         """An empty KV cache for ``batch`` rows of at most ``max_len`` tokens."""
         cfg = self.config
-        return layers.KVCache.create(
+        return decoder.KVCache.create(
             cfg.n_layer, batch, max_len, cfg.n_head, cfg.n_embd // cfg.n_head, cfg.dtype
         )
 
@@ -237,7 +237,7 @@ class GPT2LMHeadModel(nnx.Module):
         segment_ids: Array | None = None,
         positions: Array | None = None,
         dropout_rng: Array | None = None,
-        cache: layers.KVCache | None = None,
+        cache: decoder.KVCache | None = None,
     ):
         """Next-token logits for a batch.
 

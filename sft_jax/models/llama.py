@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from sft_jax.models import layers
+from sft_jax.models import decoder, layers
 
 Array = jax.Array
 MODEL_TYPES = ("llama", "qwen2")
@@ -71,7 +71,7 @@ class LlamaConfig:
             raise ValueError("num_attention_heads must be a multiple of num_key_value_heads")
         if isinstance(self.rope_scaling, dict):
             set_("rope_scaling", tuple(sorted(self.rope_scaling.items())))
-        layers.rope_inv_freq(self.head_dim, self.rope_theta, self.rope_scaling_dict)  # validate
+        decoder.rope_inv_freq(self.head_dim, self.rope_theta, self.rope_scaling_dict)  # validate
         if isinstance(self.eos_token_id, list):
             set_("eos_token_id", tuple(self.eos_token_id))
         set_("dtype", jnp.dtype(self.dtype).name)
@@ -196,9 +196,9 @@ class LlamaAttention(nnx.Module):
         q = self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim)  # [B, T, N, D]
         k = self.k_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)  # [B, T, K, D]
         v = self.v_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
-        q, k = layers.apply_rope(q, *rope), layers.apply_rope(k, *rope)
+        q, k = decoder.apply_rope(q, *rope), decoder.apply_rope(k, *rope)
         if kv is not None:
-            k, v = kv = layers.write_kv(*kv, k, v, index)  # [B, S, K, D]
+            k, v = kv = decoder.write_kv(*kv, k, v, index)  # [B, S, K, D]
         y = layers.dot_product_attention(
             q, k, v, mask, dropout_rate=self.dropout_rate, dropout_rng=dropout_rng
         )
@@ -257,16 +257,16 @@ class LlamaModel(nnx.Module):
         segment_ids: Array | None = None,
         positions: Array | None = None,
         dropout_rng: Array | None = None,
-        cache: layers.KVCache | None = None,
-    ) -> tuple[Array, layers.KVCache | None]:
+        cache: decoder.KVCache | None = None,
+    ) -> tuple[Array, decoder.KVCache | None]:
         """int [B, T] -> (hidden states [B, T, H], new cache or None); see ``LlamaForCausalLM``."""
         cfg = self.config
         b, t = input_ids.shape
-        mask, positions, cache_mask = layers.causal_lm_inputs(
+        mask, positions, cache_mask = decoder.causal_lm_inputs(
             b, t, attention_mask, segment_ids, positions, cache
         )
-        inv_freq = layers.rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling_dict)
-        rope = layers.rope_cos_sin(positions, inv_freq)  # 2 x [B, T, D]
+        inv_freq = decoder.rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling_dict)
+        rope = decoder.rope_cos_sin(positions, inv_freq)  # 2 x [B, T, D]
         x = self.embed_tokens(input_ids)  # [B, T, H]
         keys, values = [], []
         for i, block in enumerate(self.layers):
@@ -279,7 +279,7 @@ class LlamaModel(nnx.Module):
         x = self.norm(x)
         if cache is None:
             return x, None
-        return x, layers.KVCache(tuple(keys), tuple(values), cache_mask, cache.index + t)
+        return x, decoder.KVCache(tuple(keys), tuple(values), cache_mask, cache.index + t)
 
 
 class LlamaForCausalLM(nnx.Module):
@@ -298,10 +298,10 @@ class LlamaForCausalLM(nnx.Module):
         tied = config.tie_word_embeddings
         self.lm_head = None if tied else _dense(config, h, v, ("embed", "vocab"), False, rngs)
 
-    def init_cache(self, batch: int, max_len: int) -> layers.KVCache:
+    def init_cache(self, batch: int, max_len: int) -> decoder.KVCache:
         """An empty KV cache for ``batch`` rows of at most ``max_len`` tokens."""
         cfg = self.config
-        return layers.KVCache.create(
+        return decoder.KVCache.create(
             cfg.num_hidden_layers, batch, max_len, cfg.num_key_value_heads, cfg.head_dim,
             cfg.dtype,
         )  # fmt: skip
@@ -314,7 +314,7 @@ class LlamaForCausalLM(nnx.Module):
         segment_ids: Array | None = None,
         positions: Array | None = None,
         dropout_rng: Array | None = None,
-        cache: layers.KVCache | None = None,
+        cache: decoder.KVCache | None = None,
     ):
         """Next-token logits for a batch.
 

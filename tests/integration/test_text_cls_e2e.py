@@ -73,7 +73,8 @@ def make_config(root, model_dir, files, **train):
     )
     c.data.batch_size = 8
     c.optimizer.learning_rate = 1e-3
-    c.train.update({**dict(num_steps=8, eval_every_steps=4, max_eval_batches=0, log_every_steps=1), **train})
+    defaults = dict(num_steps=8, eval_every_steps=4, max_eval_batches=0, log_every_steps=1)
+    c.train.update({**defaults, **train})
     c.checkpoint.async_save = False
     c.lock()
     return c

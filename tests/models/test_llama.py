@@ -11,7 +11,7 @@ import torch
 import transformers
 from flax import nnx
 
-from sft_jax.models import layers
+from sft_jax.models import decoder
 from sft_jax.models.llama import LlamaConfig, LlamaForCausalLM
 
 TINY = dict(
@@ -145,7 +145,7 @@ def test_rope_inv_freq_matches_transformers(scaling):
         from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
         want, _ = ROPE_INIT_FUNCTIONS[scaling["rope_type"]](cfg, "cpu")
-    got = layers.rope_inv_freq(64, 5e5, scaling)
+    got = decoder.rope_inv_freq(64, 5e5, scaling)
     np.testing.assert_allclose(got, want.numpy(), rtol=1e-6)
 
 
@@ -168,11 +168,11 @@ def test_smollm2_shapes_without_allocating():
 
 def test_segment_positions_and_cached_mask():
     seg = jnp.asarray([[1, 1, 2, 2, 2, 0]])
-    np.testing.assert_array_equal(layers.segment_positions(seg), [[0, 1, 0, 1, 2, 0]])
-    cache = layers.KVCache.create(1, 2, 5, 1, 2, jnp.float32)
+    np.testing.assert_array_equal(decoder.segment_positions(seg), [[0, 1, 0, 1, 2, 0]])
+    cache = decoder.KVCache.create(1, 2, 5, 1, 2, jnp.float32)
     cache = dataclasses.replace(cache, mask=cache.mask.at[:, :2].set(jnp.asarray([[0, 1], [1, 1]])),
                                 index=jnp.asarray(2, jnp.int32))  # fmt: skip
-    mask, pos, new_mask = layers.causal_lm_inputs(2, 1, None, None, None, cache)
+    mask, pos, new_mask = decoder.causal_lm_inputs(2, 1, None, None, None, cache)
     np.testing.assert_array_equal(pos, [[1], [2]])  # continues the count of real tokens
     np.testing.assert_array_equal(mask[:, 0, 0], [[0, 1, 1, 0, 0], [1, 1, 1, 0, 0]])
     np.testing.assert_array_equal(new_mask, [[0, 1, 1, 0, 0], [1, 1, 1, 0, 0]])

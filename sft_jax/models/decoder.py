@@ -1,0 +1,160 @@
+"""Decoder-LM building blocks: rotary position embeddings, the KV cache and causal inputs.
+
+Shared by the Llama family and GPT-2 (``llama.py``, ``gpt2.py``) and by ``generate.py``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sft_jax.models.layers import Array, make_attention_mask
+
+ROPE_TYPES = ("default", "linear", "llama3")
+
+
+def rope_inv_freq(head_dim: int, theta: float, scaling: dict[str, Any] | None = None) -> Any:
+    """RoPE inverse frequencies [D/2] (numpy float32), as transformers' ``ROPE_INIT_FUNCTIONS``.
+
+    Args:
+        head_dim: Rotated size D (even).
+        theta: Base wavelength (``rope_theta``).
+        scaling: None, or a ``rope_scaling`` dict with ``rope_type`` (or ``type``) ``default``,
+            ``linear`` (``factor``) or ``llama3`` (``factor``, ``low_freq_factor``,
+            ``high_freq_factor``, ``original_max_position_embeddings``).
+    """
+    inv = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim))
+    kind = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
+    if kind == "default":
+        return inv
+    factor = float(scaling["factor"])
+    if kind == "linear":
+        return inv / np.float32(factor)
+    if kind != "llama3":
+        raise ValueError(f"unsupported rope type {kind!r}; supported: {ROPE_TYPES}")
+    low, high = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
+    old_len = float(scaling["original_max_position_embeddings"])
+    wavelen = 2 * math.pi / inv
+    scaled = np.where(wavelen > old_len / low, inv / factor, inv)  # long wavelengths: / factor
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < old_len / high) & ~(wavelen > old_len / low)
+    return np.where(medium, smoothed, scaled).astype(np.float32)
+
+
+def rope_cos_sin(positions: Array, inv_freq: Any) -> tuple[Array, Array]:
+    """cos and sin tables [B, T, D] (float32) for int positions [B, T] (half-split layout)."""
+    freqs = positions[..., None].astype(jnp.float32) * jnp.asarray(inv_freq)  # [B, T, D/2]
+    emb = jnp.concatenate([freqs, freqs], axis=-1)  # [B, T, D]
+    return jnp.cos(emb), jnp.sin(emb)
+
+
+def apply_rope(x: Array, cos: Array, sin: Array) -> Array:
+    """Rotates x [B, T, N, D] by cos/sin [B, T, D] (transformers' ``rotate_half`` convention)."""
+    x32 = x.astype(jnp.float32)
+    x1, x2 = jnp.split(x32, 2, axis=-1)
+    rotated = jnp.concatenate([-x2, x1], axis=-1)
+    return (x32 * cos[:, :, None] + rotated * sin[:, :, None]).astype(x.dtype)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class KVCache:
+    """A fixed-size key/value cache: an explicit pytree argument, never module state.
+
+    Attributes:
+        keys: Per layer [B, S, K, D].
+        values: Per layer [B, S, K, D].
+        mask: int32 [B, S]: 1 where a slot holds a real (non-padding) token.
+        index: int32 []: the next slot to write (slots are shared by the whole batch).
+    """
+
+    keys: tuple[Array, ...]
+    values: tuple[Array, ...]
+    mask: Array
+    index: Array
+
+    @classmethod
+    def create(
+        cls, num_layers: int, batch: int, max_len: int, num_kv_heads: int, head_dim: int, dtype
+    ) -> KVCache:
+        """An empty cache of ``max_len`` slots."""
+        zeros = lambda: jnp.zeros((batch, max_len, num_kv_heads, head_dim), dtype)
+        return cls(
+            keys=tuple(zeros() for _ in range(num_layers)),
+            values=tuple(zeros() for _ in range(num_layers)),
+            mask=jnp.zeros((batch, max_len), jnp.int32),
+            index=jnp.zeros((), jnp.int32),
+        )
+
+
+def write_kv(cache_k: Array, cache_v: Array, k: Array, v: Array, index: Array):
+    """Writes k/v [B, T, K, D] into a layer's cache [B, S, K, D] at slot ``index``."""
+    at = (0, index, 0, 0)
+    k_all = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), at)
+    v_all = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), at)
+    return k_all, v_all
+
+
+def segment_positions(segment_ids: Array) -> Array:
+    """Positions that restart at 0 at every segment change: int [B, T] -> int [B, T]."""
+    b, t = segment_ids.shape
+    idx = jnp.broadcast_to(jnp.arange(t), (b, t))
+    starts = jnp.concatenate(
+        [jnp.ones((b, 1), bool), segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1
+    )
+    return idx - jax.lax.cummax(jnp.where(starts, idx, 0), axis=1)
+
+
+def causal_lm_inputs(
+    b: int,
+    t: int,
+    attention_mask: Array | None = None,
+    segment_ids: Array | None = None,
+    positions: Array | None = None,
+    cache: KVCache | None = None,
+) -> tuple[Array, Array, Array | None]:
+    """The causal attention mask and positions of a decoder call (with or without a cache).
+
+    Default positions count real tokens (``cumsum(mask) - 1``, as transformers' ``generate``),
+    so left- and right-padded rows see the positions of their unpadded sequence; with
+    ``segment_ids`` they restart per segment; with a cache they continue the cached count.
+
+    Args:
+        b: Batch size B.
+        t: New tokens T.
+        attention_mask: [B, T] 1/0 for the new tokens, or None (all real).
+        segment_ids: [B, T] packed-segment ids (0 = padding); not with a cache.
+        positions: int [B, T] explicit positions (win over the defaults).
+        cache: The cache the new tokens are appended to, or None.
+
+    Returns:
+        (bool mask [B, 1, T, S], positions [B, T], the cache's new mask [B, S] or None).
+    """
+    real = jnp.ones((b, t), jnp.int32) if attention_mask is None else attention_mask
+    real = real.astype(jnp.int32)
+    if cache is not None:
+        if segment_ids is not None:
+            raise ValueError("segment_ids (packing) cannot be combined with a KV cache")
+        seen = cache.mask.sum(axis=1, keepdims=True)  # [B, 1] real tokens already cached
+        new_mask = jax.lax.dynamic_update_slice(cache.mask, real, (0, cache.index))  # [B, S]
+        if positions is None:
+            positions = jnp.maximum(seen + jnp.cumsum(real, axis=1) - 1, 0)
+        s = cache.mask.shape[1]
+        mask = make_attention_mask(t, s, padding_mask=new_mask, causal=True, q_offset=cache.index)
+        return mask, positions, new_mask
+    if positions is None:
+        if segment_ids is not None:
+            positions = segment_positions(segment_ids)
+        else:
+            positions = jnp.maximum(jnp.cumsum(real, axis=1) - 1, 0)
+    padding = None if attention_mask is None and segment_ids is None else real
+    if segment_ids is not None:
+        padding = real * (segment_ids != 0)
+    mask = make_attention_mask(t, padding_mask=padding, segment_ids=segment_ids, causal=True)
+    return mask, positions, None
