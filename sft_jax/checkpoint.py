@@ -30,6 +30,12 @@ class CheckpointOptions:
     best_mode: str = "max"  # "max" or "min"
     async_save: bool = True
 
+    @classmethod
+    def from_config(cls, c: Any, **overrides: Any) -> "CheckpointOptions":
+        """From a config's ``checkpoint`` block (keys named as the fields)."""
+        fields = {f.name: c[f.name] for f in dataclasses.fields(cls)}
+        return cls(**{**fields, **overrides})
+
 
 def make_manager(directory: str, opts: CheckpointOptions) -> ocp.CheckpointManager:
     """A manager that keeps the ``keep_latest`` newest and the ``keep_best`` best steps."""

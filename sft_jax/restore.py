@@ -45,9 +45,7 @@ def load_run_config(workdir: str) -> tuple[ml_collections.ConfigDict, dict]:
 def restore_run(workdir: str, which: str = "best") -> RestoredRun:
     """The run's model with the parameters of checkpoint ``which`` (best | latest | STEP)."""
     cfg, info = load_run_config(workdir)
-    opts = ckpt_lib.CheckpointOptions(
-        best_metric=cfg.checkpoint.best_metric, best_mode=cfg.checkpoint.best_mode, async_save=False
-    )
+    opts = ckpt_lib.CheckpointOptions.from_config(cfg.checkpoint, async_save=False)
     ckpt_dir = os.path.join(workdir, "checkpoints")
     if not os.path.isdir(ckpt_dir):
         raise FileNotFoundError(f"{ckpt_dir} not found: the run has saved no checkpoint yet")

@@ -26,17 +26,6 @@ from sft_jax.train_state import StepSetup, create_train_state, shardings_of
 log = logging.getLogger(__name__)
 
 
-def checkpoint_options(cfg: ml_collections.ConfigDict) -> ckpt_lib.CheckpointOptions:
-    c = cfg.checkpoint
-    return ckpt_lib.CheckpointOptions(
-        keep_latest=c.keep_latest,
-        keep_best=c.keep_best,
-        best_metric=c.best_metric,
-        best_mode=c.best_mode,
-        async_save=c.async_save,
-    )
-
-
 def write_run_files(cfg: ml_collections.ConfigDict, workdir: str, info: dict) -> None:
     """``config.json`` (warning on keys that changed since a previous run) and ``run.json``."""
     path = os.path.join(workdir, "config.json")
@@ -87,7 +76,7 @@ class Trainer:
         self.eval_every = cfg.train.eval_every_steps or self.steps_per_epoch
         self._build_state(components.build_model(cfg, len(self.label_names)))
         write_run_files(cfg, workdir, self._run_info())
-        self.ckpt_opts = checkpoint_options(cfg)
+        self.ckpt_opts = ckpt_lib.CheckpointOptions.from_config(cfg.checkpoint)
         self.mngr = ckpt_lib.make_manager(os.path.join(workdir, "checkpoints"), self.ckpt_opts)
         self.logger = log_lib.MetricsLogger(workdir)
 
