@@ -158,3 +158,39 @@ def causal_lm_inputs(
         padding = real * (segment_ids != 0)
     mask = make_attention_mask(t, padding_mask=padding, segment_ids=segment_ids, causal=True)
     return mask, positions, None
+
+
+def run_blocks(
+    blocks: Any,
+    x: Array,
+    mask: Array | None,
+    cache: KVCache | None,
+    cache_mask: Array | None,
+    dropout_rng: Array | None,
+    call: Any,
+) -> tuple[Array, KVCache | None]:
+    """Runs a decoder's block stack, threading each layer's cache slice.
+
+    Args:
+        blocks: the layer list; block ``i`` gets dropout key ``fold_in(dropout_rng, i)``.
+        x: [B, T, H] input hidden states.
+        mask: the attention mask from ``causal_lm_inputs``.
+        cache: the cache to read and extend, or None (no cache).
+        cache_mask: the cache's new padding mask from ``causal_lm_inputs``.
+        dropout_rng: key or None.
+        call: ``call(block, x, mask, kv, index, rng) -> (x, kv)`` for one block.
+
+    Returns:
+        (hidden states [B, T, H], the new cache or None).
+    """
+    keys, values = [], []
+    for i, block in enumerate(blocks):
+        rng = None if dropout_rng is None else jax.random.fold_in(dropout_rng, i)
+        kv = None if cache is None else (cache.keys[i], cache.values[i])
+        x, kv = call(block, x, mask, kv, None if cache is None else cache.index, rng)
+        if cache is not None:
+            keys.append(kv[0])
+            values.append(kv[1])
+    if cache is None:
+        return x, None
+    return x, KVCache(tuple(keys), tuple(values), cache_mask, cache.index + x.shape[1])

@@ -196,18 +196,11 @@ class GPT2Model(nnx.Module):
         rng_emb, rng_blocks = layers.split_rng(dropout_rng, 2)
         x = self.wte(input_ids) + self.wpe(positions)  # [B, T, E]
         x = layers.dropout(x, self.config.embd_pdrop, rng_emb)
-        keys, values = [], []
-        for i, block in enumerate(self.h):
-            rng = None if rng_blocks is None else jax.random.fold_in(rng_blocks, i)
-            kv = None if cache is None else (cache.keys[i], cache.values[i])
-            x, kv = block(x, mask, kv, None if cache is None else cache.index, rng)
-            if cache is not None:
-                keys.append(kv[0])
-                values.append(kv[1])
-        x = self.ln_f(x)
-        if cache is None:
-            return x, None
-        return x, decoder.KVCache(tuple(keys), tuple(values), cache_mask, cache.index + t)
+        x, cache = decoder.run_blocks(
+            self.h, x, mask, cache, cache_mask, rng_blocks,
+            lambda block, x, mask, kv, index, rng: block(x, mask, kv, index, rng),
+        )  # fmt: skip
+        return self.ln_f(x), cache
 
 
 class GPT2LMHeadModel(nnx.Module):

@@ -268,18 +268,11 @@ class LlamaModel(nnx.Module):
         inv_freq = decoder.rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling_dict)
         rope = decoder.rope_cos_sin(positions, inv_freq)  # 2 x [B, T, D]
         x = self.embed_tokens(input_ids)  # [B, T, H]
-        keys, values = [], []
-        for i, block in enumerate(self.layers):
-            rng = None if dropout_rng is None else jax.random.fold_in(dropout_rng, i)
-            kv = None if cache is None else (cache.keys[i], cache.values[i])
-            x, kv = block(x, rope, mask, kv, None if cache is None else cache.index, rng)
-            if cache is not None:
-                keys.append(kv[0])
-                values.append(kv[1])
-        x = self.norm(x)
-        if cache is None:
-            return x, None
-        return x, decoder.KVCache(tuple(keys), tuple(values), cache_mask, cache.index + t)
+        x, cache = decoder.run_blocks(
+            self.layers, x, mask, cache, cache_mask, dropout_rng,
+            lambda block, x, mask, kv, index, rng: block(x, rope, mask, kv, index, rng),
+        )  # fmt: skip
+        return self.norm(x), cache
 
 
 class LlamaForCausalLM(nnx.Module):
