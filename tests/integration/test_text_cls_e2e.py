@@ -138,18 +138,16 @@ def test_train_stop_resume_evaluate_export(setup_dirs, tmp_path):
     assert len(result["confusion_matrix"]) == 3
     assert "macro_f1" in out.stdout
 
-    # Export, then transformers gives the same logits as our restored model.
-    from sft_jax.hf.export import export_model
+    # experiments.export, then transformers gives the same logits as our restored model.
     from sft_jax.restore import restore_run
 
-    run = restore_run(part, "latest")
     export_dir = tmp_path / "export"
-    export_model(
-        run.model,
-        export_dir,
-        label_names=run.info["label_names"],
-        tokenizer_dir=run.info["model_dir"],
-    )
+    subprocess.run(
+        [sys.executable, "-m", "experiments.export", "--workdir", part, "--out", str(export_dir),
+         "--checkpoint", "latest"],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    run = restore_run(part, "latest")
     hf = transformers.AutoModelForSequenceClassification.from_pretrained(export_dir).eval()
     tok = transformers.AutoTokenizer.from_pretrained(export_dir)
     enc = tok(["great love it", "the table today so"], padding=True, return_tensors="np")
