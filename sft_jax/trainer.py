@@ -226,4 +226,9 @@ class Trainer:
         bar.close()
         self.mngr.wait_until_finished()
         self.logger.close()
-        return last_eval or {}
+        if last_eval is None:  # nothing left to train: report the run's last evaluation
+            rows = [r for r in log_lib.read_metrics(self.workdir) if r["split"] == "validation"]
+            last_eval = (
+                {k: v for k, v in rows[-1].items() if k not in ("step", "split")} if rows else {}
+            )
+        return last_eval

@@ -179,6 +179,7 @@ def test_early_stopping_and_best_checkpoint(setup_dirs, tmp_path):
 
     assert restore_run(workdir, "best").step == 4
     assert restore_run(workdir, "latest").step == 4
-    # Running again finds the run complete and does not train further.
-    Trainer(cfg, workdir).run()
+    # Running again finds the run complete, does not train further, and reports the last eval.
+    again = Trainer(cfg, workdir).run()
+    assert again["num_examples"] == 30 and "macro_f1" in again
     assert [r["step"] for r in log_lib.read_metrics(workdir)][-1] == 4
