@@ -48,7 +48,7 @@ def _grads_and_stats(
 ) -> tuple[Any, dict]:
     """Gradient of the global-batch mean loss w.r.t. trainable params, and summed stats."""
     trainable, frozen = _split(params, setup.trainable)
-    total_w = jnp.maximum(jnp.sum(batch["example_mask"]), 1.0)
+    total_w = jnp.maximum(task.total_weight(batch), 1.0)
 
     def loss_fn(t, mb, key):
         model = nnx.merge(setup.graphdef, _join(t, frozen))

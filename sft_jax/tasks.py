@@ -23,6 +23,10 @@ class ClassificationTask:
 
     name = "classification"
 
+    def total_weight(self, batch: dict) -> jax.Array:
+        """What the global-batch loss is averaged over: the real examples."""
+        return jnp.sum(batch["example_mask"].astype(jnp.float32))
+
     def logits(self, model: Any, batch: dict, dropout_rng: jax.Array | None) -> jax.Array:
         logits = model(
             batch["input_ids"],
@@ -59,10 +63,60 @@ class ClassificationTask:
         }
 
 
-TASKS = {"classification": ClassificationTask}
+class CausalLMTask:
+    """Next-token prediction on (possibly packed) rows, loss only where ``target_mask`` is 1.
+
+    Batch keys (int32 [B, T]): ``input_ids``, ``targets`` (the token each position predicts),
+    ``target_mask`` (1 where that target carries loss: assistant tokens and end-of-turn),
+    ``segment_ids`` (1, 2, ... per packed conversation, 0 = padding) and ``positions`` (restarting
+    per segment). Packing therefore changes nothing: no token attends across segments and each
+    segment sees the positions it would see alone.
+    """
+
+    name = "causal_lm"
+
+    def total_weight(self, batch: dict) -> jax.Array:
+        """What the global-batch loss is averaged over: the target tokens."""
+        return jnp.sum(batch["target_mask"].astype(jnp.float32))
+
+    def logits(self, model: Any, batch: dict, dropout_rng: jax.Array | None) -> jax.Array:
+        logits = model(
+            batch["input_ids"],
+            segment_ids=batch["segment_ids"],
+            positions=batch["positions"],
+            dropout_rng=dropout_rng,
+        )
+        return logits.astype(jnp.float32)  # [B, T, V]
+
+    def _token_losses(self, logits: jax.Array, batch: dict) -> tuple[jax.Array, jax.Array]:
+        w = batch["target_mask"].astype(jnp.float32)  # [B, T]
+        losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
+        return losses * w, w
+
+    def loss_sums(
+        self, model: Any, batch: dict, dropout_rng: jax.Array | None
+    ) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """Returns ``(loss_sum, stats)`` summed over target tokens (``weight``, ``correct``)."""
+        logits = self.logits(model, batch, dropout_rng)
+        losses, w = self._token_losses(logits, batch)
+        correct = (jnp.argmax(logits, -1) == batch["targets"]).astype(jnp.float32)
+        loss_sum = jnp.sum(losses)
+        return loss_sum, {
+            "loss_sum": loss_sum,
+            "weight": jnp.sum(w),
+            "correct": jnp.sum(correct * w),
+        }
+
+    def eval_outputs(self, model: Any, batch: dict) -> dict[str, jax.Array]:
+        """Summed loss and target count: perplexity = exp(loss_sum / weight)."""
+        losses, w = self._token_losses(self.logits(model, batch, None), batch)
+        return {"loss_sum": jnp.sum(losses), "weight": jnp.sum(w)}
 
 
-def get_task(name: str) -> ClassificationTask:
+TASKS = {"classification": ClassificationTask, "causal_lm": CausalLMTask}
+
+
+def get_task(name: str) -> ClassificationTask | CausalLMTask:
     if name not in TASKS:
         raise ValueError(f"model.task={name!r}; supported: {sorted(TASKS)}")
     return TASKS[name]()
