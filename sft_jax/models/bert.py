@@ -15,12 +15,13 @@ import jax.numpy as jnp
 from flax import nnx
 
 from sft_jax.models import layers
+from sft_jax.models.config_base import HFConfig
 
 Array = jax.Array
 
 
 @dataclasses.dataclass(frozen=True)
-class BertConfig:
+class BertConfig(HFConfig):
     """BERT hyperparameters, with Hugging Face ``BertConfig`` field names.
 
     ``dtype`` (compute) and ``param_dtype`` (storage) are ours, not part of the HF config.
@@ -55,11 +56,7 @@ class BertConfig:
                 f"hidden_size {self.hidden_size} is not divisible by "
                 f"num_attention_heads {self.num_attention_heads}"
             )
-        # Store dtypes as names so the config stays hashable and JSON-friendly.
-        object.__setattr__(self, "dtype", jnp.dtype(self.dtype).name)
-        object.__setattr__(self, "param_dtype", jnp.dtype(self.param_dtype).name)
-
-    _OURS = ("dtype", "param_dtype")
+        self._normalize_dtypes()
 
     @classmethod
     def from_hf_dict(cls, d: dict[str, Any], **overrides: Any) -> BertConfig:
@@ -69,17 +66,11 @@ class BertConfig:
             d: The parsed ``config.json``.
             **overrides: Field values that win over ``d`` (e.g. ``dtype="bfloat16"``).
         """
-        names = {f.name for f in dataclasses.fields(cls)} - set(cls._OURS)
-        kwargs = {k: v for k, v in d.items() if k in names}
-        kwargs.update(overrides)
-        return cls(**kwargs)
+        return cls(**{**cls.hf_kwargs(d), **overrides})
 
     def to_hf_dict(self) -> dict[str, Any]:
         """Returns the Hugging Face config fields (``model_type`` included, dtypes excluded)."""
-        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        for k in self._OURS:
-            d.pop(k)
-        return {"model_type": "bert", **d}
+        return {"model_type": "bert", **self.hf_fields()}
 
     @classmethod
     def minilm_l6(cls, **overrides: Any) -> BertConfig:
@@ -90,13 +81,6 @@ class BertConfig:
     def bert_base(cls, **overrides: Any) -> BertConfig:
         """bert-base-uncased: 12 layers, hidden 768, 12 heads, ~109.5M params."""
         return cls(**overrides)
-
-
-def _dense(cfg: BertConfig, n_in: int, n_out: int, names, rngs: nnx.Rngs) -> layers.Dense:
-    return layers.Dense(
-        n_in, n_out, names=names, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
-        kernel_init=nnx.initializers.normal(cfg.initializer_range), rngs=rngs,
-    )  # fmt: skip
 
 
 def _layer_norm(cfg: BertConfig, rngs: nnx.Rngs) -> layers.LayerNorm:
@@ -139,7 +123,7 @@ class BertSelfOutput(nnx.Module):
 
     def __init__(self, cfg: BertConfig, n_in: int, names, *, rngs: nnx.Rngs):
         self.dropout_rate = cfg.hidden_dropout_prob
-        self.dense = _dense(cfg, n_in, cfg.hidden_size, names, rngs)
+        self.dense = layers.config_dense(cfg, n_in, cfg.hidden_size, names, rngs)
         self.LayerNorm = _layer_norm(cfg, rngs)
 
     def __call__(self, h: Array, residual: Array, dropout_rng=None) -> Array:
@@ -173,7 +157,9 @@ class BertIntermediate(nnx.Module):
 
     def __init__(self, cfg: BertConfig, *, rngs: nnx.Rngs):
         self.hidden_act = cfg.hidden_act
-        self.dense = _dense(cfg, cfg.hidden_size, cfg.intermediate_size, ("embed", "mlp"), rngs)
+        self.dense = layers.config_dense(
+            cfg, cfg.hidden_size, cfg.intermediate_size, ("embed", "mlp"), rngs
+        )
 
     def __call__(self, x: Array) -> Array:
         """[B, T, H] -> [B, T, I]."""
@@ -213,7 +199,9 @@ class BertPooler(nnx.Module):
     """tanh(Dense(hidden state of the first token, [CLS]))."""
 
     def __init__(self, cfg: BertConfig, *, rngs: nnx.Rngs):
-        self.dense = _dense(cfg, cfg.hidden_size, cfg.hidden_size, ("embed", None), rngs)
+        self.dense = layers.config_dense(
+            cfg, cfg.hidden_size, cfg.hidden_size, ("embed", None), rngs
+        )
 
     def __call__(self, x: Array) -> Array:
         """[B, T, H] -> [B, H]."""
@@ -298,7 +286,9 @@ class BertForSequenceClassification(nnx.Module):
         self.label_names = None if label_names is None else tuple(label_names)
         self.classifier_dropout = float(classifier_dropout)
         self.bert = BertModel(config, rngs=rngs)
-        self.classifier = _dense(config, config.hidden_size, self.num_labels, ("embed", None), rngs)
+        self.classifier = layers.config_dense(
+            config, config.hidden_size, self.num_labels, ("embed", None), rngs
+        )
 
     def __call__(
         self,

@@ -15,12 +15,13 @@ import jax.numpy as jnp
 from flax import nnx
 
 from sft_jax.models import decoder, layers
+from sft_jax.models.config_base import HFConfig
 
 Array = jax.Array
 
 
 @dataclasses.dataclass(frozen=True)
-class GPT2Config:
+class GPT2Config(HFConfig):
     """GPT-2 hyperparameters, with Hugging Face ``GPT2Config`` field names (plus our dtypes)."""
 
     vocab_size: int = 50257
@@ -45,8 +46,6 @@ class GPT2Config:
     dtype: str = "float32"
     param_dtype: str = "float32"
 
-    _OURS = ("dtype", "param_dtype")
-
     def __post_init__(self):
         layers.get_activation(self.activation_function)  # fail early on an unknown activation
         if self.n_embd % self.n_head:
@@ -55,8 +54,7 @@ class GPT2Config:
             raise NotImplementedError("GPT-2 with an untied LM head is not supported")
         if self.n_inner is None:
             object.__setattr__(self, "n_inner", 4 * self.n_embd)
-        object.__setattr__(self, "dtype", jnp.dtype(self.dtype).name)
-        object.__setattr__(self, "param_dtype", jnp.dtype(self.param_dtype).name)
+        self._normalize_dtypes()
 
     @classmethod
     def from_hf_dict(cls, d: dict[str, Any], **overrides: Any) -> GPT2Config:
@@ -67,29 +65,16 @@ class GPT2Config:
         """
         if d.get("add_cross_attention"):
             raise NotImplementedError("GPT-2 with cross-attention is not supported")
-        names = {f.name for f in dataclasses.fields(cls)} - set(cls._OURS)
-        kwargs = {k: v for k, v in d.items() if k in names}
-        kwargs.update(overrides)
-        return cls(**kwargs)
+        return cls(**{**cls.hf_kwargs(d), **overrides})
 
     def to_hf_dict(self) -> dict[str, Any]:
         """Hugging Face config fields (``model_type``, ``architectures`` included; no dtypes)."""
-        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        for k in self._OURS:
-            d.pop(k)
-        return {**d, "model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}
+        return {**self.hf_fields(), "model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}
 
     @classmethod
     def gpt2_small(cls, **overrides: Any) -> GPT2Config:
         """``gpt2``: 12 layers, hidden 768, 12 heads, ~124.4M params."""
         return cls(**overrides)
-
-
-def _dense(cfg: GPT2Config, n_in: int, n_out: int, names, rngs: nnx.Rngs) -> layers.Dense:
-    return layers.Dense(
-        n_in, n_out, names=names, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
-        kernel_init=nnx.initializers.normal(cfg.initializer_range), rngs=rngs,
-    )  # fmt: skip
 
 
 def _layer_norm(cfg: GPT2Config, rngs: nnx.Rngs) -> layers.LayerNorm:
@@ -111,8 +96,8 @@ class GPT2Attention(nnx.Module):
         if cfg.scale_attn_by_inverse_layer_idx:
             scale /= float(layer_idx + 1)
         self.q_scale = scale
-        self.c_attn = _dense(cfg, e, 3 * e, ("embed", "heads"), rngs)
-        self.c_proj = _dense(cfg, e, e, ("heads", "embed"), rngs)
+        self.c_attn = layers.config_dense(cfg, e, 3 * e, ("embed", "heads"), rngs)
+        self.c_proj = layers.config_dense(cfg, e, e, ("heads", "embed"), rngs)
 
     def __call__(self, x, mask, kv=None, index=None, dropout_rng=None):
         """[B, T, E] -> ([B, T, E], updated (k, v) cache [B, S, N, D] or None)."""
@@ -135,8 +120,8 @@ class GPT2MLP(nnx.Module):
 
     def __init__(self, cfg: GPT2Config, *, rngs: nnx.Rngs):
         self.act, self.resid_pdrop = cfg.activation_function, cfg.resid_pdrop
-        self.c_fc = _dense(cfg, cfg.n_embd, cfg.n_inner, ("embed", "mlp"), rngs)
-        self.c_proj = _dense(cfg, cfg.n_inner, cfg.n_embd, ("mlp", "embed"), rngs)
+        self.c_fc = layers.config_dense(cfg, cfg.n_embd, cfg.n_inner, ("embed", "mlp"), rngs)
+        self.c_proj = layers.config_dense(cfg, cfg.n_inner, cfg.n_embd, ("mlp", "embed"), rngs)
 
     def __call__(self, x: Array, dropout_rng=None) -> Array:
         """[B, T, E] -> [B, T, E]."""

@@ -103,6 +103,27 @@ class Dense(nnx.Module):
         return y
 
 
+def config_dense(
+    cfg: Any,
+    n_in: int,
+    n_out: int,
+    names: Sequence[str | None],
+    rngs: nnx.Rngs,
+    use_bias: bool = True,
+) -> Dense:
+    """A ``Dense`` with a model config's dtypes and ``normal(initializer_range)`` kernel init."""
+    return Dense(
+        n_in,
+        n_out,
+        names=names,
+        use_bias=use_bias,
+        dtype=cfg.dtype,
+        param_dtype=cfg.param_dtype,
+        kernel_init=nnx.initializers.normal(cfg.initializer_range),
+        rngs=rngs,
+    )
+
+
 class Embed(nnx.Module):
     """Embedding table [num_embeddings, features] with a lookup and a tied-output ``attend``.
 

@@ -16,13 +16,14 @@ import jax.numpy as jnp
 from flax import nnx
 
 from sft_jax.models import decoder, layers
+from sft_jax.models.config_base import HFConfig
 
 Array = jax.Array
 MODEL_TYPES = ("llama", "qwen2")
 
 
 @dataclasses.dataclass(frozen=True)
-class LlamaConfig:
+class LlamaConfig(HFConfig):
     """Llama / Qwen2 hyperparameters, with Hugging Face config field names.
 
     ``rope_scaling`` is None or a dict with ``rope_type`` ``linear`` or ``llama3`` (stored as a
@@ -55,8 +56,6 @@ class LlamaConfig:
     dtype: str = "float32"
     param_dtype: str = "float32"
 
-    _OURS = ("dtype", "param_dtype")
-
     def __post_init__(self):
         set_ = lambda k, v: object.__setattr__(self, k, v)
         if self.model_type not in MODEL_TYPES:
@@ -74,8 +73,7 @@ class LlamaConfig:
         decoder.rope_inv_freq(self.head_dim, self.rope_theta, self.rope_scaling_dict)  # validate
         if isinstance(self.eos_token_id, list):
             set_("eos_token_id", tuple(self.eos_token_id))
-        set_("dtype", jnp.dtype(self.dtype).name)
-        set_("param_dtype", jnp.dtype(self.param_dtype).name)
+        self._normalize_dtypes()
 
     @property
     def rope_scaling_dict(self) -> dict[str, Any] | None:
@@ -104,8 +102,7 @@ class LlamaConfig:
         """
         if d.get("use_sliding_window"):
             raise NotImplementedError("Qwen2 sliding-window attention is not supported")
-        names = {f.name for f in dataclasses.fields(cls)} - set(cls._OURS)
-        kwargs = {k: v for k, v in d.items() if k in names}
+        kwargs = cls.hf_kwargs(d)
         rope = dict(d.get("rope_parameters") or {})
         if "rope_theta" in rope:
             kwargs["rope_theta"] = rope.pop("rope_theta")
@@ -120,9 +117,7 @@ class LlamaConfig:
 
     def to_hf_dict(self) -> dict[str, Any]:
         """Hugging Face config fields (``model_type``, ``architectures`` included; no dtypes)."""
-        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        for k in self._OURS:
-            d.pop(k)
+        d = self.hf_fields()
         d["rope_scaling"] = self.rope_scaling_dict
         if isinstance(self.eos_token_id, tuple):
             d["eos_token_id"] = list(self.eos_token_id)
@@ -154,13 +149,6 @@ class LlamaConfig:
         return cls(**{**kw, **overrides})
 
 
-def _dense(cfg: LlamaConfig, n_in: int, n_out: int, names, bias: bool, rngs) -> layers.Dense:
-    return layers.Dense(
-        n_in, n_out, names=names, use_bias=bias, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
-        kernel_init=nnx.initializers.normal(cfg.initializer_range), rngs=rngs,
-    )  # fmt: skip
-
-
 def _rms_norm(cfg: LlamaConfig, rngs: nnx.Rngs) -> layers.RMSNorm:
     return layers.RMSNorm(
         cfg.hidden_size, epsilon=cfg.rms_norm_eps, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
@@ -176,10 +164,10 @@ class LlamaAttention(nnx.Module):
         self.head_dim, self.dropout_rate = cfg.head_dim, cfg.attention_dropout
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         h, bias = cfg.hidden_size, cfg.qkv_bias
-        self.q_proj = _dense(cfg, h, q_size, ("embed", "heads"), bias, rngs)
-        self.k_proj = _dense(cfg, h, kv_size, ("embed", "kv"), bias, rngs)
-        self.v_proj = _dense(cfg, h, kv_size, ("embed", "kv"), bias, rngs)
-        self.o_proj = _dense(cfg, q_size, h, ("heads", "embed"), cfg.o_bias, rngs)
+        self.q_proj = layers.config_dense(cfg, h, q_size, ("embed", "heads"), rngs, bias)
+        self.k_proj = layers.config_dense(cfg, h, kv_size, ("embed", "kv"), rngs, bias)
+        self.v_proj = layers.config_dense(cfg, h, kv_size, ("embed", "kv"), rngs, bias)
+        self.o_proj = layers.config_dense(cfg, q_size, h, ("heads", "embed"), rngs, cfg.o_bias)
 
     def __call__(self, x: Array, rope, mask, kv=None, index=None, dropout_rng=None):
         """[B, T, H] -> ([B, T, H], updated (k, v) cache [B, S, K, D] or None).
@@ -210,9 +198,9 @@ class LlamaMLP(nnx.Module):
 
     def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs):
         h, i, bias = cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias
-        self.gate_proj = _dense(cfg, h, i, ("embed", "mlp"), bias, rngs)
-        self.up_proj = _dense(cfg, h, i, ("embed", "mlp"), bias, rngs)
-        self.down_proj = _dense(cfg, i, h, ("mlp", "embed"), bias, rngs)
+        self.gate_proj = layers.config_dense(cfg, h, i, ("embed", "mlp"), rngs, bias)
+        self.up_proj = layers.config_dense(cfg, h, i, ("embed", "mlp"), rngs, bias)
+        self.down_proj = layers.config_dense(cfg, i, h, ("mlp", "embed"), rngs, bias)
 
     def __call__(self, x: Array) -> Array:
         """[B, T, H] -> [B, T, H]."""
@@ -289,7 +277,9 @@ class LlamaForCausalLM(nnx.Module):
         # Tied embeddings reuse ``model.embed_tokens.attend``: no shared Variable.
         h, v = config.hidden_size, config.vocab_size
         tied = config.tie_word_embeddings
-        self.lm_head = None if tied else _dense(config, h, v, ("embed", "vocab"), False, rngs)
+        self.lm_head = (
+            None if tied else layers.config_dense(config, h, v, ("embed", "vocab"), rngs, False)
+        )
 
     def init_cache(self, batch: int, max_len: int) -> decoder.KVCache:
         """An empty KV cache for ``batch`` rows of at most ``max_len`` tokens."""
