@@ -16,12 +16,16 @@ from sft_jax import tree_util
 
 # Head parameters of every task model live under these top-level names.
 HEAD_PATTERN = r"^(classifier|head|lm_head)/"
+# LoRA adapter weights (``.../q_proj/lora_a``); ``sft_jax.lora.is_lora_param`` uses it too.
+LORA_PATTERN = r"(^|/)lora_[ab]$"
 
 PRESETS: dict[str, list[tuple[str, bool]]] = {
     "full": [],
     # Linear probe / frozen-encoder head training: only the task head trains.
     "head_only": [(HEAD_PATTERN, True), (r".*", False)],
     "freeze_embeddings": [(r"(^|/)embeddings/", False)],
+    # LoRA (see sft_jax.lora.apply_lora): only the adapter weights train.
+    "lora": [(LORA_PATTERN, True), (r".*", False)],
 }
 
 

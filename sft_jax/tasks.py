@@ -13,6 +13,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from sft_jax.models import layers
+
 
 class ClassificationTask:
     """Sequence classification: ``model(input_ids, attention_mask, token_type_ids) -> [B, K]``.
@@ -28,12 +30,13 @@ class ClassificationTask:
         return jnp.sum(batch["example_mask"].astype(jnp.float32))
 
     def logits(self, model: Any, batch: dict, dropout_rng: jax.Array | None) -> jax.Array:
-        logits = model(
-            batch["input_ids"],
-            attention_mask=batch["attention_mask"],
-            token_type_ids=batch.get("token_type_ids"),
-            dropout_rng=dropout_rng,
-        )
+        with layers.dropout_scope(dropout_rng):  # LoRA adapters read their key from it
+            logits = model(
+                batch["input_ids"],
+                attention_mask=batch["attention_mask"],
+                token_type_ids=batch.get("token_type_ids"),
+                dropout_rng=dropout_rng,
+            )
         return logits.astype(jnp.float32)  # loss in float32 whatever the compute dtype
 
     def loss_sums(
@@ -80,12 +83,13 @@ class CausalLMTask:
         return jnp.sum(batch["target_mask"].astype(jnp.float32))
 
     def logits(self, model: Any, batch: dict, dropout_rng: jax.Array | None) -> jax.Array:
-        logits = model(
-            batch["input_ids"],
-            segment_ids=batch["segment_ids"],
-            positions=batch["positions"],
-            dropout_rng=dropout_rng,
-        )
+        with layers.dropout_scope(dropout_rng):  # LoRA adapters read their key from it
+            logits = model(
+                batch["input_ids"],
+                segment_ids=batch["segment_ids"],
+                positions=batch["positions"],
+                dropout_rng=dropout_rng,
+            )
         return logits.astype(jnp.float32)  # [B, T, V]
 
     def _token_losses(self, logits: jax.Array, batch: dict) -> tuple[jax.Array, jax.Array]:

@@ -16,12 +16,16 @@ metadata), e.g. ``("embed", "mlp")``. The names used across the model families a
 logical names, when the train state is created under jit with explicit out_shardings.
 
 Dropout is functional: it is applied iff a PRNG key is passed, so modules store no RNG state and
-the only Variables in a model are ``nnx.Param``.
+the only Variables in a model are ``nnx.Param``. Layers whose call sites pass no key (LoRA
+adapters inside ``Dense`` slots) read an ambient one: ``dropout_scope(rng)`` sets it for the
+duration of a model call and ``scoped_rng(salt)`` derives a per-layer key from it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+import contextvars
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import jax
@@ -232,6 +236,40 @@ def split_rng(rng: Array | None, num: int) -> list[Array | None]:
     if rng is None:
         return [None] * num
     return list(jax.random.split(rng, num))
+
+
+# The ambient dropout key (already folded with _SCOPE_STREAM), or None outside a training call.
+_SCOPED_KEY: contextvars.ContextVar[Array | None] = contextvars.ContextVar(
+    "sft_jax_scoped_dropout_key", default=None
+)
+# Separates scoped keys from the fold_in(rng, i) / split(rng) keys that models derive themselves.
+_SCOPE_STREAM = 0x5C0E
+
+
+@contextlib.contextmanager
+def dropout_scope(rng: Array | None) -> Iterator[None]:
+    """Makes ``rng`` the ambient dropout key while the block runs (None: no dropout).
+
+    For layers whose callers pass no key (e.g. a LoRA adapter behind a ``Dense`` call site). The
+    tasks wrap every model call in it with the step's dropout key. It is plain Python state read
+    while tracing, so it works under ``jit``/``grad``/``scan`` as long as the scope is opened
+    inside the traced function (as the tasks do).
+
+    Args:
+        rng: PRNG key, or None for inference (``scoped_rng`` then returns None).
+    """
+    key = None if rng is None else jax.random.fold_in(rng, _SCOPE_STREAM)
+    token = _SCOPED_KEY.set(key)
+    try:
+        yield
+    finally:
+        _SCOPED_KEY.reset(token)
+
+
+def scoped_rng(salt: int) -> Array | None:
+    """The ambient dropout key folded with ``salt`` (one fixed salt per layer), or None."""
+    key = _SCOPED_KEY.get()
+    return None if key is None else jax.random.fold_in(key, salt)
 
 
 ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
