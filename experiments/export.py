@@ -2,8 +2,11 @@
 
   python -m experiments.export --workdir DIR --out OUT_DIR [--checkpoint best|latest|STEP]
 
-OUT_DIR gets config.json (with id2label), model.safetensors and the tokenizer files, loadable
-with transformers' Auto classes (AutoModelForSequenceClassification) and by load_pretrained.
+OUT_DIR gets config.json, model.safetensors and the tokenizer files, loadable with
+transformers' Auto classes and by load_pretrained: classifiers (config with id2label) as
+AutoModelForSequenceClassification; causal LMs as AutoModelForCausalLM, LoRA adapters merged
+into the base weights and the tokenizer saved with its chat template (also when the run
+started from a GGUF file).
 """
 
 import json
@@ -25,11 +28,19 @@ def main(argv):
     from sft_jax.restore import restore_run
 
     run = restore_run(_WORKDIR.value, _CHECKPOINT.value)
+    model, tokenizer, tokenizer_dir = run.model, None, run.info["model_dir"]
+    if run.cfg.model.task == "causal_lm":
+        from sft_jax.data.lm import load_chat_tokenizer
+        from sft_jax.lora import merge_lora
+
+        model = merge_lora(model)  # adapters folded into the base weights
+        tokenizer, tokenizer_dir = load_chat_tokenizer(tokenizer_dir), None
     out = export_model(
-        run.model,
+        model,
         _OUT.value,
         label_names=run.info["label_names"],
-        tokenizer_dir=run.info["model_dir"],
+        tokenizer_dir=tokenizer_dir,
+        tokenizer=tokenizer,
     )
     print(json.dumps({"exported": str(out), "checkpoint_step": run.step}))
 

@@ -28,8 +28,18 @@ def model_dir(cfg: ml_collections.ConfigDict) -> Path:
     return resolve_model_dir(cfg.model.path)
 
 
+def is_lm(cfg: ml_collections.ConfigDict) -> bool:
+    return cfg.model.task == "causal_lm"
+
+
 def load_data(cfg: ml_collections.ConfigDict):
-    """``(TextClsData, tokenizer)`` for a text classification config."""
+    """``(data, tokenizer)``: ``TextClsData`` and the checkpoint's tokenizer for
+    classification; ``ChatData`` and the chat-template tokenizer for causal LMs."""
+    if is_lm(cfg):
+        from sft_jax.data.chat_builders import load_chat_data
+        from sft_jax.data.lm import load_chat_tokenizer
+
+        return load_chat_data(cfg.data, data_dir(cfg)), load_chat_tokenizer(model_dir(cfg))
     from sft_jax.data.builders import load_text_classification
     from sft_jax.data.text import load_tokenizer
 
@@ -37,18 +47,31 @@ def load_data(cfg: ml_collections.ConfigDict):
     return data, load_tokenizer(model_dir(cfg))
 
 
-def batches(cfg: ml_collections.ConfigDict, data: Any, tokenizer: Any, split: str, train: bool):
-    """A grain ``MapDataset`` of batches. Training: seeded shuffle, repeated, full batches;
-    evaluation: one pass, the last batch padded (``example_mask`` 0), shuffled with a fixed seed
-    so that a partial evaluation (``train.max_eval_batches``) sees every class even when the
-    source file is sorted by label (the shipped tweet corpus is)."""
-    from sft_jax.data.text import text_cls_dataset
+def label_names(data: Any) -> list[str]:
+    """Class names of a classification dataset; none for language modelling."""
+    return list(getattr(data, "label_names", []))
 
+
+def _check_split(data: Any, split: str) -> None:
     if split not in data.sources:
         raise ValueError(
             f"split {split!r} is not in the dataset (has {sorted(data.sources)}); "
             "for your own files set data.validation_file / data.test_file"
         )
+
+
+def batches(cfg: ml_collections.ConfigDict, data: Any, tokenizer: Any, split: str, train: bool):
+    """A grain ``MapDataset`` of batches over one pass of ``split`` (``len`` = batches).
+
+    Training: seeded shuffle (the trainer ``repeat()``s it, which reshuffles every epoch), full
+    batches. Evaluation: the last batch filled with rows that count for nothing, shuffled with a
+    fixed seed so that a partial evaluation (``train.max_eval_batches``) sees every class even
+    when the source file is sorted by label (the shipped tweet corpus is)."""
+    _check_split(data, split)
+    if is_lm(cfg):
+        return _lm_batches(cfg, data, tokenizer, split, train)
+    from sft_jax.data.text import text_cls_dataset
+
     return text_cls_dataset(
         data.sources[split],
         tokenizer,
@@ -57,20 +80,44 @@ def batches(cfg: ml_collections.ConfigDict, data: Any, tokenizer: Any, split: st
         max_length=cfg.data.max_length,
         shuffle=True,
         seed=cfg.seed if train else 0,
-        num_epochs=None if train else 1,
+        num_epochs=1,
         drop_remainder=train,
         text_pair=data.text_pair,
     )
 
 
-def build_model(cfg: ml_collections.ConfigDict, num_labels: int, path: str | None = None):
-    """The task model from pretrained weights (``path`` overrides ``cfg.model.path``)."""
+def _lm_batches(cfg: ml_collections.ConfigDict, data: Any, tokenizer: Any, split: str, train: bool):
+    from sft_jax.data.lm import chat_lm_dataset, chat_lm_rows
+
+    rows = chat_lm_rows(
+        data.sources[split],
+        tokenizer,
+        seq_len=cfg.data.max_length,
+        pack=cfg.data.pack,
+        seed=cfg.seed,
+        shuffle=train,
+    )
+    return chat_lm_dataset(
+        rows,
+        batch_size=cfg.data.batch_size if train else cfg.data.eval_batch_size,
+        shuffle=train,
+        seed=cfg.seed,
+        num_epochs=1,
+        drop_remainder=train,
+    )
+
+
+def build_model(cfg: ml_collections.ConfigDict, num_labels: int = 0, path: str | None = None):
+    """The task model from pretrained weights (``path`` overrides ``cfg.model.path``), with
+    LoRA adapters when ``cfg.lora.rank > 0``."""
     from sft_jax.pretrained import load_pretrained
 
-    return load_pretrained(
-        path or cfg.model.path,
-        task=cfg.model.task,
-        num_labels=num_labels,
-        classifier_dropout=cfg.model.classifier_dropout,
-        seed=cfg.seed,
-    )
+    kwargs: dict[str, Any] = {"seed": cfg.seed}
+    if not is_lm(cfg):
+        kwargs.update(num_labels=num_labels, classifier_dropout=cfg.model.classifier_dropout)
+    model = load_pretrained(path or cfg.model.path, task=cfg.model.task, **kwargs)
+    if "lora" in cfg:
+        from sft_jax.lora import apply_lora_from_config
+
+        model = apply_lora_from_config(model, cfg.lora)
+    return model

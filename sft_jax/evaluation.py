@@ -1,7 +1,13 @@
-"""Evaluation loop: run the jitted eval step over a split and turn counts into metrics."""
+"""Evaluation loops: run the jitted eval step over a split and turn sums into metrics.
+
+``evaluate`` dispatches on the task: classification gives accuracy, macro / per-class P/R/F1,
+the confusion matrix and the loss; causal LM gives the loss and perplexity over target
+(assistant) tokens. Generation-based scores (exact match) live in ``sft_jax.gen_eval``.
+"""
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, Iterable
 
 import jax
@@ -9,6 +15,28 @@ import numpy as np
 
 from sft_jax import metrics as metrics_lib
 from sft_jax import sharding as sharding_lib
+
+
+def _run(
+    eval_step: Callable,
+    params: Any,
+    batches: Iterable[dict],
+    batch_sharding: Any,
+    max_batches: int,
+    collect: Callable[[dict, dict], None],
+) -> None:
+    """Calls ``collect(host_outputs, host_batch)`` for each batch, one batch in flight so that
+    host work overlaps the device step."""
+    pending = None
+    for i, batch in enumerate(batches):
+        if max_batches and i >= max_batches:
+            break
+        out = eval_step(params, sharding_lib.put_batch(batch, batch_sharding))
+        if pending is not None:
+            collect(jax.device_get(pending[0]), pending[1])
+        pending = (out, batch)
+    if pending is not None:
+        collect(jax.device_get(pending[0]), pending[1])
 
 
 def evaluate_classification(
@@ -31,27 +59,73 @@ def evaluate_classification(
     """
     k = len(label_names)
     cm = np.zeros((k, k), np.int64)
-    loss_sum = weight = 0.0
-    pending = None  # keep one batch in flight: host work overlaps the device step
+    sums = {"loss_sum": 0.0, "weight": 0.0}
 
     def collect(out, host_batch):
-        nonlocal cm, loss_sum, weight
-        out = jax.device_get(out)
+        nonlocal cm
         cm += metrics_lib.confusion_matrix(
             host_batch["labels"], out["preds"], k, host_batch["example_mask"]
         )
-        loss_sum += float(out["loss_sum"])
-        weight += float(out["weight"])
+        for key in sums:
+            sums[key] += float(out[key])
 
-    for i, batch in enumerate(batches):
-        if max_batches and i >= max_batches:
-            break
-        out = eval_step(params, sharding_lib.put_batch(batch, batch_sharding))
-        if pending is not None:
-            collect(*pending)
-        pending = (out, batch)
-    if pending is not None:
-        collect(*pending)
+    _run(eval_step, params, batches, batch_sharding, max_batches, collect)
     result = metrics_lib.classification_metrics(cm, label_names)
-    result["loss"] = loss_sum / max(weight, 1.0)
+    result["loss"] = sums["loss_sum"] / max(sums["weight"], 1.0)
     return result
+
+
+def evaluate_lm(
+    eval_step: Callable,
+    params: Any,
+    batches: Iterable[dict],
+    batch_sharding: Any,
+    max_batches: int = 0,
+) -> dict:
+    """Mean loss and perplexity over the target tokens of ``batches``.
+
+    Args:
+      eval_step: jitted ``(params, batch) -> {"loss_sum", "weight", "correct"}``.
+      params: the parameters to evaluate.
+      batches: host batches of ``sft_jax.data.lm``.
+      batch_sharding: where batches go on the mesh.
+      max_batches: stop after this many batches (0 = all).
+
+    Returns:
+      ``loss`` (nats per target token), ``perplexity`` (exp of it), ``token_accuracy`` (argmax
+      equals the target) and ``num_target_tokens``.
+    """
+    sums = {"loss_sum": 0.0, "weight": 0.0, "correct": 0.0}
+
+    def collect(out, host_batch):
+        del host_batch
+        for key in sums:
+            sums[key] += float(out[key])
+
+    _run(eval_step, params, batches, batch_sharding, max_batches, collect)
+    w = max(sums["weight"], 1.0)
+    loss = sums["loss_sum"] / w
+    return {
+        "loss": loss,
+        "perplexity": math.exp(min(loss, 700.0)),
+        "token_accuracy": sums["correct"] / w,
+        "num_target_tokens": int(sums["weight"]),
+    }
+
+
+def evaluate(
+    task_name: str,
+    eval_step: Callable,
+    params: Any,
+    batches: Iterable[dict],
+    batch_sharding: Any,
+    *,
+    label_names: list[str] | None = None,
+    max_batches: int = 0,
+) -> dict:
+    """The task's held-out metrics (see the module docstring)."""
+    if task_name == "causal_lm":
+        return evaluate_lm(eval_step, params, batches, batch_sharding, max_batches)
+    return evaluate_classification(
+        eval_step, params, batches, list(label_names or []), batch_sharding, max_batches
+    )

@@ -112,9 +112,12 @@ class CausalLMTask:
         }
 
     def eval_outputs(self, model: Any, batch: dict) -> dict[str, jax.Array]:
-        """Summed loss and target count: perplexity = exp(loss_sum / weight)."""
-        losses, w = self._token_losses(self.logits(model, batch, None), batch)
-        return {"loss_sum": jnp.sum(losses), "weight": jnp.sum(w)}
+        """Summed loss, target count and correct argmax predictions: perplexity =
+        exp(loss_sum / weight)."""
+        logits = self.logits(model, batch, None)
+        losses, w = self._token_losses(logits, batch)
+        correct = (jnp.argmax(logits, -1) == batch["targets"]).astype(jnp.float32)
+        return {"loss_sum": jnp.sum(losses), "weight": jnp.sum(w), "correct": jnp.sum(correct * w)}
 
 
 TASKS = {"classification": ClassificationTask, "causal_lm": CausalLMTask}

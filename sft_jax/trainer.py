@@ -19,7 +19,7 @@ from sft_jax import checkpoint as ckpt_lib
 from sft_jax import components, freezing, optim, steps, tree_util
 from sft_jax import logging as log_lib
 from sft_jax import sharding as sharding_lib
-from sft_jax.evaluation import evaluate_classification
+from sft_jax.evaluation import evaluate
 from sft_jax.tasks import get_task
 from sft_jax.train_state import StepSetup, create_train_state, shardings_of
 
@@ -54,6 +54,13 @@ def _flat(d: dict, prefix: str = "") -> dict:
     return out
 
 
+def _num_tokens(batch: dict) -> int:
+    """Real (non-padding) tokens of a batch: attention mask, else packed segment ids."""
+    if "attention_mask" in batch:
+        return int(batch["attention_mask"].sum())
+    return int((batch["segment_ids"] > 0).sum())
+
+
 class Trainer:
     """Holds a run's pieces; ``run()`` trains to the end (or early stop) and returns the final
     validation metrics."""
@@ -63,15 +70,16 @@ class Trainer:
         os.makedirs(workdir, exist_ok=True)
         self.task = get_task(cfg.model.task)
         self.data, tokenizer = components.load_data(cfg)
-        self.label_names = list(self.data.label_names)
-        self.train_ds = components.batches(cfg, self.data, tokenizer, "train", train=True)
-        self.val_ds = components.batches(cfg, self.data, tokenizer, "validation", train=False)
-        self.steps_per_epoch = len(self.data.sources["train"]) // cfg.data.batch_size
+        self.label_names = components.label_names(self.data)
+        one_epoch = components.batches(cfg, self.data, tokenizer, "train", train=True)
+        self.steps_per_epoch = len(one_epoch)
         if self.steps_per_epoch == 0:
             raise ValueError(
-                f"train split has {len(self.data.sources['train'])} examples, fewer than "
-                f"data.batch_size={cfg.data.batch_size}"
+                f"train split has {len(self.data.sources['train'])} examples, less than one "
+                f"batch of data.batch_size={cfg.data.batch_size}"
             )
+        self.train_ds = one_epoch.repeat()  # reshuffled every epoch; batch i is fixed
+        self.val_ds = components.batches(cfg, self.data, tokenizer, "validation", train=False)
         self.total_steps = cfg.train.num_steps or self.steps_per_epoch * cfg.train.num_epochs
         self.eval_every = cfg.train.eval_every_steps or self.steps_per_epoch
         self._build_state(components.build_model(cfg, len(self.label_names)))
@@ -135,13 +143,14 @@ class Trainer:
         return progress
 
     def evaluate(self) -> dict:
-        return evaluate_classification(
+        return evaluate(
+            self.cfg.model.task,
             self.eval_step,
             self.state.params,
             self.val_ds,
-            self.label_names,
             self.setup.batch_sharding,
-            self.cfg.train.max_eval_batches,
+            label_names=self.label_names,
+            max_batches=self.cfg.train.max_eval_batches,
         )
 
     def _after_eval(self, step: int, metrics: dict, progress: dict) -> bool:
@@ -157,14 +166,8 @@ class Trainer:
         progress["stopped_early"] = bool(patience and progress["evals_since_best"] >= patience)
         progress["next_batch"] = step
         ckpt_lib.save(self.mngr, self.state, progress, metrics={name: value})
-        log.info(
-            "step %d validation %s=%.4f accuracy=%.4f loss=%.4f",
-            step,
-            name,
-            value,
-            metrics["accuracy"],
-            metrics["loss"],
-        )
+        shown = {k: v for k, v in metrics.items() if isinstance(v, float)}
+        log.info("step %d validation %s", step, " ".join(f"{k}={v:.4f}" for k, v in shown.items()))
         return progress["stopped_early"]
 
     def run(self, stop_after_step: int | None = None) -> dict:
@@ -185,7 +188,7 @@ class Trainer:
             if progress["stopped_early"]:
                 break
             batch = self.train_ds[step]
-            tokens += int(batch["attention_mask"].sum())
+            tokens += _num_tokens(batch)
             self.state, m = self.train_step(
                 self.state, sharding_lib.put_batch(batch, self.setup.batch_sharding)
             )

@@ -2,43 +2,16 @@
 
 import numpy as np
 import pytest
-import tokenizers
 import transformers
-from tokenizers import models, pre_tokenizers
 
 from sft_jax.data import chat
 from sft_jax.data.chat import ChatEncoded
-
-# Word ids: [UNK] 0, [PAD] 1, <end> 2, <system> 3, <user> 4, <assistant> 5, be 6, nice 7, hi 8,
-# hello 9, there 10, ok 11, bye 12.
-_VOCAB = "[UNK] [PAD] <end> <system> <user> <assistant> be nice hi hello there ok bye".split()
-_TEMPLATE = (
-    "{% for m in messages %}<{{ m['role'] }}> {{ m['content'] }} <end> {% endfor %}"
-    "{% if add_generation_prompt %}<assistant> {% endif %}"
-)
-CONV = [
-    {"role": "system", "content": "be nice"},
-    {"role": "user", "content": "hi"},
-    {"role": "assistant", "content": "hello there"},
-    {"role": "user", "content": "bye"},
-    {"role": "assistant", "content": "ok"},
-]
+from tests.tiny_chat import CONV, tiny_chat_tokenizer
 
 
 @pytest.fixture(scope="module")
 def tiny_tok() -> transformers.PreTrainedTokenizerFast:
-    """Whitespace word-level tokenizer; `<end>` (id 2) is the special end-of-turn token."""
-    backend = tokenizers.Tokenizer(
-        models.WordLevel({t: i for i, t in enumerate(_VOCAB)}, unk_token="[UNK]")
-    )
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return transformers.PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        eos_token="<end>",
-        pad_token="[PAD]",
-        unk_token="[UNK]",
-        chat_template=_TEMPLATE,
-    )
+    return tiny_chat_tokenizer()
 
 
 @pytest.fixture(scope="module")

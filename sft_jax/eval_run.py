@@ -1,0 +1,68 @@
+"""Evaluate a model (restored from a run, or pretrained) on one split of a config's data.
+
+Used by ``experiments.evaluate``: held-out metrics of the task (``sft_jax.evaluation``) and,
+for causal LMs, exact match of greedy replies (``sft_jax.gen_eval``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import ml_collections
+from flax import nnx
+
+from sft_jax import components, steps
+from sft_jax import sharding as sharding_lib
+from sft_jax.evaluation import evaluate
+from sft_jax.tasks import get_task
+from sft_jax.train_state import shardings_of
+
+
+def evaluate_model(
+    cfg: ml_collections.ConfigDict,
+    model: nnx.Module,
+    split: str,
+    *,
+    label_names: list[str] | None = None,
+    mesh: jax.sharding.Mesh | None = None,
+) -> dict[str, Any]:
+    """Held-out metrics of ``model`` on ``split`` of ``cfg``'s data.
+
+    Args:
+      cfg: the run's config (data, batch sizes, ``generation`` settings for causal LMs).
+      model: the model to evaluate (its parameters are placed on ``mesh``).
+      split: "validation", "test", ...
+      label_names: class names (classification).
+      mesh: device mesh (default ``cfg.mesh.shape``).
+
+    Returns:
+      The task's metrics; for causal LMs also ``exact_match``, ``stopped`` (replies ending with
+      an end-of-turn token), per-family scores and sample replies.
+    """
+    mesh = mesh or sharding_lib.make_mesh(cfg.mesh.shape)
+    data, tokenizer = components.load_data(cfg)
+    ds = components.batches(cfg, data, tokenizer, split, train=False)
+    graphdef, params = nnx.split(model, nnx.Param)
+    params = nnx.to_pure_dict(params)
+    batch_sh = sharding_lib.batch_sharding(mesh)
+    eval_step = steps.make_eval_step(
+        graphdef, get_task(cfg.model.task), shardings_of(params), batch_sh
+    )
+    result = evaluate(cfg.model.task, eval_step, params, ds, batch_sh, label_names=label_names)
+    if components.is_lm(cfg):
+        from sft_jax.gen_eval import exact_match_eval
+        from sft_jax.lora import merge_lora
+
+        g = cfg.generation
+        result.update(
+            exact_match_eval(
+                merge_lora(model),  # same outputs, fewer matmuls per decoded token
+                tokenizer,
+                data.sources[split],
+                batch_size=g.batch_size,
+                max_new_tokens=g.max_new_tokens,
+                max_examples=g.max_examples,
+            )
+        )
+    return result

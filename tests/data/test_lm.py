@@ -1,0 +1,90 @@
+"""Tests for sft_jax.data.lm: rows of a split, batches with targets, per-epoch reshuffle."""
+
+import numpy as np
+import pytest
+
+from sft_jax.data import lm
+from tests.tiny_chat import CONV, tiny_chat_tokenizer
+
+SHORT = [{"role": "user", "content": "bye"}, {"role": "assistant", "content": "ok"}]
+# CONV renders as 17 tokens, SHORT as 6: "<user> bye <end> <assistant> ok <end>".
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return tiny_chat_tokenizer()
+
+
+def source(n_long: int, n_short: int) -> list[dict]:
+    return [{"messages": CONV}] * n_long + [{"messages": SHORT}] * n_short
+
+
+def test_packed_rows_exact(tok):
+    rows = lm.chat_lm_rows(source(1, 2), tok, seq_len=18, pack=True, seed=0, shuffle=False)
+    # CONV (17) fills row 1; the two SHORT conversations (6 + 6) share row 2.
+    assert len(rows) == 2 and rows.num_conversations == 3 and rows.num_truncated == 0
+    assert rows.num_tokens == 29 and rows.num_loss_tokens == 5 + 2 + 2 and rows.pad_id == 1
+    np.testing.assert_array_equal(rows.rows[0]["segment_ids"], [1] * 17 + [0])
+    r = rows.rows[1]
+    np.testing.assert_array_equal(r["input_ids"], [4, 12, 2, 5, 11, 2] * 2 + [1] * 6)
+    np.testing.assert_array_equal(r["segment_ids"], [1] * 6 + [2] * 6 + [0] * 6)
+    np.testing.assert_array_equal(r["positions"], list(range(6)) * 2 + [0] * 6)
+    np.testing.assert_array_equal(r["loss_mask"], [0, 0, 0, 0, 1, 1] * 2 + [0] * 6)
+
+
+def test_packing_counts_conversations_cut_to_fit(tok):
+    rows = lm.chat_lm_rows(source(1, 1), tok, seq_len=16, pack=True, seed=0, shuffle=False)
+    assert rows.num_truncated == 1 and rows.num_tokens == 16 + 6
+
+
+def test_unpacked_rows_one_conversation_each_and_truncation(tok):
+    rows = lm.chat_lm_rows(source(1, 2), tok, seq_len=8, pack=False, seed=0, shuffle=False)
+    assert len(rows) == 3 and rows.num_truncated == 1  # CONV cut to 8 tokens
+    np.testing.assert_array_equal(rows.rows[0]["segment_ids"], [1] * 8)
+    np.testing.assert_array_equal(rows.rows[2]["segment_ids"], [1] * 6 + [0] * 2)
+
+
+def test_eval_batches_fill_last_batch_with_empty_rows(tok):
+    rows = lm.chat_lm_rows(source(1, 2), tok, seq_len=16, pack=False, seed=0, shuffle=False)
+    ds = lm.chat_lm_dataset(
+        rows, batch_size=2, shuffle=False, seed=0, num_epochs=1, drop_remainder=False
+    )
+    assert len(ds) == 2
+    last = ds[1]
+    assert set(last) == {"input_ids", "targets", "target_mask", "segment_ids", "positions",
+                         "loss_mask"}  # fmt: skip
+    assert all(v.shape == (2, 16) and v.dtype == np.int32 for v in last.values())
+    np.testing.assert_array_equal(last["segment_ids"][1], 0)
+    np.testing.assert_array_equal(last["input_ids"][1], 1)  # pad id
+    assert last["target_mask"][1].sum() == 0
+    # Targets: "ok <end>" of SHORT, predicted from "<assistant>" and "ok".
+    np.testing.assert_array_equal(last["targets"][0][last["target_mask"][0] == 1], [11, 2])
+
+
+def test_training_batches_reshuffle_each_epoch_and_repeat_exactly(tok):
+    src = [{"messages": [{"role": "user", "content": w}, {"role": "assistant", "content": "ok"}]}
+           for w in ("hi", "bye", "hello", "there", "be", "nice")]  # fmt: skip
+    rows = lm.chat_lm_rows(src, tok, seq_len=6, pack=True, seed=0, shuffle=True)
+    assert len(rows) == 6
+    epoch = lm.chat_lm_dataset(
+        rows, batch_size=2, shuffle=True, seed=0, num_epochs=1, drop_remainder=True
+    )
+    assert len(epoch) == 3
+    ds = epoch.repeat()
+    first = np.concatenate([ds[i]["input_ids"][:, 1] for i in range(3)])
+    second = np.concatenate([ds[i]["input_ids"][:, 1] for i in range(3, 6)])
+    assert sorted(first) == sorted(second) == sorted([8, 12, 9, 10, 6, 7])
+    assert not np.array_equal(first, second)  # reshuffled
+    np.testing.assert_array_equal(ds[4]["input_ids"], epoch.repeat()[4]["input_ids"])
+
+
+def test_stop_and_pad_ids(tok):
+    assert lm.stop_token_ids(tok) == (2,)
+    assert lm.pad_token_id(tok) == 1
+
+
+def test_errors(tok):
+    rows = lm.chat_lm_rows(source(0, 1), tok, seq_len=8, pack=False, seed=0, shuffle=False)
+    with pytest.raises(ValueError, match="1 rows, fewer than batch_size=2"):
+        lm.chat_lm_dataset(rows, batch_size=2, shuffle=True, seed=0, num_epochs=None,
+                           drop_remainder=True)  # fmt: skip
