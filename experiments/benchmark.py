@@ -1,0 +1,100 @@
+"""Training-step benchmark of model shapes with random weights (see ``sft_jax.benchmark``).
+
+  python -m experiments.benchmark [--models minilm-l6,bert-base,smollm2-135m,llama-1b]
+      [--dtype float32|bfloat16] [--batch_size B] [--seq_len T] [--steps 10] [--warmup 2]
+      [--mesh 1,1,1] [--peak_flops F] [--torch] [--out benchmark.json]
+
+Prints one row per model (compile s, median step ms, tokens/s, TFLOP/s, MFU, and with --torch
+the PyTorch step time and torch_ms / jax_ms, > 1 meaning JAX is faster) and writes every number
+to --out. With --torch every PyTorch run goes first, each in its own spawned process, before
+JAX initializes the device: the frameworks never share a process (their CUDA libraries may
+differ) nor GPU memory. ``peak_bytes`` of the JAX runs is the process's peak so far (JAX cannot
+reset it): with several models, a running maximum.
+"""
+
+import datetime
+import json
+
+from absl import app, flags
+
+_MODELS = flags.DEFINE_string(
+    "models",
+    "minilm-l6,bert-base,smollm2-135m,llama-1b",
+    "Comma list of registered shapes (also tiny-bert, tiny-llama for smoke runs).",
+)
+_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype.")
+_BATCH = flags.DEFINE_integer("batch_size", None, "Rows per step (default: per model).")
+_SEQ = flags.DEFINE_integer("seq_len", None, "Tokens per row (default: per model).")
+_STEPS = flags.DEFINE_integer("steps", 10, "Timed steps (the median is reported).")
+_WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps after the compiling one.")
+_MESH = flags.DEFINE_string("mesh", "1,1,1", "Mesh shape (data,fsdp,tensor); -1 takes the rest.")
+_PEAK = flags.DEFINE_float("peak_flops", None, "Peak FLOP/s per device (default: by kind).")
+_TORCH = flags.DEFINE_boolean("torch", False, "Also time the PyTorch (transformers) step.")
+_OUT = flags.DEFINE_string("out", "benchmark.json", "JSON output path.")
+_SEED = flags.DEFINE_integer("seed", 0, "Seed of weights and batches.")
+
+_COLUMNS = (
+    ("model", 14, "{}"), ("device", 22, "{}"), ("dtype", 9, "{}"), ("B x T", 10, "{}"),
+    ("compile s", 10, "{:.1f}"), ("step ms", 10, "{:.1f}"), ("tokens/s", 11, "{:.0f}"),
+    ("TFLOP/s", 9, "{:.2f}"), ("MFU %", 7, "{:.1f}"), ("torch ms", 10, "{:.1f}"),
+    ("ratio", 6, "{:.2f}"),
+)  # fmt: skip
+
+
+def _row(r: dict) -> list:
+    t = r.get("torch") or {}
+    mfu = None if r["mfu"] is None else 100 * r["mfu"]
+    return [
+        r["model"], r["device"][:21], r["dtype"], f"{r['batch_size']}x{r['seq_len']}",
+        r["compile_s"], r["step_ms"], r["tokens_per_s"], r["tflops_per_s"], mfu,
+        t.get("step_ms"), r.get("torch_over_jax"),
+    ]  # fmt: skip
+
+
+def _table(results: list[dict]) -> str:
+    def fmt(v, width, spec):
+        return ("-" if v is None else spec.format(v)).rjust(width)
+
+    lines = ["".join(name.rjust(w) for name, w, _ in _COLUMNS)]
+    for r in results:
+        lines.append("".join(fmt(v, w, s) for v, (_, w, s) in zip(_row(r), _COLUMNS)))
+    return "\n".join(lines)
+
+
+def main(argv):
+    del argv
+    import flax
+    import jax
+
+    from sft_jax import benchmark
+
+    names = [m.strip() for m in _MODELS.value.split(",") if m.strip()]
+    specs = [benchmark.get_spec(n, _DTYPE.value, _BATCH.value, _SEQ.value) for n in names]
+    mesh = tuple(int(x) for x in _MESH.value.split(","))
+    run = dict(warmup=_WARMUP.value, steps_=_STEPS.value, seed=_SEED.value)
+    # Before any JAX device use: each torch run has the whole device and exits (see above).
+    torch_runs = [benchmark.run_torch(s, **run) for s in specs] if _TORCH.value else None
+    results = []
+    for i, spec in enumerate(specs):
+        r = benchmark.run_jax(spec, mesh_shape=mesh, peak=_PEAK.value, **run)
+        if torch_runs:
+            r["torch"] = torch_runs[i]
+            r["torch_over_jax"] = torch_runs[i]["step_ms"] / r["step_ms"]
+        results.append(r)
+        jax.clear_caches()
+    report = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "jax_version": jax.__version__,
+        "flax_version": flax.__version__,
+        "device_kind": jax.devices()[0].device_kind,
+        "flops_formula": "6*P_tok*B*T + 6*P_seq*B + 12*L*(N*D)*T^2*B (PaLM appendix B)",
+        "results": results,
+    }
+    print(_table(results))
+    with open(_OUT.value, "w") as f:
+        json.dump(report, f, indent=2)
+    print(f"wrote {_OUT.value}")
+
+
+if __name__ == "__main__":
+    app.run(main)

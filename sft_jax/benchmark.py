@@ -1,0 +1,446 @@
+"""Training-step benchmark: model shapes with random weights, FLOP counts, peak FLOP/s, timing.
+
+One step is the project's own ``steps.make_train_step`` (AdamW, task loss, donated state) on a
+random batch of full (unpadded) rows. Reported per model: first-call (compile) time, median step
+time, tokens/s, model FLOP/s and MFU, the number of compilations and peak device memory;
+optionally the same step in PyTorch (``transformers`` model + ``torch.optim.AdamW``).
+
+Model FLOPs per step (PaLM, Chowdhery et al. 2022, appendix B; no rematerialization counted):
+
+    6 * P_tok * B * T  +  6 * P_seq * B  +  12 * L * (N * D) * T^2 * B
+
+``P_tok``: matmul parameters applied to every token (attention and MLP projections, and the LM
+head, tied or not; not the embedding lookups). ``P_seq``: matmul parameters applied once per
+sequence (BERT's pooler and classifier see only [CLS]). The last term is QK^T and AV, forward
+(2 matmuls x 2 FLOPs) plus backward (2x forward), with N * D the query width; causal masks are
+not discounted because the attention computes the full T x T scores.
+
+Imports only jax, flax, optax, numpy (torch and transformers lazily in ``run_torch``): no
+ml_collections, grain, tensorflow-datasets, tensorboardX or gguf.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import multiprocessing
+import statistics
+import time
+from concurrent import futures
+from typing import Any, Callable
+
+import jax
+import numpy as np
+import optax
+from flax import nnx
+
+from sft_jax import sharding, steps, tasks
+from sft_jax.models.bert import BertConfig, BertForSequenceClassification
+from sft_jax.models.llama import LlamaConfig, LlamaForCausalLM
+from sft_jax.train_state import StepSetup, create_train_state, shardings_of
+
+LEARNING_RATE, WEIGHT_DECAY, CLIP_NORM = 1e-5, 0.01, 1.0
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchSpec:
+    """One benchmarked shape: a model config (compute dtype set, params float32) and a batch.
+
+    Attributes:
+        name: Short name (``minilm-l6``, ...).
+        config: ``BertConfig`` (classification) or ``LlamaConfig`` (causal LM).
+        batch_size: Rows per step B.
+        seq_len: Tokens per row T.
+        num_labels: Classes of the classification head (BERT only).
+    """
+
+    name: str
+    config: BertConfig | LlamaConfig
+    batch_size: int
+    seq_len: int
+    num_labels: int = 3
+
+    @property
+    def task(self) -> str:
+        return "classification" if isinstance(self.config, BertConfig) else "causal_lm"
+
+    @property
+    def tokens(self) -> int:
+        """Non-padding tokens per step (every token here)."""
+        return self.batch_size * self.seq_len
+
+
+_LLAMA_1B = dict(  # Llama-3.2-1B
+    vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+    num_attention_heads=32, num_key_value_heads=8, head_dim=64, rms_norm_eps=1e-5,
+    rope_theta=500000.0, max_position_embeddings=131072, tie_word_embeddings=True,
+    rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
+                  "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
+)  # fmt: skip
+_TINY_BERT = dict(
+    vocab_size=64, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+    intermediate_size=32, max_position_embeddings=32,
+)  # fmt: skip
+_TINY_LLAMA = dict(
+    vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+    num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+)  # fmt: skip
+
+# name -> (config factory taking dtype overrides, default batch size, default sequence length).
+SHAPES: dict[str, tuple[Callable[..., Any], int, int]] = {
+    "minilm-l6": (BertConfig.minilm_l6, 32, 128),
+    "bert-base": (BertConfig.bert_base, 32, 128),
+    "smollm2-135m": (LlamaConfig.smollm2_135m, 8, 1024),
+    "llama-1b": (lambda **kw: LlamaConfig(**_LLAMA_1B, **kw), 4, 1024),
+    "tiny-bert": (lambda **kw: BertConfig(**_TINY_BERT, **kw), 2, 8),
+    "tiny-llama": (lambda **kw: LlamaConfig(**_TINY_LLAMA, **kw), 2, 8),
+}
+
+
+def get_spec(
+    name: str, dtype: str = "float32", batch_size: int | None = None, seq_len: int | None = None
+) -> BenchSpec:
+    """The registered shape ``name`` with compute ``dtype`` (parameters stay float32)."""
+    if name not in SHAPES:
+        raise ValueError(f"unknown model {name!r}; choose from {sorted(SHAPES)}")
+    factory, default_b, default_t = SHAPES[name]
+    config = factory(dtype=dtype, param_dtype="float32")
+    return BenchSpec(name, config, batch_size or default_b, seq_len or default_t)
+
+
+# ---------------------------------------------------------------------------------------------
+# FLOPs, peaks, MFU
+
+
+def matmul_params(config: BertConfig | LlamaConfig, num_labels: int = 3) -> tuple[int, int]:
+    """(per-token, per-sequence) matmul parameter counts; embedding lookups excluded."""
+    h, n_layers, inter = config.hidden_size, config.num_hidden_layers, config.intermediate_size
+    if isinstance(config, BertConfig):
+        layer = 4 * h * h + 2 * h * inter  # q, k, v, attention output; MLP in and out
+        return n_layers * layer, h * h + h * num_labels  # pooler + classifier on [CLS]
+    q = config.num_attention_heads * config.head_dim
+    kv = config.num_key_value_heads * config.head_dim
+    layer = 2 * h * q + 2 * h * kv + 3 * h * inter  # q, o; k, v; gate, up, down
+    return n_layers * layer + h * config.vocab_size, 0  # + LM head (tied or not)
+
+
+def attention_flops(config: BertConfig | LlamaConfig, batch_size: int, seq_len: int) -> int:
+    """QK^T and AV, forward and backward: 12 * L * (N * D) * T^2 * B."""
+    if isinstance(config, BertConfig):
+        width = config.hidden_size
+    else:
+        width = config.num_attention_heads * config.head_dim
+    return 12 * config.num_hidden_layers * width * seq_len**2 * batch_size
+
+
+def step_flops(spec: BenchSpec) -> int:
+    """Model FLOPs of one training step (forward + backward), see the module docstring."""
+    per_tok, per_seq = matmul_params(spec.config, spec.num_labels)
+    b, t = spec.batch_size, spec.seq_len
+    return 6 * per_tok * b * t + 6 * per_seq * b + attention_flops(spec.config, b, t)
+
+
+# Dense peak FLOP/s per device: (device_kind substring, bfloat16 peak, float32 peak). First match
+# wins, so more specific names come first. GPU float32 peaks are the non-tensor-core figures;
+# JAX computes float32 matmuls in TF32 on these GPUs by default, so float32 MFU against them can
+# exceed what the hardware's plain float32 units allow. TPUs run float32 matmuls as bfloat16
+# passes: one peak for both. The CPU figure is the development machine's (2 cores).
+PEAK_FLOPS: tuple[tuple[str, float, float], ...] = (
+    ("h200", 989e12, 67e12),
+    ("h100", 989e12, 67e12),
+    ("a100", 312e12, 19.5e12),
+    ("v6 lite", 918e12, 918e12),
+    ("v6e", 918e12, 918e12),
+    ("v5 lite", 197e12, 197e12),
+    ("v5e", 197e12, 197e12),
+    ("v5p", 459e12, 459e12),
+    ("tpu v5", 459e12, 459e12),
+    ("v4", 275e12, 275e12),
+    ("cpu", 76e9, 76e9),
+)
+
+
+def peak_flops(device_kind: str, dtype: str = "bfloat16") -> float | None:
+    """Dense peak FLOP/s of one device of ``device_kind`` (``jax.devices()[0].device_kind``) for
+    ``dtype`` compute, or None when the kind is not in ``PEAK_FLOPS``."""
+    kind = device_kind.lower()
+    for pattern, bf16, f32 in PEAK_FLOPS:
+        if pattern in kind:
+            return bf16 if dtype == "bfloat16" else f32
+    return None
+
+
+def mfu(flops_per_step: float, step_s: float, peak: float | None) -> float | None:
+    """Model FLOPs utilization: achieved FLOP/s over ``peak`` (all devices together)."""
+    if not peak or step_s <= 0:
+        return None
+    return flops_per_step / step_s / peak
+
+
+# ---------------------------------------------------------------------------------------------
+# The JAX step
+
+
+def make_batch(spec: BenchSpec, seed: int = 0) -> dict[str, np.ndarray]:
+    """A random host batch of full rows in the task's format (see ``sft_jax.tasks``)."""
+    rng = np.random.default_rng(seed)
+    b, t, v = spec.batch_size, spec.seq_len, spec.config.vocab_size
+    ones = np.ones((b, t), np.int32)
+    if spec.task == "classification":
+        return {
+            "input_ids": rng.integers(1, v, (b, t), dtype=np.int32),
+            "attention_mask": ones,
+            "token_type_ids": np.zeros((b, t), np.int32),
+            "labels": rng.integers(0, spec.num_labels, (b,), dtype=np.int32),
+            "example_mask": np.ones((b,), np.float32),
+        }
+    tokens = rng.integers(0, v, (b, t + 1), dtype=np.int32)
+    return {
+        "input_ids": tokens[:, :-1],  # [B, T]
+        "targets": tokens[:, 1:],  # [B, T]
+        "target_mask": ones,
+        "segment_ids": ones,  # one segment per row
+        "positions": np.broadcast_to(np.arange(t, dtype=np.int32), (b, t)).copy(),
+    }
+
+
+def build_model(spec: BenchSpec, seed: int = 0) -> nnx.Module:
+    """The spec's model with random weights."""
+    rngs = nnx.Rngs(seed)
+    if spec.task == "classification":
+        return BertForSequenceClassification(spec.config, spec.num_labels, rngs=rngs)
+    return LlamaForCausalLM(spec.config, rngs=rngs)
+
+
+def adamw() -> optax.GradientTransformation:
+    """``optim.build_optimizer``'s AdamW chain (clip, AdamW, decay on matrices only) at a constant
+    rate, built with optax directly: ``sft_jax.optim`` imports ml_collections at module level.
+    Its ``multi_transform`` over frozen leaves is left out (nothing is frozen here)."""
+    decay = lambda params: jax.tree.map(lambda p: p.ndim > 1, params)
+    return optax.chain(
+        optax.clip_by_global_norm(CLIP_NORM),
+        optax.adamw(LEARNING_RATE, weight_decay=WEIGHT_DECAY, mask=decay),
+    )
+
+
+def build_step(spec: BenchSpec, mesh_shape=(1, 1, 1), seed: int = 0) -> tuple[Any, ...]:
+    """``(state, jitted train_step, device batch, mesh)`` for ``spec`` on a
+    ``(data, fsdp, tensor)`` mesh."""
+    model = build_model(spec, seed)
+    graphdef, params = nnx.split(model, nnx.Param)
+    trainable = jax.tree.map(lambda _: True, nnx.to_pure_dict(params))
+    tx = adamw()
+    mesh = sharding.make_mesh(mesh_shape)
+    state = create_train_state(model, tx, mesh, seed)
+    del model, params  # the state holds the (donated) parameters from here on
+    setup = StepSetup(
+        graphdef, tx, trainable, optax.constant_schedule(LEARNING_RATE), mesh,
+        shardings_of(state), sharding.batch_sharding(mesh),
+    )  # fmt: skip
+    step_fn = steps.make_train_step(setup, tasks.get_task(spec.task))
+    batch = sharding.put_batch(make_batch(spec, seed), setup.batch_sharding)
+    return state, step_fn, batch, mesh
+
+
+def time_calls(call: Callable[[], None], warmup: int, steps_: int) -> tuple[float, list[float]]:
+    """``(first call s, [timed call s])``: one first call, ``warmup`` untimed, ``steps_`` timed.
+    ``call`` must block until its work is done."""
+    if steps_ < 1:
+        raise ValueError(f"need at least one timed step, got {steps_}")
+    start = time.perf_counter()
+    call()
+    first = time.perf_counter() - start
+    for _ in range(warmup):
+        call()
+    times = []
+    for _ in range(steps_):
+        start = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - start)
+    return first, times
+
+
+def _peak_bytes(device: Any) -> int | None:
+    try:
+        stats = device.memory_stats()
+    except Exception:  # some backends raise instead of returning None
+        return None
+    return int(stats["peak_bytes_in_use"]) if stats and "peak_bytes_in_use" in stats else None
+
+
+def _cache_size(fn: Any) -> int | None:
+    size = getattr(fn, "_cache_size", None)  # private jit API: may vanish in a later jax
+    return int(size()) if callable(size) else None
+
+
+def run_jax(
+    spec: BenchSpec,
+    warmup: int = 2,
+    steps_: int = 10,
+    mesh_shape=(1, 1, 1),
+    peak: float | None = None,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Times the JAX train step of ``spec``.
+
+    Args:
+        spec: Model shape and batch.
+        warmup: Untimed calls after the first (compiling) one.
+        steps_: Timed calls; the step time is their median.
+        mesh_shape: ``(data, fsdp, tensor)``.
+        peak: Peak FLOP/s per device; default from ``PEAK_FLOPS`` by the device kind.
+        seed: Seed of the weights and the batch.
+
+    Returns:
+        A flat dict of the measurements (JSON-ready).
+    """
+    state, step_fn, batch, mesh = build_step(spec, mesh_shape, seed)
+    n_params = sum(int(x.size) for x in jax.tree.leaves(state.params))
+    holder = {"state": state}
+    del state
+
+    def call():
+        holder["state"], holder["metrics"] = step_fn(holder["state"], batch)
+        jax.block_until_ready((holder["state"], holder["metrics"]))
+
+    first, times = time_calls(call, warmup, steps_)
+    devices = list(mesh.devices.flat)
+    kind = devices[0].device_kind
+    peak = peak if peak is not None else peak_flops(kind, spec.config.dtype)
+    total_peak = None if peak is None else peak * len(devices)
+    out = _summary(spec, first, times, total_peak)
+    out.update(
+        device=kind, platform=devices[0].platform, num_devices=len(devices),
+        num_params=n_params, compilations=_cache_size(step_fn),
+        peak_bytes=_peak_bytes(devices[0]), loss=float(holder["metrics"]["loss"]),
+    )  # fmt: skip
+    return out
+
+
+def _summary(
+    spec: BenchSpec, first: float, times: list[float], peak: float | None
+) -> dict[str, Any]:
+    """The step-time, throughput and FLOP fields of a run (median over ``times``)."""
+    step_s = statistics.median(times)
+    flops = step_flops(spec)
+    return {
+        "model": spec.name,
+        "dtype": spec.config.dtype,
+        "batch_size": spec.batch_size,
+        "seq_len": spec.seq_len,
+        "tokens_per_step": spec.tokens,
+        "flops_per_step": flops,
+        "first_call_s": first,
+        "compile_s": max(first - step_s, 0.0),  # first call minus one steady-state step
+        "step_ms": 1e3 * step_s,
+        "step_ms_all": [1e3 * t for t in times],
+        "tokens_per_s": spec.tokens / step_s,
+        "tflops_per_s": flops / step_s / 1e12,
+        "peak_flops": peak,
+        "mfu": mfu(flops, step_s, peak),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# The same step in PyTorch (imported only here)
+
+
+def _torch_model(spec: BenchSpec, transformers: Any) -> Any:
+    """The ``transformers`` model of the same shape, random init, attention as its default."""
+    c = spec.config
+    if spec.task == "classification":
+        hf = {k: v for k, v in c.to_hf_dict().items() if k != "model_type"}
+        cfg = transformers.BertConfig(**hf, num_labels=spec.num_labels)
+        return transformers.BertForSequenceClassification(cfg)
+    # RoPE scaling changes only the frequency table, not the cost: left out.
+    cfg = transformers.LlamaConfig(
+        vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
+        num_hidden_layers=c.num_hidden_layers, num_attention_heads=c.num_attention_heads,
+        num_key_value_heads=c.num_key_value_heads, head_dim=c.head_dim,
+        rms_norm_eps=c.rms_norm_eps, rope_theta=c.rope_theta,
+        max_position_embeddings=c.max_position_embeddings,
+        tie_word_embeddings=c.tie_word_embeddings, use_cache=False,
+    )  # fmt: skip
+    return transformers.LlamaForCausalLM(cfg)
+
+
+def _torch_loss(model: Any, batch: dict, spec: BenchSpec, torch: Any) -> Any:
+    """Mean cross-entropy in float32, as the JAX tasks (all rows and targets are real)."""
+    f = torch.nn.functional
+    if spec.task == "classification":
+        logits = model(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+            token_type_ids=batch["token_type_ids"],
+        ).logits  # fmt: skip
+        return f.cross_entropy(logits.float(), batch["labels"])
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["target_mask"]).logits
+    return f.cross_entropy(logits.float().flatten(0, 1), batch["targets"].flatten())
+
+
+def run_torch(
+    spec: BenchSpec, warmup: int = 2, steps_: int = 10, seed: int = 0, isolate: bool = True
+) -> dict:
+    """Times the PyTorch equivalent of ``run_jax``'s step on the same batch.
+
+    ``transformers`` model, ``torch.optim.AdamW`` (same rate and decay, on every parameter) after
+    global-norm clipping; on CUDA if available. ``bfloat16`` runs under ``torch.autocast`` with
+    float32 parameters (the JAX policy); ``float32`` allows TF32 matmuls, as JAX does by default.
+
+    Args:
+        spec: Model shape and batch.
+        warmup: Untimed calls after the first one.
+        steps_: Timed calls; the step time is their median.
+        seed: Seed of the weights and the batch.
+        isolate: Run in a fresh (spawned) process, so that torch's CUDA libraries (cuDNN, ...)
+            never share a process with JAX's and its GPU memory is freed when it exits.
+
+    Returns:
+        ``step_ms``, ``step_ms_all``, ``first_call_s``, ``device``, ``peak_bytes``, ``loss``,
+        ``attn`` (the attention implementation), ``torch_version``.
+    """
+    if not isolate:
+        return _time_torch(spec, warmup, steps_, seed)
+    ctx = multiprocessing.get_context("spawn")
+    with futures.ProcessPoolExecutor(max_workers=1, mp_context=ctx) as pool:
+        return pool.submit(_time_torch, spec, warmup, steps_, seed).result()
+
+
+def _time_torch(spec: BenchSpec, warmup: int, steps_: int, seed: int) -> dict:
+    import torch
+    import transformers
+
+    cuda = torch.cuda.is_available()
+    dev = torch.device("cuda" if cuda else "cpu")
+    if cuda:
+        torch.set_float32_matmul_precision("high")  # TF32, as JAX's default float32 dot
+        torch.cuda.reset_peak_memory_stats()
+    torch.manual_seed(seed)
+    with dev:
+        model = _torch_model(spec, transformers).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=LEARNING_RATE, weight_decay=WEIGHT_DECAY)
+    batch = {k: torch.from_numpy(np.asarray(v)).to(dev) for k, v in make_batch(spec, seed).items()}
+    batch = {k: v.long() if v.dtype == torch.int32 else v for k, v in batch.items()}
+    bf16 = spec.config.dtype == "bfloat16"
+    holder = {}
+
+    def call():
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
+            loss = _torch_loss(model, batch, spec, torch)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP_NORM)
+        opt.step()
+        holder["loss"] = float(loss.detach())
+        if cuda:
+            torch.cuda.synchronize()
+
+    first, times = time_calls(call, warmup, steps_)
+    return {
+        "step_ms": 1e3 * statistics.median(times),
+        "step_ms_all": [1e3 * t for t in times],
+        "first_call_s": first,
+        "device": torch.cuda.get_device_name(dev) if cuda else "cpu",
+        "peak_bytes": int(torch.cuda.max_memory_allocated(dev)) if cuda else None,
+        "loss": holder["loss"],
+        "attn": getattr(model.config, "_attn_implementation", None),
+        "torch_version": torch.__version__,
+    }
