@@ -13,6 +13,8 @@ the instruction tasks; no exact-match score), ``debug`` (a few steps on a handfu
 
 import ml_collections
 
+from configs import common
+
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
     args = {a for a in arg.split(",") if a}
@@ -50,46 +52,20 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.lora.dropout = 0.05
     c.lora.targets = ()  # regexes on module paths; () = every attention and MLP projection
 
-    c.optimizer = ml_collections.ConfigDict()
-    c.optimizer.name = "adamw"
-    c.optimizer.learning_rate = 1e-4
-    c.optimizer.b1 = 0.9
-    c.optimizer.b2 = 0.999
-    c.optimizer.eps = 1e-8
-    c.optimizer.momentum = 0.9  # sgd only
-    c.optimizer.nesterov = False  # sgd only
-    c.optimizer.weight_decay = 0.0
-    c.optimizer.schedule = "cosine"  # constant | linear | cosine (after warmup)
-    c.optimizer.warmup_steps = 0
-    c.optimizer.warmup_ratio = 0.1
-    c.optimizer.grad_clip_norm = 1.0
-    c.optimizer.accumulation_steps = 1
+    c.optimizer = common.optimizer(learning_rate=1e-4, weight_decay=0.0, schedule="cosine")
 
-    c.freeze = ml_collections.ConfigDict()
-    c.freeze.policy = "full"  # a preset of sft_jax.freezing.PRESETS ("lora" with adapters)
+    c.freeze = common.freeze("full")
 
-    c.train = ml_collections.ConfigDict()
-    c.train.num_epochs = 1
-    c.train.num_steps = 0  # > 0 overrides num_epochs
-    c.train.eval_every_steps = 40  # 0 = once per epoch
-    c.train.log_every_steps = 5
-    c.train.early_stopping_patience = 0
-    c.train.max_eval_batches = 0  # 0 = the whole validation split
+    c.train = common.train(eval_every_steps=40, log_every_steps=5)
 
     c.generation = ml_collections.ConfigDict()
     c.generation.max_new_tokens = 48
     c.generation.batch_size = 50
     c.generation.max_examples = 0  # exact match on the first N test records (0 = all)
 
-    c.checkpoint = ml_collections.ConfigDict()
-    c.checkpoint.keep_latest = 1
-    c.checkpoint.keep_best = 1
-    c.checkpoint.best_metric = "loss"
-    c.checkpoint.best_mode = "min"
-    c.checkpoint.async_save = True
+    c.checkpoint = common.checkpoint("loss", "min")
 
-    c.mesh = ml_collections.ConfigDict()
-    c.mesh.shape = (-1, 1, 1)  # (data, fsdp, tensor); -1 = all remaining devices
+    c.mesh = common.mesh()
 
     if "lora" in args:
         c.lora.rank = 16

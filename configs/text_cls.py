@@ -12,6 +12,8 @@ head: a linear probe on the frozen encoder), ``full`` (the whole train split for
 
 import ml_collections
 
+from configs import common
+
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
     args = {a for a in arg.split(",") if a}
@@ -43,41 +45,15 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.data.batch_size = 32
     c.data.eval_batch_size = 64
 
-    c.optimizer = ml_collections.ConfigDict()
-    c.optimizer.name = "adamw"
-    c.optimizer.learning_rate = 5e-5
-    c.optimizer.b1 = 0.9
-    c.optimizer.b2 = 0.999
-    c.optimizer.eps = 1e-8
-    c.optimizer.momentum = 0.9  # sgd only
-    c.optimizer.nesterov = False  # sgd only
-    c.optimizer.weight_decay = 0.01
-    c.optimizer.schedule = "linear"  # constant | linear | cosine (after warmup)
-    c.optimizer.warmup_steps = 0
-    c.optimizer.warmup_ratio = 0.1
-    c.optimizer.grad_clip_norm = 1.0
-    c.optimizer.accumulation_steps = 1
+    c.optimizer = common.optimizer()
 
-    c.freeze = ml_collections.ConfigDict()
-    c.freeze.policy = "full"  # a preset of sft_jax.freezing.PRESETS
+    c.freeze = common.freeze("full")
 
-    c.train = ml_collections.ConfigDict()
-    c.train.num_epochs = 1
-    c.train.num_steps = 0  # > 0 overrides num_epochs
-    c.train.eval_every_steps = 125  # 0 = once per epoch
-    c.train.log_every_steps = 10
-    c.train.early_stopping_patience = 0  # evaluations without improvement; 0 = off
-    c.train.max_eval_batches = 0  # 0 = the whole validation split
+    c.train = common.train(eval_every_steps=125)
 
-    c.checkpoint = ml_collections.ConfigDict()
-    c.checkpoint.keep_latest = 1
-    c.checkpoint.keep_best = 1
-    c.checkpoint.best_metric = "macro_f1"
-    c.checkpoint.best_mode = "max"
-    c.checkpoint.async_save = True
+    c.checkpoint = common.checkpoint("macro_f1", "max")
 
-    c.mesh = ml_collections.ConfigDict()
-    c.mesh.shape = (-1, 1, 1)  # (data, fsdp, tensor); -1 = all remaining devices
+    c.mesh = common.mesh()
 
     if "full" in args:
         c.data.max_train_examples = 0

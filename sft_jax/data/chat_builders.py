@@ -37,7 +37,7 @@ from grain.sources import RandomAccessDataSource
 from sft_jax.data import instruct_tasks
 from sft_jax.data.builders import SUBSAMPLE_SEED, hash_order
 from sft_jax.data.chat import validate_messages
-from sft_jax.data.files import DataFileError
+from sft_jax.data.files import DataFileError, decode_file, jsonl_objects
 
 # Fixed forever: changing it changes which dialogs land in train/validation/test.
 CHATTERBOT_SPLIT_SEED = 20240901
@@ -210,31 +210,6 @@ class ChatterbotDialogs(tfds.core.GeneratorBasedBuilder):
 # ---------------------------------------------------------------------------- user files
 
 
-def _jsonl_objects(path: pathlib.Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    """Yields (1-based line, JSON object) for each non-blank line of a UTF-8 JSONL file."""
-    raw = path.read_bytes()
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        line = raw[: e.start].count(b"\n") + 1
-        raise DataFileError(path, line, None, f"not valid UTF-8 ({e.reason})") from None
-    # split("\n"), not splitlines(): JSON strings may hold a raw U+2028.
-    for line, content in enumerate(text.split("\n"), start=1):
-        if not content.strip():
-            continue
-        try:
-            obj = json.loads(content)
-        except json.JSONDecodeError as e:
-            raise DataFileError(
-                path, line, None, f"invalid JSON: {e.msg} (column {e.colno})"
-            ) from None
-        if not isinstance(obj, dict):
-            raise DataFileError(
-                path, line, None, f"expected a JSON object, got {type(obj).__name__}"
-            )
-        yield line, obj
-
-
 def _chat_example(
     path: pathlib.Path, line: int, obj: Mapping[str, Any], field: str, index: int
 ) -> dict[str, Any]:
@@ -276,7 +251,7 @@ def read_chat_file(path: pathlib.Path, messages_field: str = "messages") -> list
         raise DataFileError(path, None, None, "file not found")
     examples = [
         _chat_example(path, line, obj, messages_field, index)
-        for index, (line, obj) in enumerate(_jsonl_objects(path))
+        for index, (line, obj) in enumerate(jsonl_objects(path, decode_file(path)[1]))
     ]
     if not examples:
         raise DataFileError(path, None, None, "the file holds no examples")

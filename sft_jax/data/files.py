@@ -38,13 +38,37 @@ class Fields:
         return [f for f in (self.text, self.text_pair, self.label) if f]
 
 
-def _decode_file(path: pathlib.Path) -> tuple[bytes, str]:
+def decode_file(path: pathlib.Path) -> tuple[bytes, str]:
+    """``(raw bytes, text)`` of a UTF-8 file (a BOM is dropped); bad bytes name their line."""
     raw = path.read_bytes()
     try:
         return raw, raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         line = raw[: e.start].count(b"\n") + 1
         raise DataFileError(path, line, None, f"not valid UTF-8 ({e.reason})") from None
+
+
+def jsonl_objects(path: pathlib.Path, text: str):
+    """Yields ``(1-based line, JSON object)`` for each non-blank line of a JSONL file's text.
+
+    Raises:
+      DataFileError: naming the line, for invalid JSON or a line that is not an object.
+    """
+    # split("\n"), not splitlines(): JSON strings may hold a raw U+2028.
+    for line, content in enumerate(text.split("\n"), start=1):
+        if not content.strip():
+            continue
+        try:
+            obj = json.loads(content)
+        except json.JSONDecodeError as e:
+            raise DataFileError(
+                path, line, None, f"invalid JSON: {e.msg} (column {e.colno})"
+            ) from None
+        if not isinstance(obj, dict):
+            raise DataFileError(
+                path, line, None, f"expected a JSON object, got {type(obj).__name__}"
+            )
+        yield line, obj
 
 
 def _csv_rows(path: pathlib.Path, text: str, fields: Fields):
@@ -65,20 +89,7 @@ def _csv_rows(path: pathlib.Path, text: str, fields: Fields):
 
 
 def _jsonl_rows(path: pathlib.Path, text: str, fields: Fields):
-    # split("\n"), not splitlines(): JSON strings may hold a raw U+2028.
-    for line, content in enumerate(text.split("\n"), start=1):
-        if not content.strip():
-            continue
-        try:
-            obj = json.loads(content)
-        except json.JSONDecodeError as e:
-            raise DataFileError(
-                path, line, None, f"invalid JSON: {e.msg} (column {e.colno})"
-            ) from None
-        if not isinstance(obj, dict):
-            raise DataFileError(
-                path, line, None, f"expected a JSON object, got {type(obj).__name__}"
-            )
+    for line, obj in jsonl_objects(path, text):
         for name in fields.names():
             if name not in obj:
                 raise DataFileError(path, line, name, f"missing field (keys: {sorted(obj)})")
@@ -138,7 +149,7 @@ def read_splits(
     digest = hashlib.sha256(repr(dataclasses.astuple(fields)).encode())
     examples = {}
     for split, path in files.items():
-        raw, text = _decode_file(path)
+        raw, text = decode_file(path)
         digest.update(f"{split}:{len(raw)}:".encode() + raw)
         examples[split] = _read_examples(path, text, fields)
     label_names = _sorted_labels({ex["label"] for ex in examples["train"]})

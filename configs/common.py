@@ -1,0 +1,57 @@
+"""Config blocks shared by every experiment family: optimizer, freezing, training loop,
+checkpointing and device mesh. Each family's config file sets its own values on top."""
+
+import ml_collections
+
+
+def optimizer(**overrides) -> ml_collections.ConfigDict:
+    """AdamW with warmup (10% of steps) then decay, global-norm clipping at 1.0."""
+    c = ml_collections.ConfigDict()
+    c.name = "adamw"  # adamw | adam | sgd | lion | adafactor
+    c.learning_rate = 5e-5
+    c.b1 = 0.9
+    c.b2 = 0.999
+    c.eps = 1e-8
+    c.momentum = 0.9  # sgd only
+    c.nesterov = False  # sgd only
+    c.weight_decay = 0.01
+    c.schedule = "linear"  # constant | linear | cosine (after warmup)
+    c.warmup_steps = 0
+    c.warmup_ratio = 0.1
+    c.grad_clip_norm = 1.0
+    c.accumulation_steps = 1
+    c.update(overrides)
+    return c
+
+
+def freeze(policy: str = "full") -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict({"policy": policy})  # a preset of sft_jax.freezing.PRESETS
+
+
+def train(**overrides) -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.num_epochs = 1
+    c.num_steps = 0  # > 0 overrides num_epochs
+    c.eval_every_steps = 0  # 0 = once per epoch
+    c.log_every_steps = 10
+    c.early_stopping_patience = 0  # evaluations without improvement; 0 = off
+    c.max_eval_batches = 0  # 0 = the whole validation split
+    c.update(overrides)
+    return c
+
+
+def checkpoint(best_metric: str, best_mode: str) -> ml_collections.ConfigDict:
+    """Keep the latest and the best checkpoint by a validation metric ("max" or "min")."""
+    c = ml_collections.ConfigDict()
+    c.keep_latest = 1
+    c.keep_best = 1
+    c.best_metric = best_metric
+    c.best_mode = best_mode
+    c.async_save = True
+    return c
+
+
+def mesh() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.shape = (-1, 1, 1)  # (data, fsdp, tensor); -1 = all remaining devices
+    return c
