@@ -37,7 +37,7 @@ from grain.sources import RandomAccessDataSource
 from sft_jax.data import instruct_tasks
 from sft_jax.data.builders import SUBSAMPLE_SEED, hash_order
 from sft_jax.data.chat import validate_messages
-from sft_jax.data.files import DataFileError, decode_file, jsonl_objects
+from sft_jax.data.files import DataFileError, check_readable, decode_file, jsonl_objects
 
 # Fixed forever: changing it changes which dialogs land in train/validation/test.
 CHATTERBOT_SPLIT_SEED = 20240901
@@ -247,8 +247,7 @@ def read_chat_file(path: pathlib.Path, messages_field: str = "messages") -> list
       DataFileError: naming the file, line and field, for a missing file, bad UTF-8 or JSON, a
         missing or invalid conversation, a non-string answer, or a file without examples.
     """
-    if not path.is_file():
-        raise DataFileError(path, None, None, "file not found")
+    check_readable(path)
     examples = [
         _chat_example(path, line, obj, messages_field, index)
         for index, (line, obj) in enumerate(jsonl_objects(path, decode_file(path)[1]))

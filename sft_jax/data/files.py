@@ -38,9 +38,26 @@ class Fields:
         return [f for f in (self.text, self.text_pair, self.label) if f]
 
 
+def check_readable(path: pathlib.Path) -> None:
+    """Raises `DataFileError` naming `path` unless it is an existing regular file."""
+    if path.is_dir():
+        raise DataFileError(path, None, None, "is a directory, expected a data file")
+    if not path.is_file():
+        raise DataFileError(path, None, None, "file not found")
+
+
 def decode_file(path: pathlib.Path) -> tuple[bytes, str]:
-    """``(raw bytes, text)`` of a UTF-8 file (a BOM is dropped); bad bytes name their line."""
-    raw = path.read_bytes()
+    """``(raw bytes, text)`` of a UTF-8 file (a BOM is dropped).
+
+    Raises:
+      DataFileError: naming the file for a missing or unreadable file, and the line of the
+        first byte that is not valid UTF-8.
+    """
+    check_readable(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise DataFileError(path, None, None, f"cannot read the file ({e.strerror or e})") from None
     try:
         return raw, raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
@@ -142,8 +159,7 @@ def read_splits(
       DataFileError: on any bad input; names file, line and field.
     """
     for path in files.values():
-        if not path.is_file():
-            raise DataFileError(path, None, None, "file not found")
+        check_readable(path)
         if path.suffix.lower() not in (".csv", ".jsonl", ".ndjson"):
             raise DataFileError(path, None, None, "unknown format; use .csv or .jsonl")
     digest = hashlib.sha256(repr(dataclasses.astuple(fields)).encode())

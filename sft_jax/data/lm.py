@@ -30,6 +30,7 @@ import grain
 import numpy as np
 
 from sft_jax.data import chat
+from sft_jax.data.limits import check_tokenizer_fits, read_model_limits, tokenizer_id_limit
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +63,8 @@ def load_chat_tokenizer(model_path: str | Path) -> Any:
     """The tokenizer (with chat template) of a Hugging Face directory or a GGUF file.
 
     Raises:
-      ValueError: the tokenizer has no chat template (the path is named).
+      ValueError: the tokenizer has no chat template, or (a directory) more token ids than the
+        `vocab_size` of the model's `config.json`; the path is named.
     """
     path = Path(model_path)
     if path.is_file() and path.suffix == ".gguf":
@@ -73,6 +75,10 @@ def load_chat_tokenizer(model_path: str | Path) -> Any:
         import transformers
 
         tok = transformers.AutoTokenizer.from_pretrained(str(path))
+        limits = read_model_limits(path)
+        if limits.vocab_size is not None:
+            where = f"{path} (tokenizer) vs {limits.source}"
+            check_tokenizer_fits(tokenizer_id_limit(tok), limits.vocab_size, where)
     if not getattr(tok, "chat_template", None):
         raise ValueError(f"{path}: the tokenizer has no chat template; chat SFT needs one")
     return tok
@@ -116,7 +122,7 @@ def chat_lm_rows(
       shuffle: permute conversations before packing (training) or keep source order.
 
     Returns:
-      The rows and counts (logged as well).
+      The rows and counts (logged as well; a warning when conversations were cut).
     """
     order = np.arange(len(source))
     if shuffle:
@@ -145,6 +151,14 @@ def chat_lm_rows(
         100.0 * out.num_tokens / max(len(rows) * seq_len, 1),
         out.num_truncated,
     )
+    if out.num_truncated:
+        log.warning(
+            "%d of %d conversations are longer than data.max_length=%d tokens and were cut "
+            "from the right to fit",
+            out.num_truncated,
+            out.num_conversations,
+            seq_len,
+        )
     return out
 
 

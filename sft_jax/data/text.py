@@ -15,13 +15,15 @@ so a jitted step compiles once per bucket. Filler rows (only in a last, short ba
 `drop_remainder=False`) hold the encoding of an empty text (`[CLS] [SEP]` for BERT) so no row
 is fully masked (an all-masked softmax is NaN); `example_mask` removes them from losses and
 metrics. Sequences longer than `max_length` are truncated by the tokenizer, which keeps the
-special tokens (the final `[SEP]`).
+special tokens (the final `[SEP]`); `text_cls_dataset` logs one warning per split with how many
+were cut, or rejects the split when asked to (`truncate=False`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import pathlib
 from collections.abc import Mapping, Sequence
@@ -30,6 +32,15 @@ from typing import Any
 import grain
 import numpy as np
 import tokenizers
+
+from sft_jax.data.limits import (
+    check_max_length,
+    check_tokenizer_fits,
+    read_model_limits,
+    tokenizer_id_limit,
+)
+
+_LOG = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,14 +63,26 @@ class TextTokenizer:
       backend: the `tokenizers.Tokenizer`, with padding and truncation turned off.
       pad_id: id used to pad batches.
       model_max_length: longest input the model accepts (from tokenizer_config.json).
+      max_positions: the model's position table size (from its config.json); None if unknown.
+      limits_source: the file `max_positions` comes from (named in errors).
     """
 
-    def __init__(self, backend: tokenizers.Tokenizer, *, pad_id: int, model_max_length: int):
+    def __init__(
+        self,
+        backend: tokenizers.Tokenizer,
+        *,
+        pad_id: int,
+        model_max_length: int,
+        max_positions: int | None = None,
+        limits_source: str = "",
+    ):
         self.backend = tokenizers.Tokenizer.from_str(backend.to_str())  # private copy
         self.backend.no_padding()
         self.backend.no_truncation()
         self.pad_id = pad_id
         self.model_max_length = model_max_length
+        self.max_positions = max_positions
+        self.limits_source = limits_source
         self._truncating: dict[int, tokenizers.Tokenizer] = {}
 
     @property
@@ -99,6 +122,8 @@ class TextTokenizer:
             "backend": self.backend.to_str(),
             "pad_id": self.pad_id,
             "model_max_length": self.model_max_length,
+            "max_positions": self.max_positions,
+            "limits_source": self.limits_source,
         }
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -106,6 +131,8 @@ class TextTokenizer:
             tokenizers.Tokenizer.from_str(state["backend"]),
             pad_id=state["pad_id"],
             model_max_length=state["model_max_length"],
+            max_positions=state.get("max_positions"),
+            limits_source=state.get("limits_source", ""),
         )
 
 
@@ -119,13 +146,15 @@ def load_tokenizer(model_dir: str | pathlib.Path) -> TextTokenizer:
 
     Args:
       model_dir: directory with `tokenizer.json` and, optionally, `tokenizer_config.json`
-        (for the pad token and `model_max_length`).
+        (for the pad token and `model_max_length`) and the model's `config.json` (for its
+        `vocab_size` and `max_position_embeddings`).
 
     Returns:
       A `TextTokenizer`.
 
     Raises:
       FileNotFoundError: the directory has no `tokenizer.json`.
+      ValueError: the tokenizer has more token ids than the model's `vocab_size`.
     """
     model_dir = pathlib.Path(model_dir)
     path = model_dir / "tokenizer.json"
@@ -143,7 +172,17 @@ def load_tokenizer(model_dir: str | pathlib.Path) -> TextTokenizer:
     pad_id = backend.token_to_id(pad_token) if pad_token else None
     # Some configs say 1e30 for "no limit"; keep an int.
     max_len = int(min(float(config.get("model_max_length", 512)), 2**31 - 1))
-    return TextTokenizer(backend, pad_id=0 if pad_id is None else pad_id, model_max_length=max_len)
+    limits = read_model_limits(model_dir)
+    if limits.vocab_size is not None:
+        where = f"{path} vs {limits.source}"
+        check_tokenizer_fits(tokenizer_id_limit(backend), limits.vocab_size, where)
+    return TextTokenizer(
+        backend,
+        pad_id=0 if pad_id is None else pad_id,
+        model_max_length=max_len,
+        max_positions=limits.max_positions,
+        limits_source=limits.source,
+    )
 
 
 def pick_bucket(length: int, buckets: Sequence[int]) -> int:
@@ -156,12 +195,15 @@ def pick_bucket(length: int, buckets: Sequence[int]) -> int:
 
 def check_buckets(buckets: Sequence[int], max_length: int) -> tuple[int, ...]:
     """Validates buckets: positive, strictly ascending, the last equal to `max_length`."""
-    buckets = tuple(int(b) for b in buckets)
+    try:
+        buckets = tuple(int(b) for b in buckets)
+    except (TypeError, ValueError):
+        raise ValueError(f"data.buckets must be integers; got {tuple(buckets)!r}") from None
     ascending = all(a < b for a, b in zip(buckets, buckets[1:]))
     if not buckets or buckets[0] <= 0 or not ascending or buckets[-1] != max_length:
         raise ValueError(
-            f"buckets must be positive, strictly ascending and end with max_length={max_length};"
-            f" got {buckets}"
+            "data.buckets must be positive, strictly ascending and end with "
+            f"data.max_length={max_length}; got {buckets}"
         )
     return buckets
 
@@ -238,6 +280,8 @@ def text_cls_dataset(
     num_epochs: int | None,
     drop_remainder: bool,
     text_pair: bool = False,
+    truncate: bool = True,
+    split: str = "",
 ) -> grain.MapDataset:
     """Tokenized, bucketed, padded batches of a text classification source.
 
@@ -260,11 +304,24 @@ def text_cls_dataset(
       drop_remainder: drop a last short batch (training) or pad it with filler rows
         (`example_mask` 0; evaluation).
       text_pair: encode `text_pair` as the second segment.
+      truncate: cut examples longer than `max_length` (one warning with the count) or, when
+        False, reject the split if any example is longer.
+      split: the split's name, for the warning and errors.
 
     Returns:
       A `grain.MapDataset` of batch dicts (see the module docstring).
+
+    Raises:
+      ValueError: bad buckets; `max_length` longer than the model's positions; with
+        `truncate=False`, an example longer than `max_length`.
     """
     buckets = check_buckets(buckets, max_length)
+    check_max_length(
+        max_length, tokenizer.max_positions, "data.max_length", tokenizer.limits_source
+    )
+    report_long_examples(
+        source, token_lengths(source, tokenizer, text_pair), max_length, truncate, split
+    )
     ds = grain.MapDataset.source(source)
     if shuffle:
         ds = ds.shuffle(seed=seed)
@@ -279,6 +336,56 @@ def text_cls_dataset(
     if num_epochs != 1:
         ds = ds.repeat(num_epochs)  # reseeds the upstream shuffle every epoch
     return ds
+
+
+def token_lengths(
+    source: Sequence[Mapping[str, Any]], tokenizer: TextTokenizer, text_pair: bool = False
+) -> list[int]:
+    """Untruncated token counts (special tokens included) of every record of `source`."""
+    records = [source[i] for i in range(len(source))]
+    texts = [_as_str(r["text"]) for r in records]
+    if text_pair:
+        texts = list(zip(texts, [_as_str(r["text_pair"]) for r in records]))
+    return [len(e.ids) for e in tokenizer.backend.encode_batch(texts)]
+
+
+def report_long_examples(
+    source: Sequence[Mapping[str, Any]],
+    lengths: Sequence[int],
+    max_length: int,
+    truncate: bool,
+    split: str = "",
+) -> int:
+    """Logs one warning with the number of examples longer than `max_length`, or rejects them.
+
+    Args:
+      source: the records `lengths` belong to (the first long one's `id` is named).
+      lengths: untruncated token counts (`token_lengths`).
+      max_length: `data.max_length`.
+      truncate: warn (True) or raise (False) when some example is longer.
+      split: the split's name, for the message.
+
+    Returns:
+      How many examples are longer than `max_length` (and will be truncated).
+
+    Raises:
+      ValueError: `truncate` is False and some example is longer than `max_length`.
+    """
+    long = [i for i, n in enumerate(lengths) if n > max_length]
+    if not long:
+        return 0
+    first = source[long[0]]
+    first_id = int(first["id"]) if "id" in first else long[0]
+    where = f" of split {split!r}" if split else ""
+    what = (
+        f"{len(long)} of {len(lengths)} examples{where} are longer than "
+        f"data.max_length={max_length} tokens (longest: {max(lengths)} tokens; first: record id "
+        f"{first_id})"
+    )
+    if not truncate:
+        raise ValueError(f"{what}; raise data.max_length or set data.truncate=True")
+    _LOG.warning("%s; they are truncated to %d tokens", what, max_length)
+    return len(long)
 
 
 def length_stats(
@@ -296,11 +403,7 @@ def length_stats(
       "bucket_counts": {bucket: count}}`.
     """
     buckets = check_buckets(buckets, max_length)
-    records = [source[i] for i in range(len(source))]
-    texts = [_as_str(r["text"]) for r in records]
-    if text_pair:
-        texts = list(zip(texts, [_as_str(r["text_pair"]) for r in records]))
-    lengths = [len(e.ids) for e in tokenizer.backend.encode_batch(texts)]
+    lengths = token_lengths(source, tokenizer, text_pair)
     counts = {b: 0 for b in buckets}
     for n in lengths:
         counts[pick_bucket(min(n, max_length), buckets)] += 1
