@@ -36,6 +36,8 @@ def train(**overrides) -> ml_collections.ConfigDict:
     c.log_every_steps = 10
     c.early_stopping_patience = 0  # evaluations without improvement; 0 = off
     c.max_eval_batches = 0  # 0 = the whole validation split
+    c.max_skipped_steps = 5  # NaN/Inf updates skipped in a row before stopping with a checkpoint
+    c.check_data_order = True  # log each epoch's batch hash; a resumed run must match it
     c.update(overrides)
     return c
 
@@ -48,6 +50,7 @@ def checkpoint(best_metric: str, best_mode: str) -> ml_collections.ConfigDict:
     c.best_metric = best_metric
     c.best_mode = best_mode
     c.async_save = True
+    c.every_steps = 0  # also save every N steps (0 = only at evaluations and on preemption)
     return c
 
 

@@ -41,6 +41,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.data.label_field = "label"
     c.data.max_train_examples = 16000  # 0 = all (29,795); the default job uses a subsample
     c.data.max_length = 128
+    c.data.truncate = True  # longer examples are cut (with a warning and a count); False = error
     c.data.buckets = (32, 64, 128)
     c.data.batch_size = 32
     c.data.eval_batch_size = 64

@@ -4,7 +4,9 @@
       [--config.optimizer.learning_rate=3e-5 ...]
 
 Writes DIR/config.json, DIR/run.json, DIR/metrics.jsonl, DIR/tb/ and DIR/checkpoints/. Running
-it again with the same DIR resumes from the latest checkpoint.
+it again with the same DIR resumes from the latest checkpoint. SIGTERM / SIGINT (preemption,
+Ctrl-C) save a checkpoint after the current step and exit with status 0 and "preempted": true;
+a second Ctrl-C aborts at once.
 """
 
 import json
@@ -29,9 +31,11 @@ def main(argv):
     setup_cli_logging()
     from sft_jax.trainer import Trainer  # after flag parsing: keeps --help fast
 
-    final = Trainer(_CONFIG.value, _WORKDIR.value).run()
+    final = dict(Trainer(_CONFIG.value, _WORKDIR.value).run())
+    preempted = final.pop("preempted", False)
     summary = {k: v for k, v in final.items() if k != "confusion_matrix"}
-    print(json.dumps({"workdir": os.path.abspath(_WORKDIR.value), "validation": summary}))
+    out = {"workdir": os.path.abspath(_WORKDIR.value), "preempted": preempted}
+    print(json.dumps({**out, "validation": summary}))
 
 
 if __name__ == "__main__":

@@ -37,8 +37,13 @@ def load_data(cfg: ml_collections.ConfigDict):
     classification; ``ChatData`` and the chat-template tokenizer for causal LMs."""
     if is_lm(cfg):
         from sft_jax.data.chat_builders import load_chat_data
+        from sft_jax.data.limits import check_max_length, read_model_limits
         from sft_jax.data.lm import load_chat_tokenizer
 
+        limits = read_model_limits(model_dir(cfg))
+        check_max_length(
+            cfg.data.max_length, limits.max_positions, "data.max_length", limits.source
+        )
         return load_chat_data(cfg.data, data_dir(cfg)), load_chat_tokenizer(model_dir(cfg))
     from sft_jax.data.builders import load_text_classification
     from sft_jax.data.text import load_tokenizer
@@ -83,6 +88,8 @@ def batches(cfg: ml_collections.ConfigDict, data: Any, tokenizer: Any, split: st
         num_epochs=1,
         drop_remainder=train,
         text_pair=data.text_pair,
+        truncate=cfg.data.get("truncate", True),
+        split=split,
     )
 
 

@@ -3,7 +3,9 @@
 ``train_step(state, batch) -> (state, metrics)``: merges the graph with the params, computes the
 task loss (summed over real examples), differentiates only the trainable leaves, accumulates over
 ``accumulation_steps`` micro-batches with ``lax.scan``, and applies the optax update. Metrics are
-global-batch means plus gradient / parameter / update norms (as big_vision's ``update_fn``).
+global-batch means plus gradient / parameter / update norms (as big_vision's ``update_fn``) and
+``nonfinite``: 1 when the update was skipped because the loss, a gradient or a new parameter was
+NaN/Inf (the step still counts, the state keeps its last good parameters).
 """
 
 from __future__ import annotations
@@ -101,7 +103,16 @@ def train_step(
         "update_norm": optax.tree.norm(updates),
         "learning_rate": setup.lr_schedule(state.step),
     }
-    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+    # A NaN/Inf loss, gradient or new parameter skips the update: the step (and so the data
+    # position) advances, parameters and optimizer state stay the last good ones.
+    finite = jnp.isfinite(metrics["loss"] + metrics["grad_norm"] + metrics["param_norm"])
+    metrics["nonfinite"] = 1.0 - finite.astype(jnp.float32)
+    keep = functools.partial(jnp.where, finite)
+    new_state = state.replace(
+        step=state.step + 1,
+        params=jax.tree.map(keep, params, state.params),
+        opt_state=jax.tree.map(keep, opt_state, state.opt_state),
+    )
     return new_state, metrics
 
 

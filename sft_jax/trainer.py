@@ -16,8 +16,9 @@ import ml_collections
 from flax import nnx
 
 from sft_jax import checkpoint as ckpt_lib
-from sft_jax import components, freezing, optim, steps, tree_util
+from sft_jax import components, freezing, optim, preemption, steps, tree_util
 from sft_jax import logging as log_lib
+from sft_jax import resume as resume_lib
 from sft_jax import sharding as sharding_lib
 from sft_jax.evaluation import evaluate
 from sft_jax.tasks import get_task
@@ -52,6 +53,10 @@ def _flat(d: dict, prefix: str = "") -> dict:
         else:
             out[f"{prefix}{k}"] = v
     return out
+
+
+class NonFiniteError(FloatingPointError):
+    """Too many consecutive updates skipped for a NaN/Inf loss or gradient."""
 
 
 def _num_tokens(batch: dict) -> int:
@@ -127,10 +132,10 @@ class Trainer:
 
     def _resume(self) -> dict:
         progress = {"next_batch": 0, "best": None, "evals_since_best": 0, "stopped_early": False}
-        step = self.mngr.latest_step()
-        if step is None:
+        restored = resume_lib.restore_latest(self.mngr, self.state)
+        if restored is None:
             return progress
-        self.state, progress = ckpt_lib.restore_train_state(self.mngr, step, self.state)
+        self.state, progress, step = restored
         # Batch i of the (seeded, repeated) training stream is always the same batch, so the data
         # position is the step itself; the saved position is a consistency check.
         if progress["next_batch"] != int(self.state.step):
@@ -170,8 +175,80 @@ class Trainer:
         log.info("step %d validation %s", step, " ".join(f"{k}={v:.4f}" for k, v in shown.items()))
         return progress["stopped_early"]
 
+    def _batch(self, step: int) -> dict:
+        """Host batch ``step`` of the training stream (the same batch for the same step)."""
+        return self.train_ds[step]
+
+    def _log_train(self, done: int, m: dict, meter: dict) -> None:
+        m = jax.device_get(m)
+        dt = time.time() - meter["t0"]
+        m.update(
+            tokens_per_sec=meter["tokens"] / dt,
+            steps_per_sec=(done - meter["step0"]) / dt,
+            epoch=done / self.steps_per_epoch,
+            num_compilations=self.train_step._cache_size(),
+        )
+        self.logger.write(done, "train", m)
+        self.bar.set_postfix(loss=f"{m['loss']:.4f}", tok_s=f"{m['tokens_per_sec']:.0f}")
+        if self.bar.disable:  # no terminal: a log line instead of the bar
+            log.info(
+                "step %d/%d loss=%.4f lr=%.2e %.0f tokens/s",
+                done,
+                self.total_steps,
+                m["loss"],
+                m["learning_rate"],
+                m["tokens_per_sec"],
+            )
+        meter.update(t0=time.time(), tokens=0, step0=done)
+
+    def _check_finite(self, done: int, m: dict, progress: dict) -> None:
+        """Counts skipped (non-finite) updates; too many in a row saves and raises."""
+        if not float(m["nonfinite"]):
+            progress["skipped_in_a_row"] = 0
+            return
+        progress["skipped_in_a_row"] = progress.get("skipped_in_a_row", 0) + 1
+        limit = self.cfg.train.max_skipped_steps
+        log.warning(
+            "step %d: non-finite loss or gradient (loss=%s); update skipped (%d in a row, "
+            "limit %d)",
+            done,
+            float(m["loss"]),
+            progress["skipped_in_a_row"],
+            limit,
+        )
+        if progress["skipped_in_a_row"] > limit:
+            progress["next_batch"] = done
+            ckpt_lib.save(self.mngr, self.state, progress)
+            self.mngr.wait_until_finished()
+            raise NonFiniteError(
+                f"{progress['skipped_in_a_row']} non-finite updates in a row (limit "
+                f"train.max_skipped_steps={limit}); saved the last good parameters at step "
+                f"{done} in {self.workdir}. Lower the learning rate or check the data."
+            )
+
+    def _train_one(self, step: int, progress: dict, meter: dict) -> int:
+        if self.cfg.train.check_data_order and (step % self.steps_per_epoch == 0 or meter["first"]):
+            resume_lib.check_data_order(
+                self.workdir, self.logger, self.train_ds, step, self.steps_per_epoch
+            )
+        meter["first"] = False
+        batch = self._batch(step)
+        meter["tokens"] += _num_tokens(batch)
+        self.state, m = self.train_step(
+            self.state, sharding_lib.put_batch(batch, self.setup.batch_sharding)
+        )
+        done = step + 1
+        self._check_finite(done, m, progress)
+        if done % self.cfg.train.log_every_steps == 0 or done == self.total_steps:
+            self._log_train(done, m, meter)
+        self.bar.update(1)
+        return done
+
     def run(self, stop_after_step: int | None = None) -> dict:
-        """Trains from the latest checkpoint (or the start) to the end.
+        """Trains from the latest good checkpoint (or the start) to the end.
+
+        SIGTERM / SIGINT (``sft_jax.preemption``) end the run after the current step with a
+        checkpoint; the returned dict then has ``preempted: True``.
 
         Args:
           stop_after_step: stop early, as if preempted, after this step (a checkpoint is saved
@@ -179,54 +256,30 @@ class Trainer:
         """
         progress = self._resume()
         start = int(self.state.step)
-        last_eval = None
         if progress["stopped_early"] or start >= self.total_steps:
             log.info("run in %s is already complete at step %d", self.workdir, start)
-        bar = log_lib.progress_bar(self.total_steps, start)
-        t0, tokens, log_step0 = time.time(), 0, start
-        for step in range(start, self.total_steps):
-            if progress["stopped_early"]:
-                break
-            batch = self.train_ds[step]
-            tokens += _num_tokens(batch)
-            self.state, m = self.train_step(
-                self.state, sharding_lib.put_batch(batch, self.setup.batch_sharding)
-            )
-            done = step + 1
-            if done % self.cfg.train.log_every_steps == 0 or done == self.total_steps:
-                m = jax.device_get(m)
-                dt = time.time() - t0
-                m.update(
-                    tokens_per_sec=tokens / dt,
-                    steps_per_sec=(done - log_step0) / dt,
-                    epoch=done / self.steps_per_epoch,
-                    num_compilations=self.train_step._cache_size(),
-                )
-                self.logger.write(done, "train", m)
-                bar.set_postfix(loss=f"{m['loss']:.4f}", tok_s=f"{m['tokens_per_sec']:.0f}")
-                if bar.disable:  # no terminal: a log line instead of the bar
-                    log.info(
-                        "step %d/%d loss=%.4f lr=%.2e %.0f tokens/s",
-                        done,
-                        self.total_steps,
-                        m["loss"],
-                        m["learning_rate"],
-                        m["tokens_per_sec"],
-                    )
-                t0, tokens, log_step0 = time.time(), 0, done
-            bar.update(1)
-            if done % self.eval_every == 0 or done == self.total_steps:
-                last_eval = self.evaluate()
-                if self._after_eval(done, last_eval, progress):
-                    log.info("early stopping at step %d", done)
+        self.bar = log_lib.progress_bar(self.total_steps, start)
+        meter = {"t0": time.time(), "tokens": 0, "step0": start, "first": True}
+        last_eval, preempted = None, False
+        every = self.cfg.checkpoint.every_steps
+        with preemption.StopRequest() as stop:
+            for step in range(start, self.total_steps):
+                if progress["stopped_early"]:
                     break
-            elif done == stop_after_step:
-                progress["next_batch"] = done
-                ckpt_lib.save(self.mngr, self.state, progress)
-            if done == stop_after_step:
-                log.info("stopping after step %d as asked", done)
-                break
-        bar.close()
+                done = self._train_one(step, progress, meter)
+                preempted = stop.requested or done == stop_after_step
+                if done % self.eval_every == 0 or done == self.total_steps:
+                    last_eval = self.evaluate()
+                    if self._after_eval(done, last_eval, progress):
+                        log.info("early stopping at step %d", done)
+                        break
+                elif preempted or (every and done % every == 0):
+                    progress["next_batch"] = done
+                    ckpt_lib.save(self.mngr, self.state, progress)
+                if preempted:
+                    log.info("stopped after step %d; run again to resume", done)
+                    break
+        self.bar.close()
         self.mngr.wait_until_finished()
         self.logger.close()
         if last_eval is None:  # nothing left to train: report the run's last evaluation
@@ -234,4 +287,4 @@ class Trainer:
             last_eval = (
                 {k: v for k, v in rows[-1].items() if k not in ("step", "split")} if rows else {}
             )
-        return last_eval
+        return {**last_eval, "preempted": True} if preempted else last_eval

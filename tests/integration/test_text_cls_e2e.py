@@ -11,73 +11,14 @@ import pytest
 import torch
 import transformers
 
-from configs import text_cls
 from sft_jax import logging as log_lib
-from sft_jax.pretrained import resolve_model_dir
 from sft_jax.trainer import Trainer
-
-WORDS = {
-    "negative": ["awful", "bad", "hate"],
-    "neutral": ["table", "maybe", "today"],
-    "positive": ["great", "love", "good"],
-}
-
-
-def write_csv(path, n, seed):
-    rng = np.random.default_rng(seed)
-    names = sorted(WORDS)
-    lines = ["text,label"]
-    for i in range(n):
-        label = names[i % 3]
-        words = list(rng.choice(WORDS[label], 2)) + list(rng.choice(["the", "a", "it", "so"], 3))
-        rng.shuffle(words)
-        lines.append(f"{' '.join(words)},{label}")
-    path.write_text("\n".join(lines) + "\n")
-    return str(path)
+from tests.tiny_text import make_config, make_tiny_setup
 
 
 @pytest.fixture(scope="module")
 def setup_dirs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("e2e")
-    cfg = transformers.BertConfig(
-        vocab_size=30522,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=64,
-        max_position_embeddings=64,
-    )
-    torch.manual_seed(0)
-    model_dir = root / "tiny_bert"
-    transformers.BertModel(cfg).save_pretrained(model_dir)
-    tok = transformers.AutoTokenizer.from_pretrained(resolve_model_dir("minilm-l6"))
-    tok.save_pretrained(model_dir)
-    files = {
-        s: write_csv(root / f"{s}.csv", n, seed)
-        for s, n, seed in (("train", 96, 0), ("validation", 30, 1), ("test", 30, 2))
-    }
-    return root, model_dir, files
-
-
-def make_config(root, model_dir, files, **train):
-    c = text_cls.get_config("debug")
-    c.unlock()
-    c.model.path = str(model_dir)
-    c.data.update(
-        name="files",
-        data_dir=str(root / "tfds"),
-        train_file=files["train"],
-        validation_file=files["validation"],
-        test_file=files["test"],
-        max_train_examples=0,
-    )
-    c.data.batch_size = 8
-    c.optimizer.learning_rate = 1e-3
-    defaults = dict(num_steps=8, eval_every_steps=4, max_eval_batches=0, log_every_steps=1)
-    c.train.update({**defaults, **train})
-    c.checkpoint.async_save = False
-    c.lock()
-    return c
+    return make_tiny_setup(tmp_path_factory.mktemp("e2e"))
 
 
 def losses(workdir):

@@ -1,0 +1,99 @@
+"""Resuming safely: the newest checkpoint that restores, and the same data order as before.
+
+``restore_latest`` walks the kept checkpoints from the newest down: a step that fails to restore
+(truncated or corrupted files) is reported, moved aside to ``<step>.corrupt-<time>`` (nothing
+is deleted) and the previous one is tried. ``check_data_order`` logs a hash of each epoch's
+batches (a ``split="data"`` row in metrics.jsonl) and, when the epoch was already logged by an
+earlier run, checks that the resumed run sees the very same batches.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import time
+from typing import Any
+
+import numpy as np
+import orbax.checkpoint as ocp
+
+from sft_jax import checkpoint as ckpt_lib
+from sft_jax import logging as log_lib
+from sft_jax.train_state import TrainState
+
+log = logging.getLogger(__name__)
+
+
+class DataOrderError(RuntimeError):
+    """The resumed run's batches differ from those the interrupted run saw."""
+
+
+def _quarantine(mngr: ocp.CheckpointManager, step: int) -> str:
+    src = os.path.join(str(mngr.directory), str(step))
+    dst = f"{src}.corrupt-{int(time.time())}"
+    os.rename(src, dst)
+    mngr.reload()
+    return dst
+
+
+def restore_latest(
+    mngr: ocp.CheckpointManager, like: TrainState
+) -> tuple[TrainState, dict, int] | None:
+    """``(state, progress, step)`` of the newest checkpoint that restores, or None if none
+    exists. Checkpoints that fail are moved aside (and logged) before trying older ones.
+
+    Raises:
+      RuntimeError: checkpoints exist but none restores.
+    """
+    steps = sorted(mngr.all_steps(), reverse=True)
+    for step in steps:
+        try:
+            state, progress = ckpt_lib.restore_train_state(mngr, step, like)
+            return state, progress, step
+        except Exception as e:  # noqa: BLE001 (Orbax raises many kinds for damaged files)
+            moved = _quarantine(mngr, step)
+            log.error(
+                "checkpoint step %d cannot be restored (%s: %s); moved it to %s and trying the "
+                "previous one",
+                step,
+                type(e).__name__,
+                str(e).splitlines()[0][:200] if str(e) else "",
+                moved,
+            )
+    if steps:
+        raise RuntimeError(f"none of the checkpoints {steps} in {mngr.directory} restores")
+    return None
+
+
+def epoch_hash(ds: Any, epoch: int, steps_per_epoch: int) -> str:
+    """SHA-256 (16 hex digits) of the ``input_ids`` of every batch of ``epoch``, in order."""
+    h = hashlib.sha256()
+    for i in range(epoch * steps_per_epoch, (epoch + 1) * steps_per_epoch):
+        h.update(np.ascontiguousarray(ds[i]["input_ids"]).tobytes())
+    return h.hexdigest()[:16]
+
+
+def check_data_order(
+    workdir: str, logger: log_lib.MetricsLogger, ds: Any, step: int, steps_per_epoch: int
+) -> None:
+    """Logs the hash of the epoch that ``step`` is in (once), or checks it against the log.
+
+    Raises:
+      DataOrderError: the epoch was logged before with another hash (the data, the tokenizer or
+        the seed changed since the checkpoint).
+    """
+    epoch = step // steps_per_epoch
+    current = epoch_hash(ds, epoch, steps_per_epoch)
+    logged = [
+        r for r in log_lib.read_metrics(workdir) if r["split"] == "data" and r["epoch"] == epoch
+    ]
+    if logged and logged[-1]["order_hash"] != current:
+        raise DataOrderError(
+            f"{workdir}: epoch {epoch} batches hash to {current}, but the run before the restart "
+            f"logged {logged[-1]['order_hash']}: data, tokenizer or seed changed; resume would "
+            "not continue the same run (use a new workdir)"
+        )
+    if not logged:
+        logger.write(epoch * steps_per_epoch, "data", {"epoch": epoch, "order_hash": current})
+    log.info("epoch %d data order hash %s", epoch, current)

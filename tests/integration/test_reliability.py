@@ -1,0 +1,203 @@
+"""Reliability of training runs on a tiny random BERT: preemption (SIGTERM) and hard kills
+resume to the uninterrupted run, damaged checkpoints fall back, interrupted saves never count,
+NaN updates are skipped or stop the run with a checkpoint, same seed = same metrics."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from sft_jax import logging as log_lib
+from sft_jax.restore import restore_run
+from sft_jax.trainer import NonFiniteError, Trainer
+from tests.tiny_text import as_flags, config_overrides, make_config, make_tiny_setup
+
+TIMING = ("tokens_per_sec", "steps_per_sec")
+
+
+@pytest.fixture(scope="module")
+def setup_dirs(tmp_path_factory):
+    return make_tiny_setup(tmp_path_factory.mktemp("reliability"))
+
+
+def rows(workdir):
+    """metrics.jsonl without the wall-clock fields."""
+    return [{k: v for k, v in r.items() if k not in TIMING} for r in log_lib.read_metrics(workdir)]
+
+
+def params_of(workdir, which="latest"):
+    model = restore_run(workdir, which).model
+    return [np.asarray(x) for x in jax.tree.leaves(nnx.to_pure_dict(nnx.state(model, nnx.Param)))]
+
+
+def norm(leaves):
+    return np.sqrt(sum(float((x.astype(np.float64) ** 2).sum()) for x in leaves))
+
+
+def assert_same_run(a, b):
+    assert rows(a) == rows(b)
+    for x, y in zip(params_of(a), params_of(b)):
+        np.testing.assert_array_equal(x, y)
+
+
+@pytest.fixture(scope="module")
+def reference(setup_dirs, tmp_path_factory):
+    """An uninterrupted run with a checkpoint every 2 steps (12 steps, evals at 6 and 12)."""
+    workdir = str(tmp_path_factory.mktemp("ref") / "run")
+    cfg = make_config(*setup_dirs, **_SETTINGS)
+    Trainer(cfg, workdir).run()
+    return workdir
+
+
+_SETTINGS = {
+    "num_steps": 12,
+    "eval_every_steps": 6,
+    "checkpoint.every_steps": 2,
+    "checkpoint.keep_latest": 3,
+}
+
+
+def start_training(setup_dirs, workdir, **extra):
+    overrides = config_overrides(*setup_dirs, **{**_SETTINGS, **extra})
+    cmd = [sys.executable, "-m", "experiments.train", "--config", "configs/text_cls.py:debug",
+           "--workdir", workdir, *as_flags(overrides)]  # fmt: skip
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for_step(workdir, step, proc, timeout=300):
+    """Waits until metrics.jsonl has a train row at ``step`` or later."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        assert proc.poll() is None, proc.communicate()
+        done = [r["step"] for r in log_lib.read_metrics(workdir) if r["split"] == "train"]
+        if done and max(done) >= step:
+            return max(done)
+        time.sleep(0.05)
+    raise TimeoutError(f"step {step} not reached in {workdir}")
+
+
+@pytest.mark.slow
+def test_sigterm_saves_and_resume_equals_uninterrupted(setup_dirs, reference, tmp_path):
+    workdir = str(tmp_path / "run")
+    # Checkpoints only at evaluations: what SIGTERM saves is all that is kept before step 6.
+    proc = start_training(setup_dirs, workdir, **{"checkpoint.every_steps": 0})
+    wait_for_step(workdir, 3, proc)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    summary = json.loads(out.strip().splitlines()[-1])
+    assert summary["preempted"] is True
+    saved = restore_run(workdir, "latest").step
+    assert 3 <= saved < 12
+    assert "SIGTERM received" in err
+
+    Trainer(make_config(*setup_dirs, **_SETTINGS), workdir).run()
+    assert_same_run(workdir, reference)
+
+
+@pytest.mark.slow
+def test_kill_9_then_resume_equals_uninterrupted(setup_dirs, reference, tmp_path):
+    workdir = str(tmp_path / "run")
+    proc = start_training(setup_dirs, workdir, **{"checkpoint.async_save": True})
+    wait_for_step(workdir, 3 + int(np.random.default_rng().integers(0, 5)), proc)
+    proc.kill()  # SIGKILL: no handler runs, a save may be half written
+    proc.communicate(timeout=60)
+    Trainer(make_config(*setup_dirs, **_SETTINGS), workdir).run()
+    assert_same_run(workdir, reference)
+    data = [r for r in log_lib.read_metrics(workdir) if r["split"] == "data"]
+    assert [r["epoch"] for r in data] == sorted({r["epoch"] for r in data})  # logged once each
+
+
+@pytest.mark.slow
+def test_damaged_newest_checkpoint_falls_back_to_the_previous(setup_dirs, reference, tmp_path):
+    workdir = tmp_path / "run"
+    shutil.copytree(reference, workdir)
+    ckpts = workdir / "checkpoints"
+    # Damage the newest checkpoint (12): every array and manifest file truncated.
+    for root, _, files in os.walk(ckpts / "12" / "params"):
+        for name in files:
+            with open(os.path.join(root, name), "r+b") as f:
+                f.truncate(3)
+    Trainer(make_config(*setup_dirs, **_SETTINGS), str(workdir)).run()
+    assert any(p.name.startswith("12.corrupt-") for p in ckpts.iterdir())  # kept, moved aside
+    assert_same_run(str(workdir), reference)
+
+
+@pytest.mark.slow
+def test_interrupted_save_is_never_latest(setup_dirs, reference, tmp_path):
+    workdir = tmp_path / "run"
+    shutil.copytree(reference, workdir)
+    ckpts = workdir / "checkpoints"
+    # What an interrupted save leaves behind: Orbax's temporary directory, never renamed.
+    shutil.copytree(ckpts / "12", ckpts / "14.orbax-checkpoint-tmp-1700000000")
+    run = restore_run(str(workdir), "latest")
+    assert run.step == 12
+
+
+@pytest.mark.slow
+def test_best_checkpoint_survives_restarts(setup_dirs, reference, tmp_path):
+    workdir = str(tmp_path / "run")
+    cfg = make_config(*setup_dirs, **_SETTINGS)
+    Trainer(cfg, workdir).run(stop_after_step=7)
+    Trainer(cfg, workdir).run()
+    assert restore_run(workdir, "best").step == restore_run(reference, "best").step
+
+
+class PoisonedTrainer(Trainer):
+    """Makes the loss of the given steps NaN (a NaN example weight), nothing else."""
+
+    poisoned: tuple[int, ...] = ()
+
+    def _batch(self, step):
+        batch = dict(super()._batch(step))
+        if step in self.poisoned:
+            batch["example_mask"] = batch["example_mask"].copy()
+            batch["example_mask"][0] = np.nan
+        return batch
+
+
+@pytest.mark.slow
+def test_nan_update_is_skipped(setup_dirs, tmp_path):
+    cfg = make_config(*setup_dirs, num_steps=4, eval_every_steps=4)
+    clean, poisoned = str(tmp_path / "clean"), str(tmp_path / "poisoned")
+    Trainer(cfg, clean).run()
+    trainer = PoisonedTrainer(cfg, poisoned)
+    trainer.poisoned = (3,)  # the 4th update
+    trainer.run()
+    train = [r for r in log_lib.read_metrics(poisoned) if r["split"] == "train"]
+    assert [r["nonfinite"] for r in train] == [0.0, 0.0, 0.0, 1.0]
+    # Skipping the last update leaves the parameters of step 3 of the clean run.
+    clean_train = [r for r in log_lib.read_metrics(clean) if r["split"] == "train"]
+    assert norm(params_of(poisoned)) == pytest.approx(clean_train[2]["param_norm"], rel=1e-5)
+    assert norm(params_of(clean)) == pytest.approx(clean_train[3]["param_norm"], rel=1e-5)
+    assert np.isfinite([r["loss"] for r in log_lib.read_metrics(poisoned)
+                        if r["split"] == "validation"]).all()  # fmt: skip
+
+
+@pytest.mark.slow
+def test_too_many_nan_updates_stop_with_a_checkpoint(setup_dirs, tmp_path):
+    cfg = make_config(*setup_dirs, num_steps=8, eval_every_steps=8, max_skipped_steps=1)
+    workdir = str(tmp_path / "run")
+    trainer = PoisonedTrainer(cfg, workdir)
+    trainer.poisoned = (2, 3)
+    with pytest.raises(NonFiniteError, match="2 non-finite updates in a row"):
+        trainer.run()
+    assert restore_run(workdir, "latest").step == 4
+    good = [r for r in log_lib.read_metrics(workdir) if r["split"] == "train"][1]
+    # The saved parameters are those after step 2, the last good update.
+    assert norm(params_of(workdir)) == pytest.approx(good["param_norm"], rel=1e-5)
+
+
+@pytest.mark.slow
+def test_same_seed_same_metrics(setup_dirs, reference, tmp_path):
+    workdir = str(tmp_path / "again")
+    Trainer(make_config(*setup_dirs, **_SETTINGS), workdir).run()
+    assert_same_run(workdir, reference)
