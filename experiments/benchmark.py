@@ -32,6 +32,9 @@ _PEAK = flags.DEFINE_float("peak_flops", None, "Peak FLOP/s per device (default:
 _TORCH = flags.DEFINE_boolean("torch", False, "Also time the PyTorch (transformers) step.")
 _OUT = flags.DEFINE_string("out", "benchmark.json", "JSON output path.")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of weights and batches.")
+_ATTENTION = flags.DEFINE_enum(
+    "attention", "xla", ["xla", "cudnn"], "Attention kernel (cudnn: fused, GPU, bf16/fp16)."
+)
 
 _COLUMNS = (
     ("model", 14, "{}"), ("device", 22, "{}"), ("dtype", 9, "{}"), ("B x T", 10, "{}"),
@@ -67,6 +70,7 @@ def main(argv):
     import jax
 
     from sft_jax import benchmark
+    from sft_jax.models import layers
 
     names = [m.strip() for m in _MODELS.value.split(",") if m.strip()]
     specs = [benchmark.get_spec(n, _DTYPE.value, _BATCH.value, _SEQ.value) for n in names]
@@ -76,7 +80,9 @@ def main(argv):
     torch_runs = [benchmark.run_torch(s, **run) for s in specs] if _TORCH.value else None
     results = []
     for i, spec in enumerate(specs):
-        r = benchmark.run_jax(spec, mesh_shape=mesh, peak=_PEAK.value, **run)
+        with layers.attention_implementation(_ATTENTION.value):
+            r = benchmark.run_jax(spec, mesh_shape=mesh, peak=_PEAK.value, **run)
+        r["attention"] = _ATTENTION.value
         if torch_runs:
             r["torch"] = torch_runs[i]
             r["torch_over_jax"] = torch_runs[i]["step_ms"] / r["step_ms"]

@@ -335,6 +335,40 @@ def make_attention_mask(
     return mask
 
 
+ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn")
+_attention_impl: contextvars.ContextVar[str] = contextvars.ContextVar("attention", default="xla")
+
+
+@contextlib.contextmanager
+def attention_implementation(name: str):
+    """Selects the attention kernel for models traced inside the block.
+
+    ``"xla"`` (default): the einsum + float32 softmax below, on every backend. ``"cudnn"``:
+    ``jax.nn.dot_product_attention``'s fused cuDNN (flash) kernel on NVIDIA GPUs, for bfloat16 /
+    float16 compute without attention-probability dropout (otherwise the XLA path is used).
+    The choice is read when a function is traced: select it before the first call of a jitted
+    step (a cached trace keeps the kernel it was traced with). On an H200 the cuDNN kernel
+    matches the XLA path to bfloat16 rounding (outputs and gradients, causal + packed + GQA).
+    """
+    if name not in ATTENTION_IMPLEMENTATIONS:
+        raise ValueError(
+            f"attention implementation {name!r}; use one of {ATTENTION_IMPLEMENTATIONS}"
+        )
+    token = _attention_impl.set(name)
+    try:
+        yield
+    finally:
+        _attention_impl.reset(token)
+
+
+def _fused_attention_applies(q: Array, dropout_rate: float, dropout_rng: Array | None) -> bool:
+    return (
+        _attention_impl.get() == "cudnn"
+        and q.dtype in (jnp.bfloat16, jnp.float16)
+        and (dropout_rng is None or dropout_rate == 0.0)
+    )
+
+
 def dot_product_attention(
     q: Array,
     k: Array,
@@ -357,6 +391,10 @@ def dot_product_attention(
     Returns:
         [B, T, N, D] in q's dtype.
     """
+    if _fused_attention_applies(q, dropout_rate, dropout_rng):
+        if mask is not None:
+            mask = jnp.broadcast_to(mask, (q.shape[0], 1, q.shape[1], k.shape[1]))
+        return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="cudnn")
     b, t, n, d = q.shape
     kh = k.shape[2]
     if n % kh:

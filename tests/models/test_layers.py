@@ -69,3 +69,19 @@ def test_params_carry_logical_names():
 def test_unknown_activation_is_an_error():
     with pytest.raises(ValueError, match="unsupported activation 'nope'"):
         layers.get_activation("nope")
+
+
+def test_attention_implementation_selects_and_falls_back():
+    rng = np.random.default_rng(0)
+    q, k, v = (jnp.asarray(rng.normal(size=(1, 4, 2, 8)), jnp.float32) for _ in range(3))
+    ref = layers.dot_product_attention(q, k, v)
+    # "cudnn" only applies to bfloat16/float16 compute: float32 keeps the XLA path here (CPU).
+    with layers.attention_implementation("cudnn"):
+        assert not layers._fused_attention_applies(q, 0.0, None)
+        assert layers._fused_attention_applies(q.astype(jnp.bfloat16), 0.0, None)
+        assert not layers._fused_attention_applies(q.astype(jnp.bfloat16), 0.1, jax.random.key(0))
+        np.testing.assert_array_equal(layers.dot_product_attention(q, k, v), ref)
+    assert not layers._fused_attention_applies(q.astype(jnp.bfloat16), 0.0, None)  # reset
+    with pytest.raises(ValueError, match="'flash'"):
+        with layers.attention_implementation("flash"):
+            pass
