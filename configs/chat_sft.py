@@ -30,6 +30,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.model = ml_collections.ConfigDict()
     c.model.path = "smollm2-135m-instruct"  # short name, Hugging Face directory or GGUF file
     c.model.task = "causal_lm"
+    c.model.dtype = "float32"  # compute: float32 | bfloat16 (params, optimizer stay float32)
 
     c.data = ml_collections.ConfigDict()
     c.data.name = "instruct_tasks"  # instruct_tasks | chatterbot | files (JSONL with messages)
@@ -66,6 +67,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.checkpoint = common.checkpoint("loss", "min")
 
     c.mesh = common.mesh()
+    c.runtime = common.runtime()
 
     if "lora" in args:
         c.lora.rank = 16

@@ -58,3 +58,11 @@ def mesh() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.shape = (-1, 1, 1)  # (data, fsdp, tensor); -1 = all remaining devices
     return c
+
+
+def runtime() -> ml_collections.ConfigDict:
+    """Process setup (sft_jax.runtime): multi-host init and the persistent compilation cache."""
+    c = ml_collections.ConfigDict()
+    c.distributed = False  # jax.distributed.initialize() (or set SFT_JAX_DISTRIBUTED=1)
+    c.compilation_cache_dir = ""  # "" = $SFT_JAX_COMPILATION_CACHE or ~/.cache/sft_jax/xla
+    return c

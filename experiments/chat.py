@@ -71,6 +71,9 @@ def main(argv):
     from sft_jax.logging import setup_cli_logging
 
     setup_cli_logging()
+    from sft_jax.runtime import setup_runtime
+
+    setup_runtime()
     model, tokenizer = _load()
     start = [{"role": "system", "content": _SYSTEM.value}] if _SYSTEM.value else []
     if _PROMPT.value is not None:

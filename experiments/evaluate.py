@@ -50,6 +50,9 @@ def main(argv):
     from sft_jax.logging import setup_cli_logging
 
     setup_cli_logging()
+    from sft_jax.runtime import setup_runtime
+
+    setup_runtime()
     from sft_jax.eval_run import evaluate_model
 
     cfg, model, label_names, info, out = _restored() if _WORKDIR.value else _pretrained()

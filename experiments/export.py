@@ -24,6 +24,9 @@ def main(argv):
     from sft_jax.logging import setup_cli_logging
 
     setup_cli_logging()
+    from sft_jax.runtime import setup_runtime
+
+    setup_runtime()
     from sft_jax.hf.export import export_model
     from sft_jax.restore import restore_run
 

@@ -29,6 +29,9 @@ def main(argv):
     from sft_jax.logging import setup_cli_logging
 
     setup_cli_logging()
+    from sft_jax.runtime import setup_runtime
+
+    setup_runtime(_CONFIG.value.get("runtime"))
     from sft_jax.trainer import Trainer  # after flag parsing: keeps --help fast
 
     final = dict(Trainer(_CONFIG.value, _WORKDIR.value).run())

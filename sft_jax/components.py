@@ -115,11 +115,12 @@ def _lm_batches(cfg: ml_collections.ConfigDict, data: Any, tokenizer: Any, split
 
 
 def build_model(cfg: ml_collections.ConfigDict, num_labels: int = 0, path: str | None = None):
-    """The task model from pretrained weights (``path`` overrides ``cfg.model.path``), with
-    LoRA adapters when ``cfg.lora.rank > 0``."""
+    """The task model from pretrained weights (``path`` overrides ``cfg.model.path``), computing
+    in ``cfg.model.dtype`` with float32 parameters (mixed precision when bfloat16), with LoRA
+    adapters when ``cfg.lora.rank > 0``."""
     from sft_jax.pretrained import load_pretrained
 
-    kwargs: dict[str, Any] = {"seed": cfg.seed}
+    kwargs: dict[str, Any] = {"seed": cfg.seed, "dtype": cfg.model.get("dtype", "float32")}
     if not is_lm(cfg):
         kwargs.update(num_labels=num_labels, classifier_dropout=cfg.model.classifier_dropout)
     model = load_pretrained(path or cfg.model.path, task=cfg.model.task, **kwargs)
