@@ -4,6 +4,10 @@ Every parameter carries logical axis names (``("embed", "mlp")``). One rules tab
 logical name to a mesh axis; data parallel, FSDP and tensor parallel differ only by the mesh
 shape (axes ``data``, ``fsdp``, ``tensor``). A dimension whose size the mesh axis does not divide
 is replicated instead of failing.
+
+The pmap alternative (``steps.make_pmap_train_step``) needs no rules: ``replicate`` puts one full
+copy of the state on each device, ``pmap_batch`` reshapes a host batch to ``[D, B/D, ...]`` and
+``unreplicate`` takes one copy back.
 """
 
 from __future__ import annotations
@@ -11,12 +15,14 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "tensor")
+PMAP_AXIS = "devices"  # the axis name under jax.pmap (psum / axis_index refer to it)
 
 # logical axis -> mesh axis (or None = replicated). Batches split over data x fsdp.
 DEFAULT_RULES: dict[str, Any] = {
@@ -25,7 +31,9 @@ DEFAULT_RULES: dict[str, Any] = {
     "embed": "fsdp",
     "mlp": "tensor",
     "heads": "tensor",
-    "kv": None,
+    # Llama k/v projections [embed, kv_heads * head_dim], split like "heads" (with fewer kv heads
+    # than tensor devices the split falls inside heads: still exact, GSPMD adds the collectives).
+    "kv": "tensor",
     "norm": None,
 }
 
@@ -90,3 +98,38 @@ def replicated(mesh: Mesh) -> NamedSharding:
 def put_batch(batch: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:
     """Places a host batch on the mesh, split along its leading dimension."""
     return {k: jax.device_put(v, sharding) for k, v in batch.items()}
+
+
+def replicate(tree: Any, devices: Sequence[jax.Device] | None = None) -> Any:
+    """One full copy of every leaf on each device: ``[D, ...]`` arrays laid out as ``jax.pmap``
+    (over ``devices``, axis ``PMAP_AXIS``) takes them, so the first step copies nothing.
+
+    Args:
+        tree: Arrays (e.g. a TrainState), on any devices or sharded on any mesh.
+        devices: Target devices (default: all local devices).
+    """
+    devices = list(devices if devices is not None else jax.local_devices())
+    sharding = NamedSharding(Mesh(np.asarray(devices), (PMAP_AXIS,)), P(PMAP_AXIS))
+
+    def one(x: Any) -> jax.Array:
+        x = jnp.asarray(x)
+        copies = [jnp.expand_dims(jax.device_put(x, d), 0) for d in devices]  # [1, ...]
+        return jax.make_array_from_single_device_arrays((len(devices),) + x.shape, sharding, copies)
+
+    return jax.tree.map(one, tree)
+
+
+def unreplicate(tree: Any) -> Any:
+    """The first device's copy of every ``[D, ...]`` leaf (pmap outputs, replicated state)."""
+    return jax.tree.map(lambda x: x.addressable_data(0)[0], tree)
+
+
+def pmap_batch(batch: dict[str, np.ndarray], num_devices: int) -> dict[str, np.ndarray]:
+    """``[B, ...]`` host arrays -> ``[D, B/D, ...]``: device d gets rows ``d*B/D`` onwards."""
+
+    def split(x: np.ndarray) -> np.ndarray:
+        if x.shape[0] % num_devices:
+            raise ValueError(f"batch size {x.shape[0]} not divisible by {num_devices} devices")
+        return x.reshape((num_devices, x.shape[0] // num_devices) + x.shape[1:])
+
+    return {k: split(np.asarray(v)) for k, v in batch.items()}

@@ -6,18 +6,24 @@ task loss (summed over real examples), differentiates only the trainable leaves,
 global-batch means plus gradient / parameter / update norms (as big_vision's ``update_fn``) and
 ``nonfinite``: 1 when the update was skipped because the loss, a gradient or a new parameter was
 NaN/Inf (the step still counts, the state keeps its last good parameters).
+
+Two ways to run it on several devices, both exact (the loss is normalized by the global batch):
+``make_train_step`` jits it over a ``(data, fsdp, tensor)`` mesh with sharded state and batch;
+``make_pmap_train_step`` runs it per device under ``jax.pmap`` on a ``[D, B/D, ...]`` batch with a
+replicated state, ``lax.psum``-ing the target weight, gradients and stats over the device axis.
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from sft_jax.sharding import PMAP_AXIS
 from sft_jax.train_state import StepSetup, TrainState
 
 
@@ -45,12 +51,28 @@ def _micro_batches(batch: dict, n: int) -> dict:
     return jax.tree.map(reshape, batch)
 
 
+def _psum(tree: Any, axis_name: str | None) -> Any:
+    """Sums ``tree`` over the pmap axis ``axis_name``; unchanged when it is None."""
+    return tree if axis_name is None else jax.lax.psum(tree, axis_name)
+
+
 def _grads_and_stats(
-    setup: StepSetup, task: Any, params: Any, batch: dict, rng: jax.Array, accumulation_steps: int
+    setup: StepSetup,
+    task: Any,
+    params: Any,
+    batch: dict,
+    rng: jax.Array,
+    accumulation_steps: int,
+    axis_name: str | None = None,
 ) -> tuple[Any, dict]:
-    """Gradient of the global-batch mean loss w.r.t. trainable params, and summed stats."""
+    """Gradient of the global-batch mean loss w.r.t. trainable params, and summed stats.
+
+    Under pmap (``axis_name`` set) ``batch`` is this device's slice: the target weight is summed
+    over devices before dividing, and the per-device gradients and stats are summed after, so the
+    result is the global-batch gradient on every device.
+    """
     trainable, frozen = _split(params, setup.trainable)
-    total_w = jnp.maximum(task.total_weight(batch), 1.0)
+    total_w = jnp.maximum(_psum(task.total_weight(batch), axis_name), 1.0)
 
     def loss_fn(t, mb, key):
         model = nnx.merge(setup.graphdef, _join(t, frozen))
@@ -59,7 +81,7 @@ def _grads_and_stats(
 
     grad_fn = jax.grad(loss_fn, has_aux=True)
     if accumulation_steps == 1:
-        return grad_fn(trainable, batch, rng)
+        return _psum(grad_fn(trainable, batch, rng), axis_name)
 
     def body(carry, xs):
         mb, i = xs
@@ -76,15 +98,30 @@ def _grads_and_stats(
     (grads, stats), _ = jax.lax.scan(
         body, zeros, (_micro_batches(batch, accumulation_steps), jnp.arange(accumulation_steps))
     )
-    return grads, stats
+    return _psum((grads, stats), axis_name)
 
 
 def train_step(
-    setup: StepSetup, task: Any, accumulation_steps: int, state: TrainState, batch: dict
+    setup: StepSetup,
+    task: Any,
+    accumulation_steps: int,
+    state: TrainState,
+    batch: dict,
+    axis_name: str | None = None,
 ) -> tuple[TrainState, dict]:
-    """One optimizer update on a global batch. Pure; jit it with ``make_train_step``."""
+    """One optimizer update on a global batch. Pure; jit it with ``make_train_step``.
+
+    With ``axis_name`` (under ``jax.pmap``, see ``make_pmap_train_step``) ``batch`` is one
+    device's slice and every reduction over the batch is summed over that axis: the update, the
+    metrics and the ``nonfinite`` flag come out identical on every device. Each device draws its
+    own dropout masks (the step key is folded with the device index).
+    """
     rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-    grads, stats = _grads_and_stats(setup, task, state.params, batch, rng, accumulation_steps)
+    if axis_name is not None:
+        rng = jax.random.fold_in(rng, jax.lax.axis_index(axis_name))
+    grads, stats = _grads_and_stats(
+        setup, task, state.params, batch, rng, accumulation_steps, axis_name
+    )
     # Frozen leaves: zero gradients (optax.set_to_zero ignores them; XLA folds the zeros away).
     full_grads = jax.tree.map(
         lambda g, p: jnp.zeros_like(p) if g is None else g,
@@ -104,7 +141,9 @@ def train_step(
         "learning_rate": setup.lr_schedule(state.step),
     }
     # A NaN/Inf loss, gradient or new parameter skips the update: the step (and so the data
-    # position) advances, parameters and optimizer state stay the last good ones.
+    # position) advances, parameters and optimizer state stay the last good ones. Under pmap the
+    # loss and gradients are already summed over devices (a NaN on one device reaches all), and
+    # the new parameters follow from them, so every device takes the same decision.
     finite = jnp.isfinite(metrics["loss"] + metrics["grad_norm"] + metrics["param_norm"])
     metrics["nonfinite"] = 1.0 - finite.astype(jnp.float32)
     keep = functools.partial(jnp.where, finite)
@@ -128,6 +167,31 @@ def make_train_step(
         out_shardings=(setup.state_shardings, repl),
         donate_argnums=0,
     )
+
+
+def make_pmap_train_step(
+    setup: StepSetup,
+    task: Any,
+    accumulation_steps: int = 1,
+    devices: Sequence[jax.Device] | None = None,
+) -> Callable[[TrainState, dict], tuple]:
+    """``pmap(train_step)`` over ``devices``, reducing over the ``PMAP_AXIS`` device axis.
+
+    The alternative to ``make_train_step``'s sharded jit: the state is replicated (one full copy
+    per device, ``sharding.replicate``) and the batch is ``[D, B/D, ...]``
+    (``sharding.pmap_batch``); ``setup``'s mesh and shardings are not used. The state is donated.
+    Returns ``(state, metrics)`` with a leading device axis on every leaf, identical across
+    devices (``sharding.unreplicate`` takes one copy).
+
+    Args:
+        setup: Static step parts (graph definition, optimizer, trainable mask, schedule).
+        task: The task (loss) object.
+        accumulation_steps: Micro-batches per device; must divide B/D.
+        devices: The devices to map over, as given to ``sharding.replicate`` (default: the
+            first D local devices, D being the batch's leading size).
+    """
+    fn = functools.partial(train_step, setup, task, accumulation_steps, axis_name=PMAP_AXIS)
+    return jax.pmap(fn, axis_name=PMAP_AXIS, devices=devices, donate_argnums=0)
 
 
 def make_eval_step(
