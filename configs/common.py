@@ -57,6 +57,7 @@ def checkpoint(best_metric: str, best_mode: str) -> ml_collections.ConfigDict:
 def mesh() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.shape = (-1, 1, 1)  # (data, fsdp, tensor); -1 = all remaining devices
+    c.mode = "jit"  # jit (sharded over the mesh) | pmap (replicated state, all local devices)
     return c
 
 

@@ -16,7 +16,7 @@ import ml_collections
 from flax import nnx
 
 from sft_jax import checkpoint as ckpt_lib
-from sft_jax import components, freezing, optim, preemption, steps, tree_util
+from sft_jax import components, freezing, optim, preemption, runners, steps, tree_util
 from sft_jax import logging as log_lib
 from sft_jax import resume as resume_lib
 from sft_jax import sharding as sharding_lib
@@ -95,7 +95,9 @@ class Trainer:
 
     def _build_state(self, model) -> None:
         cfg = self.cfg
-        mesh = sharding_lib.make_mesh(cfg.mesh.shape)
+        self.mode = cfg.mesh.get("mode", "jit")
+        # pmap replicates the state itself; its canonical copy lives on one device.
+        mesh = sharding_lib.make_mesh((1, 1, 1) if self.mode == "pmap" else cfg.mesh.shape)
         graphdef, params = nnx.split(model, nnx.Param)
         self.trainable = freezing.trainable_mask(nnx.to_pure_dict(params), cfg.freeze.policy)
         tx, lr = optim.build_optimizer(cfg.optimizer, self.trainable, self.total_steps)
@@ -109,21 +111,23 @@ class Trainer:
             state_shardings=shardings_of(self.state),
             batch_sharding=sharding_lib.batch_sharding(mesh),
         )
-        self.train_step = steps.make_train_step(
-            self.setup, self.task, cfg.optimizer.accumulation_steps
+        self.runner = runners.make_runner(
+            self.mode, self.setup, self.task, cfg.optimizer.accumulation_steps
         )
+        self.state = self.runner.place(self.state)  # from here on: placed for the runner
         self.eval_step = steps.make_eval_step(
             graphdef, self.task, self.setup.state_shardings.params, self.setup.batch_sharding
         )
 
     def _run_info(self) -> dict:
-        params = self.state.params
+        state = self.runner.canonical(self.state)
+        params = state.params
         return {
             "label_names": self.label_names,
             "model_dir": str(components.model_dir(self.cfg)),
             "num_params": tree_util.count(params),
             "num_trainable_params": tree_util.count(params, self.trainable),
-            "optimizer_state_bytes": tree_util.nbytes(self.state.opt_state),
+            "optimizer_state_bytes": tree_util.nbytes(state.opt_state),
             "steps_per_epoch": self.steps_per_epoch,
             "total_steps": self.total_steps,
             "num_devices": jax.device_count(),
@@ -132,16 +136,17 @@ class Trainer:
 
     def _resume(self) -> dict:
         progress = {"next_batch": 0, "best": None, "evals_since_best": 0, "stopped_early": False}
-        restored = resume_lib.restore_latest(self.mngr, self.state)
+        restored = resume_lib.restore_latest(self.mngr, self.runner.canonical(self.state))
         if restored is None:
             return progress
-        self.state, progress, step = restored
+        state, progress, step = restored
+        self.state = self.runner.place(state)
         # Batch i of the (seeded, repeated) training stream is always the same batch, so the data
         # position is the step itself; the saved position is a consistency check.
-        if progress["next_batch"] != int(self.state.step):
+        if progress["next_batch"] != int(state.step):
             raise RuntimeError(
                 f"checkpoint {step} in {self.workdir}: data position "
-                f"{progress['next_batch']} != step {int(self.state.step)}"
+                f"{progress['next_batch']} != step {int(state.step)}"
             )
         log_lib.truncate_after(self.workdir, step)
         log.info("resumed from step %d in %s", step, self.workdir)
@@ -151,7 +156,7 @@ class Trainer:
         return evaluate(
             self.cfg.model.task,
             self.eval_step,
-            self.state.params,
+            self.runner.canonical(self.state).params,
             self.val_ds,
             self.setup.batch_sharding,
             label_names=self.label_names,
@@ -170,7 +175,7 @@ class Trainer:
         patience = self.cfg.train.early_stopping_patience
         progress["stopped_early"] = bool(patience and progress["evals_since_best"] >= patience)
         progress["next_batch"] = step
-        ckpt_lib.save(self.mngr, self.state, progress, metrics={name: value})
+        ckpt_lib.save(self.mngr, self.runner.canonical(self.state), progress, metrics={name: value})
         shown = {k: v for k, v in metrics.items() if isinstance(v, float)}
         log.info("step %d validation %s", step, " ".join(f"{k}={v:.4f}" for k, v in shown.items()))
         return progress["stopped_early"]
@@ -186,7 +191,7 @@ class Trainer:
             tokens_per_sec=meter["tokens"] / dt,
             steps_per_sec=(done - meter["step0"]) / dt,
             epoch=done / self.steps_per_epoch,
-            num_compilations=self.train_step._cache_size(),
+            num_compilations=self.runner.num_compilations(),
         )
         self.logger.write(done, "train", m)
         self.bar.set_postfix(loss=f"{m['loss']:.4f}", tok_s=f"{m['tokens_per_sec']:.0f}")
@@ -218,7 +223,7 @@ class Trainer:
         )
         if progress["skipped_in_a_row"] > limit:
             progress["next_batch"] = done
-            ckpt_lib.save(self.mngr, self.state, progress)
+            ckpt_lib.save(self.mngr, self.runner.canonical(self.state), progress)
             self.mngr.wait_until_finished()
             raise NonFiniteError(
                 f"{progress['skipped_in_a_row']} non-finite updates in a row (limit "
@@ -234,9 +239,7 @@ class Trainer:
         meter["first"] = False
         batch = self._batch(step)
         meter["tokens"] += _num_tokens(batch)
-        self.state, m = self.train_step(
-            self.state, sharding_lib.put_batch(batch, self.setup.batch_sharding)
-        )
+        self.state, m = self.runner(self.state, batch)
         done = step + 1
         self._check_finite(done, m, progress)
         if done % self.cfg.train.log_every_steps == 0 or done == self.total_steps:
@@ -255,7 +258,7 @@ class Trainer:
             there so that the next ``run`` resumes from it).
         """
         progress = self._resume()
-        start = int(self.state.step)
+        start = int(self.runner.canonical(self.state).step)
         if progress["stopped_early"] or start >= self.total_steps:
             log.info("run in %s is already complete at step %d", self.workdir, start)
         self.bar = log_lib.progress_bar(self.total_steps, start)
@@ -275,7 +278,7 @@ class Trainer:
                         break
                 elif preempted or (every and done % every == 0):
                     progress["next_batch"] = done
-                    ckpt_lib.save(self.mngr, self.state, progress)
+                    ckpt_lib.save(self.mngr, self.runner.canonical(self.state), progress)
                 if preempted:
                     log.info("stopped after step %d; run again to resume", done)
                     break
