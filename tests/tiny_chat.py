@@ -1,6 +1,7 @@
 """A tiny word-level chat tokenizer (with a chat template) and a conversation, shared by the
 chat data, pipeline and generation-evaluation tests."""
 
+import ml_collections
 import tokenizers
 import transformers
 from tokenizers import models, pre_tokenizers
@@ -34,3 +35,18 @@ def tiny_chat_tokenizer() -> transformers.PreTrainedTokenizerFast:
         unk_token="[UNK]",
         chat_template=TEMPLATE,
     )
+
+
+def chat_data_cfg(**kw) -> ml_collections.ConfigDict:
+    """A ``data`` config block for chat data (default: user files, ``data.name="files"``)."""
+    cfg = dict(
+        name="files",
+        train_file="",
+        validation_file="",
+        test_file="",
+        messages_field="messages",
+        max_train_examples=0,
+        task_sizes={"train": 4000, "validation": 200, "test": 500},
+        task_seed=0,
+    )
+    return ml_collections.ConfigDict({**cfg, **kw})

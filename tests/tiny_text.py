@@ -1,5 +1,6 @@
 """A tiny random BERT directory and tiny CSV splits for end-to-end text classification tests."""
 
+import ml_collections
 import numpy as np
 import torch
 import transformers
@@ -87,3 +88,18 @@ def make_config(root, model_dir, files, **train):
 def as_flags(overrides: dict) -> list[str]:
     """The same overrides as ``--config.KEY=VALUE`` command-line flags."""
     return [f"--config.{k}={v}" for k, v in overrides.items()]
+
+
+def files_data_cfg(**kw) -> ml_collections.ConfigDict:
+    """A ``data`` config block for text-classification files (``data.name="files"``)."""
+    cfg = dict(
+        name="files",
+        train_file="",
+        validation_file="",
+        test_file="",
+        text_field="text",
+        label_field="label",
+        text_pair_field="",
+        max_train_examples=0,
+    )
+    return ml_collections.ConfigDict({**cfg, **kw})

@@ -6,7 +6,6 @@ import json
 import logging
 import pathlib
 
-import ml_collections
 import numpy as np
 import pytest
 import tokenizers
@@ -21,36 +20,11 @@ from sft_jax.data.limits import (
     read_model_limits,
     tokenizer_id_limit,
 )
-from tests.tiny_chat import CONV, tiny_chat_tokenizer
+from tests.tiny_chat import CONV, chat_data_cfg, tiny_chat_tokenizer
+from tests.tiny_text import files_data_cfg
 
 # ids:    0        1        2        3      4      5      6     7     8      9    10     11
 VOCAB = ["[UNK]", "[PAD]", "[CLS]", "[SEP]", "the", "cat", "sat", "on", "mat", "a", "dog", "##s"]
-
-
-def _text_cfg(**kw) -> ml_collections.ConfigDict:
-    cfg = dict(
-        name="files",
-        train_file="",
-        validation_file="",
-        test_file="",
-        text_field="text",
-        label_field="label",
-        text_pair_field="",
-        max_train_examples=0,
-    )
-    return ml_collections.ConfigDict({**cfg, **kw})
-
-
-def _chat_cfg(**kw) -> ml_collections.ConfigDict:
-    cfg = dict(
-        name="files",
-        train_file="",
-        validation_file="",
-        test_file="",
-        messages_field="messages",
-        max_train_examples=0,
-    )
-    return ml_collections.ConfigDict({**cfg, **kw})
 
 
 _CSV = "text,label\ngood,pos\nbad,neg\n"
@@ -59,8 +33,8 @@ _CHAT = json.dumps({"messages": CONV[1:3]}) + "\n"
 
 def _load(kind: str, path: pathlib.Path, data_dir: pathlib.Path):
     if kind == "text":
-        return builders.load_text_classification(_text_cfg(train_file=str(path)), data_dir)
-    return chat_builders.load_chat_data(_chat_cfg(train_file=str(path)), data_dir)
+        return builders.load_text_classification(files_data_cfg(train_file=str(path)), data_dir)
+    return chat_builders.load_chat_data(chat_data_cfg(train_file=str(path)), data_dir)
 
 
 # ---------------------------------------------------------------------------- unreadable files
@@ -107,7 +81,9 @@ def test_label_that_is_not_a_scalar_is_named(tmp_path):
 def test_unknown_label_in_the_test_file_is_named(tmp_path):
     (tmp_path / "train.csv").write_text(_CSV)
     (tmp_path / "test.csv").write_text("text,label\nok,pos\nhm,mixed\n")
-    cfg = _text_cfg(train_file=str(tmp_path / "train.csv"), test_file=str(tmp_path / "test.csv"))
+    cfg = files_data_cfg(
+        train_file=str(tmp_path / "train.csv"), test_file=str(tmp_path / "test.csv")
+    )
     with pytest.raises(DataFileError, match=r"test\.csv, line 3, field 'label': label 'mixed'"):
         builders.load_text_classification(cfg, tmp_path / "data")
     assert not (tmp_path / "data").exists()

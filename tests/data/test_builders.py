@@ -4,25 +4,11 @@ import collections
 import pathlib
 import pickle
 
-import ml_collections
 import numpy as np
 import pytest
 
 from sft_jax.data import builders
-
-
-def _cfg(**kw) -> ml_collections.ConfigDict:
-    cfg = dict(
-        name="files",
-        train_file="",
-        validation_file="",
-        test_file="",
-        text_field="text",
-        label_field="label",
-        text_pair_field="",
-        max_train_examples=0,
-    )
-    return ml_collections.ConfigDict({**cfg, **kw})
+from tests.tiny_text import files_data_cfg
 
 
 def _write(path: pathlib.Path, content: str) -> str:
@@ -70,7 +56,9 @@ def test_stratified_split_small():
 @pytest.fixture(scope="module")
 def tweets(tmp_path_factory):
     data_dir = tmp_path_factory.mktemp("tweets")
-    return data_dir, builders.load_text_classification(_cfg(name="tweet_sentiment"), data_dir)
+    return data_dir, builders.load_text_classification(
+        files_data_cfg(name="tweet_sentiment"), data_dir
+    )
 
 
 def test_tweet_corpus_splits(tweets, tmp_path):
@@ -107,10 +95,10 @@ def test_tweet_corpus_splits(tweets, tmp_path):
 def test_max_train_examples_subsamples_deterministically(tweets):
     data_dir, full = tweets
     small = builders.load_text_classification(
-        _cfg(name="tweet_sentiment", max_train_examples=50), data_dir
+        files_data_cfg(name="tweet_sentiment", max_train_examples=50), data_dir
     )
     again = builders.load_text_classification(
-        _cfg(name="tweet_sentiment", max_train_examples=50), data_dir
+        files_data_cfg(name="tweet_sentiment", max_train_examples=50), data_dir
     )
     assert len(small.sources["train"]) == 50
     assert len(small.sources["validation"]) == len(full.sources["validation"])
@@ -134,7 +122,7 @@ def test_csv_files_exact_records(tmp_path):
     )
     val = _write(tmp_path / "val.csv", "label,text\nneg,awful\n")
     data = builders.load_text_classification(
-        _cfg(train_file=train, validation_file=val), tmp_path / "data"
+        files_data_cfg(train_file=train, validation_file=val), tmp_path / "data"
     )
     assert data.label_names == ["neg", "neu", "pos"] and not data.text_pair
     assert sorted(data.sources) == ["train", "validation"]
@@ -153,7 +141,7 @@ def test_jsonl_pairs_and_numeric_labels(tmp_path, caplog):
     )
     test = _write(tmp_path / "test.jsonl", '{"q": "x", "a": "z", "y": 2, "other": null}\n')
     data = builders.load_text_classification(
-        _cfg(
+        files_data_cfg(
             train_file=train, test_file=test, text_field="q", text_pair_field="a", label_field="y"
         ),
         tmp_path / "data",
@@ -170,7 +158,7 @@ def test_jsonl_pairs_and_numeric_labels(tmp_path, caplog):
 
 def test_files_builder_and_source_pickle(tmp_path):
     path = _write(tmp_path / "train.csv", "text,label\na,x\nb,y\n")
-    data = builders.load_text_classification(_cfg(train_file=path), tmp_path / "d")
+    data = builders.load_text_classification(files_data_cfg(train_file=path), tmp_path / "d")
     clone = pickle.loads(pickle.dumps(data.sources["train"]))
     assert _all(clone) == [{"id": 0, "text": b"a", "label": 0}, {"id": 1, "text": b"b", "label": 1}]
     builder = builders.TextClassificationFiles(train_file=path, data_dir=tmp_path / "d")
@@ -255,7 +243,7 @@ def test_bad_input_errors_before_writing(tmp_path, files, kw, match):
         if content is not None:
             _write(paths[name], content)
     names = list(paths)
-    cfg = _cfg(
+    cfg = files_data_cfg(
         train_file=str(paths[names[0]]),
         validation_file=str(paths[names[1]]) if len(names) > 1 else "",
         **kw,
@@ -274,4 +262,4 @@ def test_invalid_utf8_names_line(tmp_path):
 
 def test_unknown_dataset_name(tmp_path):
     with pytest.raises(ValueError, match="Unknown data.name 'imdb'"):
-        builders.load_text_classification(_cfg(name="imdb"), tmp_path)
+        builders.load_text_classification(files_data_cfg(name="imdb"), tmp_path)

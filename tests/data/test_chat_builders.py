@@ -4,27 +4,13 @@ import json
 import pathlib
 import pickle
 
-import ml_collections
 import pytest
 
 from sft_jax.data import chat_builders, instruct_tasks
 from sft_jax.data.files import DataFileError
+from tests.tiny_chat import chat_data_cfg
 
 _NO_GCS = chat_builders.tfds.download.DownloadConfig(try_download_gcs=False)
-
-
-def _cfg(**kw) -> ml_collections.ConfigDict:
-    cfg = dict(
-        name="files",
-        train_file="",
-        validation_file="",
-        test_file="",
-        messages_field="messages",
-        max_train_examples=0,
-        task_sizes={"train": 4000, "validation": 200, "test": 500},
-        task_seed=0,
-    )
-    return ml_collections.ConfigDict({**cfg, **kw})
 
 
 def _write(path: pathlib.Path, content: str) -> str:
@@ -133,7 +119,7 @@ def test_split_positions():
 @pytest.fixture(scope="module")
 def chatterbot(tmp_path_factory):
     data_dir = tmp_path_factory.mktemp("chatterbot")
-    return data_dir, chat_builders.load_chat_data(_cfg(name="chatterbot"), data_dir)
+    return data_dir, chat_builders.load_chat_data(chat_data_cfg(name="chatterbot"), data_dir)
 
 
 def _records(source) -> list[dict]:
@@ -188,7 +174,7 @@ def test_chat_files_round_trip(tmp_path):
     train = _write(tmp_path / "train.jsonl", _jsonl(*rows[:2]) + "\n  \n" + _jsonl(rows[2]))
     val = _write(tmp_path / "val.jsonl", _jsonl(rows[0]))
     data = chat_builders.load_chat_data(
-        _cfg(train_file=train, validation_file=val), tmp_path / "data"
+        chat_data_cfg(train_file=train, validation_file=val), tmp_path / "data"
     )
     assert sorted(data.sources) == ["train", "validation"]
     assert data.dataset.startswith("chat_files/sha256_")
@@ -205,14 +191,14 @@ def test_chat_files_custom_field_and_instruct_jsonl(tmp_path):
     examples = instruct_tasks.make_examples(3, seed=4)
     path = tmp_path / "tasks.jsonl"
     instruct_tasks.write_jsonl(examples, path)
-    data = chat_builders.load_chat_data(_cfg(train_file=str(path)), tmp_path / "data")
+    data = chat_builders.load_chat_data(chat_data_cfg(train_file=str(path)), tmp_path / "data")
     got = _records(data.sources["train"])
     assert [(r["messages"], r["answer"]) for r in got] == [
         (e["messages"], e["answer"]) for e in examples
     ]
     conv = _write(tmp_path / "conv.jsonl", _jsonl({"conv": [_user("x"), _bot("y")]}))
     data = chat_builders.load_chat_data(
-        _cfg(train_file=conv, messages_field="conv"), tmp_path / "data"
+        chat_data_cfg(train_file=conv, messages_field="conv"), tmp_path / "data"
     )
     assert data.sources["train"][0]["messages"] == [_user("x"), _bot("y")]
 
@@ -280,7 +266,7 @@ def test_bad_chat_files_error_before_writing(tmp_path, train, val, match):
     if train is not None:
         _write(train_path, train)
     val_path = _write(tmp_path / "val.jsonl", val) if val is not None else ""
-    cfg = _cfg(train_file=str(train_path), validation_file=val_path)
+    cfg = chat_data_cfg(train_file=str(train_path), validation_file=val_path)
     with pytest.raises(DataFileError, match=match):
         chat_builders.load_chat_data(cfg, tmp_path / "data")
     assert not (tmp_path / "data").exists()  # validated before anything was written
@@ -301,7 +287,7 @@ _SIZES = {"train": 12, "validation": 3, "test": 4}
 @pytest.fixture(scope="module")
 def tasks(tmp_path_factory):
     data_dir = tmp_path_factory.mktemp("tasks")
-    cfg = _cfg(name="instruct_tasks", task_sizes=_SIZES, task_seed=3)
+    cfg = chat_data_cfg(name="instruct_tasks", task_sizes=_SIZES, task_seed=3)
     return data_dir, chat_builders.load_chat_data(cfg, data_dir)
 
 
@@ -331,7 +317,7 @@ def test_instruct_tasks_config_per_sizes_and_seed(tmp_path):
 
 def test_max_train_examples_subset_is_deterministic(tasks):
     data_dir, full = tasks
-    cfg = _cfg(name="instruct_tasks", task_sizes=_SIZES, task_seed=3, max_train_examples=5)
+    cfg = chat_data_cfg(name="instruct_tasks", task_sizes=_SIZES, task_seed=3, max_train_examples=5)
     small = chat_builders.load_chat_data(cfg, data_dir)
     again = chat_builders.load_chat_data(cfg, data_dir)
     train = _records(small.sources["train"])
@@ -355,6 +341,6 @@ def test_chat_source_indexing_and_pickle(tasks):
 
 def test_unknown_name_and_missing_train_file(tmp_path):
     with pytest.raises(ValueError, match=r"'imdb'; expected one of \['instruct_tasks', 'chat"):
-        chat_builders.load_chat_data(_cfg(name="imdb"), tmp_path)
+        chat_builders.load_chat_data(chat_data_cfg(name="imdb"), tmp_path)
     with pytest.raises(ValueError, match="needs data.train_file"):
-        chat_builders.load_chat_data(_cfg(name="files"), tmp_path)
+        chat_builders.load_chat_data(chat_data_cfg(name="files"), tmp_path)
