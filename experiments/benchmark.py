@@ -32,6 +32,9 @@ _PEAK = flags.DEFINE_float("peak_flops", None, "Peak FLOP/s per device (default:
 _TORCH = flags.DEFINE_boolean("torch", False, "Also time the PyTorch (transformers) step.")
 _OUT = flags.DEFINE_string("out", "benchmark.json", "JSON output path.")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of weights and batches.")
+_DATA_CONFIG = flags.DEFINE_string(
+    "data_config", None, "Also time this config's real input pipeline (configs/NAME.py[:ARG])."
+)
 _ATTENTION = flags.DEFINE_enum(
     "attention", "xla", ["xla", "cudnn"], "Attention kernel (cudnn: fused, GPU, bf16/fp16)."
 )
@@ -62,6 +65,19 @@ def _table(results: list[dict]) -> str:
     for r in results:
         lines.append("".join(fmt(v, w, s) for v, (_, w, s) in zip(_row(r), _COLUMNS)))
     return "\n".join(lines)
+
+
+def _pipeline(spec: str) -> dict:
+    """Loads ``configs/NAME.py[:ARG]`` (as ``--config`` does) and times its input pipeline."""
+    import importlib.util
+
+    from sft_jax.pipeline_speed import pipeline_throughput
+
+    path, _, arg = spec.partition(":")
+    loader = importlib.util.spec_from_file_location("benchmark_data_config", path)
+    module = importlib.util.module_from_spec(loader)
+    loader.loader.exec_module(module)
+    return pipeline_throughput(module.get_config(arg))
 
 
 def main(argv):
@@ -96,7 +112,16 @@ def main(argv):
         "flops_formula": "6*P_tok*B*T + 6*P_seq*B + 12*L*(N*D)*T^2*B (PaLM appendix B)",
         "results": results,
     }
+    if _DATA_CONFIG.value:
+        report["pipeline"] = _pipeline(_DATA_CONFIG.value)
     print(_table(results))
+    if "pipeline" in report:
+        p = report["pipeline"]
+        print(
+            f"input pipeline ({_DATA_CONFIG.value}): {p['batches_per_s']:.1f} batches/s, "
+            f"{p['tokens_per_s']:.0f} tokens/s, batch {p['batch_shape']}, "
+            f"setup {p['setup_s']:.1f} s"
+        )
     with open(_OUT.value, "w") as f:
         json.dump(report, f, indent=2)
     print(f"wrote {_OUT.value}")
