@@ -35,6 +35,9 @@ _SEED = flags.DEFINE_integer("seed", 0, "Seed of weights and batches.")
 _DATA_CONFIG = flags.DEFINE_string(
     "data_config", None, "Also time this config's real input pipeline (configs/NAME.py[:ARG])."
 )
+_DROPOUT = flags.DEFINE_enum(
+    "dropout", "threefry", ["threefry", "hash"], "How dropout masks are drawn (layers.dropout)."
+)
 _ATTENTION = flags.DEFINE_enum(
     "attention", "xla", ["xla", "cudnn"], "Attention kernel (cudnn: fused, GPU, bf16/fp16)."
 )
@@ -97,8 +100,9 @@ def main(argv):
     results = []
     for i, spec in enumerate(specs):
         with layers.attention_implementation(_ATTENTION.value):
-            r = benchmark.run_jax(spec, mesh_shape=mesh, peak=_PEAK.value, **run)
-        r["attention"] = _ATTENTION.value
+            with layers.dropout_implementation(_DROPOUT.value):
+                r = benchmark.run_jax(spec, mesh_shape=mesh, peak=_PEAK.value, **run)
+        r.update(attention=_ATTENTION.value, dropout=_DROPOUT.value)
         if torch_runs:
             r["torch"] = torch_runs[i]
             r["torch_over_jax"] = torch_runs[i]["step_ms"] / r["step_ms"]

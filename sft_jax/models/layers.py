@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import math
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -227,8 +228,53 @@ def dropout(x: Array, rate: float, rng: Array | None) -> Array:
         return x
     if rate >= 1.0:
         return jnp.zeros_like(x)
-    keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
+    if _dropout_impl.get() == "hash":
+        keep = hashed_keep_mask(rng, 1.0 - rate, x.shape)
+    else:
+        keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
     return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x)).astype(x.dtype)
+
+
+DROPOUT_IMPLEMENTATIONS = ("threefry", "hash")
+_dropout_impl: contextvars.ContextVar[str] = contextvars.ContextVar("dropout", default="threefry")
+
+
+@contextlib.contextmanager
+def dropout_implementation(name: str):
+    """Selects how dropout masks are drawn in models traced inside the block.
+
+    ``"threefry"`` (default): ``jax.random.bernoulli`` with the key. ``"hash"``: a
+    counter-based integer hash of each element's index and a seed drawn from the key
+    (``hashed_keep_mask``), about 8x cheaper on CPU, where mask generation is a large part of a
+    BERT step. Both are deterministic functions of the key; they draw different masks. Like
+    ``attention_implementation``, the choice is read when a function is traced.
+    """
+    if name not in DROPOUT_IMPLEMENTATIONS:
+        raise ValueError(f"dropout implementation {name!r}; use one of {DROPOUT_IMPLEMENTATIONS}")
+    token = _dropout_impl.set(name)
+    try:
+        yield
+    finally:
+        _dropout_impl.reset(token)
+
+
+def _fmix32(h: Array) -> Array:
+    """MurmurHash3's 32-bit finalizer: a bijection that mixes every input bit into every output."""
+    h = h ^ (h >> 16)
+    h = h * jnp.uint32(0x85EBCA6B)
+    h = h ^ (h >> 13)
+    h = h * jnp.uint32(0xC2B2AE35)
+    return h ^ (h >> 16)
+
+
+def hashed_keep_mask(rng: Array, keep_prob: float, shape: Sequence[int]) -> Array:
+    """Bool mask, True with probability ``keep_prob`` per element: ``fmix32((index * golden) ^
+    seed) < keep_prob * 2**32`` with a 32-bit seed drawn from ``rng`` (element indices count the
+    flattened array, so masks do not depend on how the array is sharded)."""
+    seed = jax.random.bits(rng, (), jnp.uint32)
+    index = jax.lax.iota(jnp.uint32, math.prod(shape)).reshape(shape)
+    h = _fmix32((index * jnp.uint32(0x9E3779B1)) ^ seed)
+    return h < jnp.uint32(min(int(keep_prob * 2**32), 2**32 - 1))
 
 
 def split_rng(rng: Array | None, num: int) -> list[Array | None]:

@@ -85,3 +85,22 @@ def test_attention_implementation_selects_and_falls_back():
     with pytest.raises(ValueError, match="'flash'"):
         with layers.attention_implementation("flash"):
             pass
+
+
+def test_hashed_dropout_mask_statistics_and_determinism():
+    shape = (64, 128, 128)  # 1M elements
+    k1, k2 = jax.random.key(1), jax.random.key(2)
+    m1 = np.asarray(layers.hashed_keep_mask(k1, 0.9, shape))
+    m2 = np.asarray(layers.hashed_keep_mask(k2, 0.9, shape))
+    assert abs(m1.mean() - 0.9) < 2e-3 and abs(m2.mean() - 0.9) < 2e-3
+    np.testing.assert_array_equal(m1, np.asarray(layers.hashed_keep_mask(k1, 0.9, shape)))
+    assert abs((m1 & m2).mean() - 0.81) < 3e-3  # independent across keys
+    flat = m1.reshape(-1).astype(float)
+    assert abs(np.corrcoef(flat[:-1], flat[1:])[0, 1]) < 5e-3  # neighbours uncorrelated
+    x = jnp.ones(shape)
+    with layers.dropout_implementation("hash"):
+        y = np.asarray(layers.dropout(x, 0.1, k1))
+    np.testing.assert_allclose(y, np.where(m1, 1 / 0.9, 0.0), rtol=1e-6)
+    with pytest.raises(ValueError, match="'philox'"):
+        with layers.dropout_implementation("philox"):
+            pass
