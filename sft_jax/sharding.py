@@ -95,9 +95,31 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
 
+def process_rows(sharding: NamedSharding, global_batch: int) -> slice:
+    """The rows of a [B, ...] global batch that this process's devices hold under ``sharding``
+    (contiguous for meshes whose data axes are laid out process by process, as
+    ``make_mesh`` builds them)."""
+    index = sharding.addressable_devices_indices_map((global_batch,))
+    starts = [ix[0].indices(global_batch)[0] for ix in index.values()]
+    stops = [ix[0].indices(global_batch)[1] for ix in index.values()]
+    return slice(min(starts), max(stops))
+
+
 def put_batch(batch: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:
-    """Places a host batch on the mesh, split along its leading dimension."""
-    return {k: jax.device_put(v, sharding) for k, v in batch.items()}
+    """Places a host batch on the mesh, split along its leading dimension.
+
+    Single process: ``batch`` is the global batch. Several processes (multi-host): every process
+    builds the same global batch ``i`` (the pipelines are deterministic) and contributes only the
+    rows its devices hold (``process_rows``), assembled with
+    ``jax.make_array_from_process_local_data``.
+    """
+    if jax.process_count() == 1:
+        return {k: jax.device_put(v, sharding) for k, v in batch.items()}
+    rows = process_rows(sharding, len(next(iter(batch.values()))))
+    return {
+        k: jax.make_array_from_process_local_data(sharding, np.asarray(v)[rows], np.shape(v))
+        for k, v in batch.items()
+    }
 
 
 def replicate(tree: Any, devices: Sequence[jax.Device] | None = None) -> Any:

@@ -40,3 +40,18 @@ def test_fsdp_step_matches_one_device_and_shards_params():
     np.testing.assert_allclose(l1, l8, rtol=1e-5)
     kernel = s8.params["dense"]["kernel"]  # [16, 16] split over 8 devices on dim 0
     assert kernel.addressable_shards[0].data.shape == (2, 16)
+
+
+def test_process_rows_cover_this_process_devices():
+    # One process here: its devices hold every row, whatever the mesh.
+    for shape in ((8, 1, 1), (2, 2, 2), (1, 1, 8)):
+        mesh = sharding.make_mesh(shape)
+        assert sharding.process_rows(sharding.batch_sharding(mesh), 16) == slice(0, 16)
+
+
+def test_process_rows_of_a_process_holding_part_of_the_batch():
+    class TwoOfFourDevices:  # what process 1 of 2 sees: its devices hold rows 8..15 of 16
+        def addressable_devices_indices_map(self, shape):
+            return {"d2": (slice(8, 12),), "d3": (slice(12, 16),)}
+
+    assert sharding.process_rows(TwoOfFourDevices(), 16) == slice(8, 16)
