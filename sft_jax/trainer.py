@@ -137,7 +137,8 @@ class Trainer:
     def _resume(self) -> dict:
         progress = {"next_batch": 0, "best": None, "evals_since_best": 0, "stopped_early": False}
         restored = resume_lib.restore_latest(self.mngr, self.runner.canonical(self.state))
-        if restored is None:
+        if restored is None:  # a fresh start; drop rows of an attempt that saved no checkpoint
+            log_lib.truncate_after(self.workdir, 0)
             return progress
         state, progress, step = restored
         self.state = self.runner.place(state)

@@ -201,3 +201,14 @@ def test_same_seed_same_metrics(setup_dirs, reference, tmp_path):
     workdir = str(tmp_path / "again")
     Trainer(make_config(*setup_dirs, **_SETTINGS), workdir).run()
     assert_same_run(workdir, reference)
+
+
+@pytest.mark.slow
+def test_killed_before_the_first_checkpoint_starts_clean(setup_dirs, reference, tmp_path):
+    """A run killed before any checkpoint finished left metrics rows behind; the restart begins
+    at step 0 and must not keep them."""
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    shutil.copy(os.path.join(reference, "metrics.jsonl"), workdir / "metrics.jsonl")
+    Trainer(make_config(*setup_dirs, **_SETTINGS), str(workdir)).run()
+    assert_same_run(str(workdir), reference)
