@@ -47,12 +47,21 @@ class MetricsLogger:
 
 
 def read_metrics(workdir: str) -> list[dict]:
-    """All rows of ``workdir/metrics.jsonl``."""
+    """All rows of ``workdir/metrics.jsonl``. A cut-off last line (a process killed while
+    writing it) is dropped; a damaged line before the last one is an error naming it."""
     path = os.path.join(workdir, "metrics.jsonl")
     if not os.path.exists(path):
         return []
     with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        lines = [(i, line) for i, line in enumerate(f, start=1) if line.strip()]
+    rows = []
+    for i, line in lines:
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            if i != lines[-1][0]:
+                raise ValueError(f"{path}, line {i}: not a JSON row ({e.msg})") from None
+    return rows
 
 
 def truncate_after(workdir: str, step: int) -> None:
