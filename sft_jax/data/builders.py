@@ -307,6 +307,30 @@ def _builder_from_config(
     raise ValueError(f"Unknown data.name {data_cfg.name!r}; expected 'tweet_sentiment' or 'files'")
 
 
+def prepare_sources(builder: tfds.core.DatasetBuilder) -> dict[str, RandomAccessDataSource]:
+    """Prepares ``builder`` once (no network) and opens its splits as random access sources;
+    warns when there is no validation split."""
+    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(**_NO_GCS))
+    sources = {str(name): src for name, src in builder.as_data_source().items()}
+    if "validation" not in sources:
+        _LOG.warning(
+            "Dataset %s has no validation split (splits: %s); pass data.validation_file to "
+            "evaluate during training.",
+            builder.info.full_name,
+            sorted(sources),
+        )
+    return sources
+
+
+def train_subset(num_train: int, max_train_examples: int | None) -> list[int] | None:
+    """Sorted positions of the ``max_train_examples`` training subset (the first N of a fixed
+    seeded permutation), or None to keep all ``num_train`` examples."""
+    limit = int(max_train_examples or 0)
+    if not 0 < limit < num_train:
+        return None
+    return sorted(hash_order(range(num_train), seed=SUBSAMPLE_SEED)[:limit])
+
+
 def load_text_classification(
     data_cfg: ml_collections.ConfigDict, data_dir: str | pathlib.Path
 ) -> TextClsData:
@@ -323,18 +347,9 @@ def load_text_classification(
       The splits that exist, the label names and whether examples have a text pair.
     """
     builder = _builder_from_config(data_cfg, data_dir)
-    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(**_NO_GCS))
-    sources = {str(name): src for name, src in builder.as_data_source().items()}
-    if "validation" not in sources:
-        _LOG.warning(
-            "Dataset %s has no validation split (splits: %s); pass data.validation_file to "
-            "evaluate during training.",
-            builder.info.full_name,
-            sorted(sources),
-        )
-    limit = int(data_cfg.get("max_train_examples", 0) or 0)
-    if 0 < limit < len(sources["train"]):
-        keep = hash_order(range(len(sources["train"])), seed=SUBSAMPLE_SEED)[:limit]
-        sources["train"] = _Subset(sources["train"], sorted(keep))
+    sources = prepare_sources(builder)
+    keep = train_subset(len(sources["train"]), data_cfg.get("max_train_examples", 0))
+    if keep is not None:
+        sources["train"] = _Subset(sources["train"], keep)
     features = builder.info.features
     return TextClsData(sources, list(features["label"].names), "text_pair" in features)

@@ -35,7 +35,7 @@ import yaml
 from grain.sources import RandomAccessDataSource
 
 from sft_jax.data import instruct_tasks
-from sft_jax.data.builders import SUBSAMPLE_SEED, hash_order
+from sft_jax.data.builders import hash_order, prepare_sources, train_subset
 from sft_jax.data.chat import validate_messages
 from sft_jax.data.files import DataFileError, check_readable, decode_file, jsonl_objects
 
@@ -46,7 +46,6 @@ _CHATTERBOT_DIR = ("data", "english")
 _CHATTERBOT_HINT = "pip install --no-deps chatterbot-corpus==1.3.3"
 _SPLIT_TAGS = {"train": "train", "validation": "val", "test": "test"}
 DATASET_NAMES = ("instruct_tasks", "chatterbot", "files")
-_NO_GCS = dict(try_download_gcs=False)  # never ask the network whether a prepared copy exists
 _LOG = logging.getLogger(__name__)
 
 
@@ -497,18 +496,9 @@ def load_chat_data(data_cfg: ml_collections.ConfigDict, data_dir: str | pathlib.
         for bad user files.
     """
     builder = chat_builder_from_config(data_cfg, data_dir)
-    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(**_NO_GCS))
-    raw = {str(name): src for name, src in builder.as_data_source().items()}
-    if "validation" not in raw:
-        _LOG.warning(
-            "Dataset %s has no validation split (splits: %s); pass data.validation_file to "
-            "evaluate during training.",
-            builder.info.full_name,
-            sorted(raw),
-        )
+    raw = prepare_sources(builder)
     sources = {name: ChatSource(src) for name, src in raw.items()}
-    limit = int(data_cfg.get("max_train_examples", 0) or 0)
-    if 0 < limit < len(raw["train"]):
-        keep = hash_order(range(len(raw["train"])), seed=SUBSAMPLE_SEED)[:limit]
-        sources["train"] = ChatSource(raw["train"], sorted(keep))
+    keep = train_subset(len(raw["train"]), data_cfg.get("max_train_examples", 0))
+    if keep is not None:
+        sources["train"] = ChatSource(raw["train"], keep)
     return ChatData(sources=sources, dataset=builder.info.full_name)
