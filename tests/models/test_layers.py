@@ -104,3 +104,31 @@ def test_hashed_dropout_mask_statistics_and_determinism():
     with pytest.raises(ValueError, match="'philox'"):
         with layers.dropout_implementation("philox"):
             pass
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="the cuDNN kernel needs an NVIDIA GPU")
+def test_cudnn_attention_matches_xla_in_bfloat16():
+    """Causal + packed segments + padding, GQA: outputs and gradients agree to bf16 rounding."""
+    from sft_jax.models.decoder import causal_lm_inputs
+
+    b, t, n, kv, d = 2, 256, 8, 2, 64
+    rng = np.random.default_rng(0)
+    q, k, v = (jnp.asarray(rng.normal(size=(b, t, h, d)), jnp.bfloat16) for h in (n, kv, kv))
+    seg = np.ones((b, t), np.int32)
+    seg[:, 100:], seg[1, 200:] = 2, 0
+    mask, _, _ = causal_lm_inputs(b, t, segment_ids=jnp.asarray(seg))
+    real = jnp.asarray(seg != 0)[:, :, None, None]
+
+    def f(q, k, v):
+        out = layers.dot_product_attention(q, k, v, mask).astype(jnp.float32) * real
+        return (out * jnp.linspace(-1, 1, d)).sum(), out
+
+    results = {}
+    for impl in ("xla", "cudnn"):
+        with layers.attention_implementation(impl):
+            fn = jax.jit(jax.grad(f, argnums=(0, 1, 2), has_aux=True))
+            assert ("cudnn" in fn.lower(q, k, v).compile().as_text()) == (impl == "cudnn")
+            results[impl] = jax.tree.leaves(fn(q, k, v))
+    for a, r in zip(results["cudnn"], results["xla"]):
+        a, r = np.asarray(a, np.float32), np.asarray(r, np.float32)
+        assert np.abs(a - r).max() <= 0.01 * np.abs(r).max()
