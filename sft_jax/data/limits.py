@@ -27,6 +27,23 @@ class ModelLimits:
     source: str
 
 
+@dataclasses.dataclass(frozen=True)
+class ImageSpec:
+    """The input an image checkpoint was trained on: what the vision pipeline must produce.
+
+    Attributes:
+      size: Square input resolution in pixels (height = width).
+      mean: Per-channel (RGB) mean subtracted from pixels scaled to [0, 1].
+      std: Per-channel (RGB) standard deviation the centred pixels are divided by.
+      source: The file (or package) these come from (named in errors and logs).
+    """
+
+    size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    source: str
+
+
 def _int_or_none(value: Any) -> int | None:
     return int(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
