@@ -110,11 +110,12 @@ class LayerStructure:
       blocks: Regex whose group 1 is a block's index (``^resnet/encoder/stages/(\\d+)/``).
         Blocks are numbered from the input side.
       bottom: Regex of what comes before the first block (stem, embeddings).
-      top: Regex of what comes after the last block and before the head (final conv / norm).
+      top: Regex of what comes after the last block and before the head (final conv / norm),
+        or None when nothing does.
       head: Regex of the task head.
     """
 
     blocks: str
     bottom: str
-    top: str
+    top: str | None = None
     head: str = r"^classifier/"
