@@ -16,7 +16,7 @@ from sft_jax import components, steps
 from sft_jax import sharding as sharding_lib
 from sft_jax.evaluation import evaluate
 from sft_jax.tasks import get_task
-from sft_jax.train_state import shardings_of
+from sft_jax.train_state import shardings_of, split_model
 
 
 def evaluate_model(
@@ -43,8 +43,7 @@ def evaluate_model(
     mesh = mesh or sharding_lib.make_mesh(cfg.mesh.shape)
     data, tokenizer = components.load_data(cfg)
     ds = components.batches(cfg, data, tokenizer, split, train=False)
-    graphdef, params = nnx.split(model, nnx.Param)
-    params = nnx.to_pure_dict(params)
+    graphdef, params = split_model(model)
     batch_sh = sharding_lib.batch_sharding(mesh)
     eval_step = steps.make_eval_step(
         graphdef, get_task(cfg.model.task), shardings_of(params), batch_sh

@@ -16,6 +16,7 @@ from flax import nnx
 from sft_jax import checkpoint as ckpt_lib
 from sft_jax import components
 from sft_jax import sharding as sharding_lib
+from sft_jax.train_state import split_model
 
 
 @dataclasses.dataclass
@@ -54,10 +55,10 @@ def restore_run(workdir: str, which: str = "best") -> RestoredRun:
     model = components.build_model(cfg, len(info["label_names"]), path=info["model_dir"])
     mesh = sharding_lib.make_mesh(cfg.mesh.shape)
     shardings = sharding_lib.param_shardings(model, mesh)
-    graphdef, params = nnx.split(model, nnx.Param)
+    graphdef, params = split_model(model)
     abstract = jax.tree.map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-        nnx.to_pure_dict(params),
+        params,
         shardings,
     )
     restored = ckpt_lib.restore_params(mngr, step, abstract)

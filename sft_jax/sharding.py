@@ -70,9 +70,10 @@ def _mesh_axes_for(
 
 
 def param_shardings(model: nnx.Module, mesh: Mesh, rules: dict[str, Any] | None = None) -> Any:
-    """NamedShardings for ``nnx.state(model, nnx.Param)`` as a pure dict."""
+    """NamedShardings for the model's Params and BatchStats (``train_state.split_model``'s
+    params) as a pure dict."""
     rules = DEFAULT_RULES if rules is None else rules
-    state = nnx.state(model, nnx.Param)
+    state = nnx.state(model, (nnx.Param, nnx.BatchStat))
 
     logical = nnx.to_pure_dict(nnx.get_partition_spec(state))  # P("embed", "mlp") per leaf
     shapes = nnx.to_pure_dict(state)

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from sft_jax import tree_util
 from sft_jax.sharding import PMAP_AXIS
 from sft_jax.train_state import StepSetup, TrainState
 
@@ -38,6 +39,13 @@ def _join(trainable: Any, frozen: Any) -> Any:
     return jax.tree.map(
         lambda t, f: f if t is None else t, trainable, frozen, is_leaf=lambda x: x is None
     )
+
+
+def _without_stats(params: Any, stats: Any | None) -> Any:
+    """``params`` with BatchNorm statistics zeroed (for norms of the learned weights only)."""
+    if stats is None:
+        return params
+    return jax.tree.map(lambda p, m: jnp.zeros((), p.dtype) if m else p, params, stats)
 
 
 def _micro_batches(batch: dict, n: int) -> dict:
@@ -56,6 +64,20 @@ def _psum(tree: Any, axis_name: str | None) -> Any:
     return tree if axis_name is None else jax.lax.psum(tree, axis_name)
 
 
+def _batch_stats(model: Any) -> dict:
+    """The model's BatchNorm running statistics as a pure dict (only those leaves)."""
+    return nnx.to_pure_dict(nnx.state(model, nnx.BatchStat))
+
+
+def _replace_stats(tree: Any, batch_stats: dict | None) -> Any:
+    """``tree`` (params-shaped, possibly with None holes) with its BatchNorm statistics replaced
+    by ``batch_stats``; unchanged when that is None."""
+    if batch_stats is None:
+        return tree
+    flat = tree_util.flatten_to_dict(batch_stats)
+    return tree_util.map_with_path_str(lambda path, x: flat.get(path, x), tree)
+
+
 def _grads_and_stats(
     setup: StepSetup,
     task: Any,
@@ -64,41 +86,48 @@ def _grads_and_stats(
     rng: jax.Array,
     accumulation_steps: int,
     axis_name: str | None = None,
-) -> tuple[Any, dict]:
-    """Gradient of the global-batch mean loss w.r.t. trainable params, and summed stats.
+) -> tuple[Any, dict, dict | None]:
+    """Gradient of the global-batch mean loss w.r.t. trainable params, summed stats, and the
+    BatchNorm running statistics after the forward passes (None for models without BatchNorm).
 
     Under pmap (``axis_name`` set) ``batch`` is this device's slice: the target weight is summed
     over devices before dividing, and the per-device gradients and stats are summed after, so the
-    result is the global-batch gradient on every device.
+    result is the global-batch gradient on every device; running statistics are averaged over
+    devices. With accumulation, each micro-batch's forward pass updates the running statistics
+    the next one starts from (as consecutive torch forward passes would).
     """
     trainable, frozen = _split(params, setup.trainable)
     total_w = jnp.maximum(_psum(task.total_weight(batch), axis_name), 1.0)
+    has_stats = setup.stats is not None
 
-    def loss_fn(t, mb, key):
-        model = nnx.merge(setup.graphdef, _join(t, frozen))
+    def loss_fn(t, f, mb, key):
+        model = nnx.merge(setup.graphdef, _join(t, f))
         loss_sum, stats = task.loss_sums(model, mb, key)
-        return loss_sum / total_w, stats
+        return loss_sum / total_w, (stats, _batch_stats(model) if has_stats else None)
 
     grad_fn = jax.grad(loss_fn, has_aux=True)
     if accumulation_steps == 1:
-        return _psum(grad_fn(trainable, batch, rng), axis_name)
+        grads, (stats, bn) = grad_fn(trainable, frozen, batch, rng)
+    else:
+        micro = _micro_batches(batch, accumulation_steps)
 
-    def body(carry, xs):
-        mb, i = xs
-        g, stats = grad_fn(trainable, mb, jax.random.fold_in(rng, i))
-        return jax.tree.map(jnp.add, carry, (g, stats)), None
+        def body(carry, xs):
+            g_acc, st_acc, f = carry
+            mb, i = xs
+            g, (st, bn) = grad_fn(trainable, f, mb, jax.random.fold_in(rng, i))
+            acc = jax.tree.map(jnp.add, (g_acc, st_acc), (g, st))
+            return (*acc, _replace_stats(f, bn)), bn
 
-    zeros = jax.eval_shape(
-        grad_fn,
-        trainable,
-        jax.tree.map(lambda x: x[0], _micro_batches(batch, accumulation_steps)),
-        rng,
-    )
-    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), zeros)
-    (grads, stats), _ = jax.lax.scan(
-        body, zeros, (_micro_batches(batch, accumulation_steps), jnp.arange(accumulation_steps))
-    )
-    return _psum((grads, stats), axis_name)
+        shapes = jax.eval_shape(grad_fn, trainable, frozen, jax.tree.map(lambda x: x[0], micro), rng)
+        zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (shapes[0], shapes[1][0]))
+        (grads, stats, _), bns = jax.lax.scan(
+            body, (*zeros, frozen), (micro, jnp.arange(accumulation_steps))
+        )
+        bn = None if bns is None else jax.tree.map(lambda x: x[-1], bns)
+    grads, stats = _psum((grads, stats), axis_name)
+    if bn is not None and axis_name is not None:
+        bn = jax.lax.pmean(bn, axis_name)
+    return grads, stats, bn
 
 
 def train_step(
@@ -119,7 +148,7 @@ def train_step(
     rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
     if axis_name is not None:
         rng = jax.random.fold_in(rng, jax.lax.axis_index(axis_name))
-    grads, stats = _grads_and_stats(
+    grads, stats, batch_stats = _grads_and_stats(
         setup, task, state.params, batch, rng, accumulation_steps, axis_name
     )
     # Frozen leaves: zero gradients (optax.set_to_zero ignores them; XLA folds the zeros away).
@@ -130,13 +159,13 @@ def train_step(
         is_leaf=lambda x: x is None,
     )
     updates, opt_state = setup.tx.update(full_grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
+    params = _replace_stats(optax.apply_updates(state.params, updates), batch_stats)
     w = jnp.maximum(stats["weight"], 1.0)
     metrics = {
         "loss": stats["loss_sum"] / w,
         "accuracy": stats["correct"] / w,
         "grad_norm": optax.tree.norm(grads),
-        "param_norm": optax.tree.norm(params),
+        "param_norm": optax.tree.norm(_without_stats(params, setup.stats)),
         "update_norm": optax.tree.norm(updates),
         "learning_rate": setup.lr_schedule(state.step),
     }

@@ -29,22 +29,27 @@ class ClassificationTask:
         """What the global-batch loss is averaged over: the real examples."""
         return jnp.sum(batch["example_mask"].astype(jnp.float32))
 
-    def logits(self, model: Any, batch: dict, dropout_rng: jax.Array | None) -> jax.Array:
+    def _forward(self, model: Any, batch: dict, dropout_rng: jax.Array | None, train: bool):
+        return model(
+            batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            token_type_ids=batch.get("token_type_ids"),
+            dropout_rng=dropout_rng,
+        )
+
+    def logits(
+        self, model: Any, batch: dict, dropout_rng: jax.Array | None, train: bool = False
+    ) -> jax.Array:
         with layers.dropout_scope(dropout_rng):  # LoRA adapters read their key from it
-            logits = model(
-                batch["input_ids"],
-                attention_mask=batch["attention_mask"],
-                token_type_ids=batch.get("token_type_ids"),
-                dropout_rng=dropout_rng,
-            )
+            logits = self._forward(model, batch, dropout_rng, train)
         return logits.astype(jnp.float32)  # loss in float32 whatever the compute dtype
 
     def loss_sums(
         self, model: Any, batch: dict, dropout_rng: jax.Array | None
     ) -> tuple[jax.Array, dict[str, jax.Array]]:
         """Returns ``(loss_sum, stats)``: stats are sums over real examples (``weight``,
-        ``correct``)."""
-        logits = self.logits(model, batch, dropout_rng)  # [B, K]
+        ``correct``). Called by the train step: the model runs in training mode."""
+        logits = self.logits(model, batch, dropout_rng, train=True)  # [B, K]
         w = batch["example_mask"].astype(jnp.float32)
         losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"])  # [B]
         correct = (jnp.argmax(logits, -1) == batch["labels"]).astype(jnp.float32)
@@ -120,7 +125,26 @@ class CausalLMTask:
         return {"loss_sum": jnp.sum(losses), "weight": jnp.sum(w), "correct": jnp.sum(correct * w)}
 
 
-TASKS = {"classification": ClassificationTask, "causal_lm": CausalLMTask}
+class ImageClassificationTask(ClassificationTask):
+    """Image classification: ``model(pixel_values, train=..., dropout_rng=...) -> [B, K]``.
+
+    Batch keys: ``pixel_values`` (float32 [B, H, W, C], normalized), ``labels`` (int32 [B]),
+    ``example_mask`` (float32 [B]). In training the model normalizes with batch statistics
+    (BatchNorm layers that are not frozen) and updates its running ones; in evaluation it uses
+    the running statistics and no dropout.
+    """
+
+    name = "image_classification"
+
+    def _forward(self, model: Any, batch: dict, dropout_rng: jax.Array | None, train: bool):
+        return model(batch["pixel_values"], train=train, dropout_rng=dropout_rng)
+
+
+TASKS = {
+    "classification": ClassificationTask,
+    "causal_lm": CausalLMTask,
+    "image_classification": ImageClassificationTask,
+}
 
 
 def get_task(name: str) -> ClassificationTask | CausalLMTask:

@@ -2,8 +2,12 @@
 
 ``TrainState`` holds only arrays (so Orbax saves it and ``jit`` donates it); the static parts a
 step needs (the model's graph definition, the optimizer, the trainable mask) live in
-``StepSetup``. Parameters are a pure nested dict (``nnx.to_pure_dict(nnx.State)``), which
-``nnx.merge`` accepts directly.
+``StepSetup``. ``params`` is a pure nested dict (``nnx.to_pure_dict(nnx.State)``), which
+``nnx.merge`` accepts directly, of the model's variables: its ``nnx.Param``s and, for models
+with batch normalization, its ``nnx.BatchStat`` running statistics. The statistics are never
+trained (the trainable mask is False there and the optimizer keeps no state for them); the train
+step writes their updated values (``StepSetup.stats``). So checkpoints, evaluation and export see
+one tree that is the whole model.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
 from sft_jax import sharding as sharding_lib
+from sft_jax import tree_util
 
 
 @flax.struct.dataclass
@@ -27,7 +32,7 @@ class TrainState:
 
     Attributes:
       step: int32 scalar, the number of optimizer updates applied.
-      params: nested dict of parameter arrays (pure dict of the model's ``nnx.Param`` state).
+      params: nested dict of the model's variables (``nnx.Param`` and ``nnx.BatchStat``).
       opt_state: optax state; frozen parameters have none (``optax.MaskedNode``).
       rng: uint32 [2] raw PRNG key data; the dropout key of step ``s`` is ``fold_in(rng, s)``.
     """
@@ -49,17 +54,32 @@ class StepSetup:
     mesh: Mesh
     state_shardings: TrainState
     batch_sharding: NamedSharding
+    stats: Any = None  # bool pytree, True at BatchNorm running statistics; None: the model has none
+
+
+# The variables a model's state is made of (any other kind is an error: it would be lost).
+MODEL_VARIABLES = (nnx.Param, nnx.BatchStat)
 
 
 def split_model(model: nnx.Module) -> tuple[nnx.GraphDef, dict]:
-    """``(graphdef, params)`` with params as a pure dict (every Variable must be a Param)."""
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    """``(graphdef, params)``: params is a pure dict of the Params and BatchStats."""
+    graphdef, params, rest = nnx.split(model, MODEL_VARIABLES, ...)
     if jax.tree.leaves(rest):
         raise ValueError(
-            "the model holds non-Param variables; they are not part of TrainState yet: "
-            f"{jax.tree.map(lambda x: x.shape, rest)}"
+            "the model holds variables other than nnx.Param / nnx.BatchStat, which TrainState "
+            f"would not keep: {jax.tree.map(lambda x: x.shape, rest)}"
         )
     return graphdef, nnx.to_pure_dict(params)
+
+
+def stats_mask(model: nnx.Module) -> Any | None:
+    """Bool pytree over ``split_model``'s params: True at ``nnx.BatchStat`` leaves; None when the
+    model has none (the step then skips the statistics bookkeeping)."""
+    stats = tree_util.flatten_to_dict(nnx.to_pure_dict(nnx.state(model, nnx.BatchStat)))
+    if not stats:
+        return None
+    _, params = split_model(model)
+    return tree_util.map_with_path_str(lambda path, _: path in stats, params)
 
 
 def create_train_state(

@@ -22,7 +22,13 @@ from sft_jax import resume as resume_lib
 from sft_jax import sharding as sharding_lib
 from sft_jax.evaluation import evaluate
 from sft_jax.tasks import get_task
-from sft_jax.train_state import StepSetup, create_train_state, shardings_of
+from sft_jax.train_state import (
+    StepSetup,
+    create_train_state,
+    shardings_of,
+    split_model,
+    stats_mask,
+)
 
 log = logging.getLogger(__name__)
 
@@ -59,8 +65,16 @@ class NonFiniteError(FloatingPointError):
     """Too many consecutive updates skipped for a NaN/Inf loss or gradient."""
 
 
-def _num_tokens(batch: dict) -> int:
-    """Real (non-padding) tokens of a batch: attention mask, else packed segment ids."""
+def _unit(batch: dict) -> str:
+    """What throughput counts for this kind of batch: images or tokens."""
+    return "images" if "pixel_values" in batch else "tokens"
+
+
+def _num_units(batch: dict) -> int:
+    """Real examples of an image batch, or real (non-padding) tokens of a text batch:
+    attention mask, else packed segment ids."""
+    if "pixel_values" in batch:
+        return int(batch["example_mask"].sum())
     if "attention_mask" in batch:
         return int(batch["attention_mask"].sum())
     return int((batch["segment_ids"] > 0).sum())
@@ -98,8 +112,17 @@ class Trainer:
         self.mode = cfg.mesh.get("mode", "jit")
         # pmap replicates the state itself; its canonical copy lives on one device.
         mesh = sharding_lib.make_mesh((1, 1, 1) if self.mode == "pmap" else cfg.mesh.shape)
-        graphdef, params = nnx.split(model, nnx.Param)
-        self.trainable = freezing.trainable_mask(nnx.to_pure_dict(params), cfg.freeze.policy)
+        _, params = split_model(model)
+        stats = stats_mask(model)
+        self.trainable = freezing.trainable_mask(
+            params,
+            cfg.freeze.policy,
+            structure=getattr(model, "layer_structure", None),
+            never=stats,
+        )
+        freezing.configure_batch_norm(model, self.trainable, cfg.model.get("batch_norm", "auto"))
+        graphdef, _ = split_model(model)  # after configure_batch_norm: its flags are static
+        self.learned = stats if stats is None else jax.tree.map(lambda m: not m, stats)
         tx, lr = optim.build_optimizer(cfg.optimizer, self.trainable, self.total_steps)
         self.state = create_train_state(model, tx, mesh, cfg.seed)
         self.setup = StepSetup(
@@ -110,6 +133,7 @@ class Trainer:
             mesh=mesh,
             state_shardings=shardings_of(self.state),
             batch_sharding=sharding_lib.batch_sharding(mesh),
+            stats=stats,
         )
         self.runner = runners.make_runner(
             self.mode, self.setup, self.task, cfg.optimizer.accumulation_steps
@@ -125,7 +149,7 @@ class Trainer:
         return {
             "label_names": self.label_names,
             "model_dir": str(components.model_dir(self.cfg)),
-            "num_params": tree_util.count(params),
+            "num_params": tree_util.count(params, self.learned),  # running statistics excluded
             "num_trainable_params": tree_util.count(params, self.trainable),
             "optimizer_state_bytes": tree_util.nbytes(state.opt_state),
             "steps_per_epoch": self.steps_per_epoch,
@@ -188,24 +212,26 @@ class Trainer:
     def _log_train(self, done: int, m: dict, meter: dict) -> None:
         m = jax.device_get(m)
         dt = time.time() - meter["t0"]
+        rate = f"{meter['unit']}_per_sec"
         m.update(
-            tokens_per_sec=meter["tokens"] / dt,
+            {rate: meter["count"] / dt},
             steps_per_sec=(done - meter["step0"]) / dt,
             epoch=done / self.steps_per_epoch,
             num_compilations=self.runner.num_compilations(),
         )
         self.logger.write(done, "train", m)
-        self.bar.set_postfix(loss=f"{m['loss']:.4f}", tok_s=f"{m['tokens_per_sec']:.0f}")
+        self.bar.set_postfix(loss=f"{m['loss']:.4f}", **{rate: f"{m[rate]:.0f}"})
         if self.bar.disable:  # no terminal: a log line instead of the bar
             log.info(
-                "step %d/%d loss=%.4f lr=%.2e %.0f tokens/s",
+                "step %d/%d loss=%.4f lr=%.2e %.0f %s/s",
                 done,
                 self.total_steps,
                 m["loss"],
                 m["learning_rate"],
-                m["tokens_per_sec"],
+                m[rate],
+                meter["unit"],
             )
-        meter.update(t0=time.time(), tokens=0, step0=done)
+        meter.update(t0=time.time(), count=0, step0=done)
 
     def _check_finite(self, done: int, m: dict, progress: dict) -> None:
         """Counts skipped (non-finite) updates; too many in a row saves and raises."""
@@ -239,7 +265,8 @@ class Trainer:
             )
         meter["first"] = False
         batch = self._batch(step)
-        meter["tokens"] += _num_tokens(batch)
+        meter["unit"] = _unit(batch)
+        meter["count"] += _num_units(batch)
         self.state, m = self.runner(self.state, batch)
         done = step + 1
         self._check_finite(done, m, progress)
@@ -263,7 +290,7 @@ class Trainer:
         if progress["stopped_early"] or start >= self.total_steps:
             log.info("run in %s is already complete at step %d", self.workdir, start)
         self.bar = log_lib.progress_bar(self.total_steps, start)
-        meter = {"t0": time.time(), "tokens": 0, "step0": start, "first": True}
+        meter = {"t0": time.time(), "count": 0, "unit": "tokens", "step0": start, "first": True}
         last_eval, preempted = None, False
         every = self.cfg.checkpoint.every_steps
         with preemption.StopRequest() as stop:

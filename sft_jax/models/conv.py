@@ -169,8 +169,9 @@ class BatchNorm(nnx.Module):
             n = math.prod(x.shape[:-1])
             unbiased = var * (n / max(n - 1, 1))
             m = self.momentum
-            self.mean[...] = (1 - m) * self.mean[...] + m * jax.lax.stop_gradient(mean)
-            self.var[...] = (1 - m) * self.var[...] + m * jax.lax.stop_gradient(unbiased)
+            # Whole-value replacement (not ``[...] =``): works whatever array type holds it.
+            self.mean.set_value((1 - m) * self.mean[...] + m * jax.lax.stop_gradient(mean))
+            self.var.set_value((1 - m) * self.var[...] + m * jax.lax.stop_gradient(unbiased))
         else:
             mean, var = self.mean[...], self.var[...]
         y = (x32 - mean) * jax.lax.rsqrt(var + self.epsilon)

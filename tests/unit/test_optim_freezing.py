@@ -88,3 +88,41 @@ def test_every_optimizer_lowers_a_quadratic(name):
         updates, state = tx.update(jax.grad(loss)(params), state, params)
         params = optax.apply_updates(params, updates)
     assert loss(params) < 0.7 * start
+
+
+def _trainable_paths(policy):
+    from sft_jax import tree_util
+    from sft_jax.train_state import split_model, stats_mask
+    from tests.tiny_image import TinyImageClassifier
+
+    model = TinyImageClassifier()
+    _, params = split_model(model)
+    mask = freezing.trainable_mask(
+        params, policy, structure=model.layer_structure, never=stats_mask(model)
+    )
+    return sorted({p.rsplit("/", 1)[0] for p, m in tree_util.flatten_to_dict(mask).items() if m})
+
+
+def test_depth_presets_over_the_layer_structure():
+    head = ["classifier/dense"]
+    blocks = ["backbone/blocks/0/bn", "backbone/blocks/0/conv", "backbone/blocks/1/bn",
+              "backbone/blocks/1/conv"]  # fmt: skip
+    stem = ["backbone/stem/bn", "backbone/stem/conv"]
+    assert _trainable_paths("train_top:1") == blocks[2:] + head
+    assert _trainable_paths("train_top:0") == head
+    assert _trainable_paths("train_top:2") == blocks + head
+    assert _trainable_paths("train_bottom:1") == blocks[:2] + stem + head
+    assert _trainable_paths("freeze_bottom:1") == blocks[2:] + head
+    assert _trainable_paths("freeze_bottom:0") == blocks + head  # the stem counts as bottom
+    assert _trainable_paths("full") == blocks + stem + head  # running statistics never train
+
+
+def test_depth_preset_errors():
+    with pytest.raises(ValueError, match="train_top:3: the model has 2 blocks"):
+        _trainable_paths("train_top:3")
+    with pytest.raises(ValueError, match="write train_top:N"):
+        _trainable_paths("train_top:x")
+    with pytest.raises(ValueError, match="needs a model with a LayerStructure"):
+        freezing.trainable_mask(PARAMS, "train_top:1")
+    with pytest.raises(ValueError, match="train_top:N"):
+        freezing.trainable_mask(PARAMS, "train_topp:1")
