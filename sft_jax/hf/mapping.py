@@ -237,16 +237,21 @@ def path_str(path: Sequence[Any]) -> str:
     return ".".join(str(p) for p in path)
 
 
-def flat_params(model: nnx.Module) -> dict[str, nnx.Param]:
-    """Dotted path -> the model's ``nnx.Param`` objects (live references)."""
-    return {path_str(p): v for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+def flat_params(model: nnx.Module, variables: Any = nnx.Param) -> dict[str, nnx.Variable]:
+    """Dotted path -> the model's ``nnx.Param`` objects (live references), or the Variables
+    that the nnx filter ``variables`` selects: ``(nnx.Param, nnx.BatchStat)`` adds BatchNorm
+    running statistics, which checkpoints store next to the weights."""
+    return {path_str(p): v for p, v in nnx.to_flat_state(nnx.state(model, variables))}
 
 
-def assign_params(model: nnx.Module, arrays: Mapping[str, np.ndarray]) -> None:
-    """Writes arrays into the model's Params in place (paths as from ``flat_params``)."""
+def assign_params(
+    model: nnx.Module, arrays: Mapping[str, np.ndarray], variables: Any = nnx.Param
+) -> None:
+    """Writes arrays into the model's Variables in place (paths as from ``flat_params`` with
+    the same ``variables`` filter)."""
     import jax.numpy as jnp
 
-    params = flat_params(model)
+    params = flat_params(model, variables)
     for path, value in arrays.items():
         param = params[path]
         param.set_value(jnp.asarray(value, dtype=param.dtype))
