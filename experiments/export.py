@@ -27,6 +27,7 @@ def main(argv):
     from sft_jax.runtime import setup_runtime
 
     setup_runtime()
+    from sft_jax import components
     from sft_jax.hf.export import export_model
     from sft_jax.restore import restore_run
 
@@ -38,12 +39,16 @@ def main(argv):
 
         model = merge_lora(model)  # adapters folded into the base weights
         tokenizer, tokenizer_dir = load_chat_tokenizer(tokenizer_dir), None
+    spec = None
+    if components.is_image(run.cfg):
+        spec, tokenizer_dir = components.run_image_spec(run.cfg, run.info["model_dir"]), None
     out = export_model(
         model,
         _OUT.value,
         label_names=run.info["label_names"],
         tokenizer_dir=tokenizer_dir,
         tokenizer=tokenizer,
+        image_spec=spec,
     )
     print(json.dumps({"exported": str(out), "checkpoint_step": run.step}))
 

@@ -32,9 +32,31 @@ def is_lm(cfg: ml_collections.ConfigDict) -> bool:
     return cfg.model.task == "causal_lm"
 
 
+def is_image(cfg: ml_collections.ConfigDict) -> bool:
+    return cfg.model.task == "image_classification"
+
+
+def run_image_spec(cfg: ml_collections.ConfigDict, model_path: Any):
+    """The checkpoint's ``ImageSpec`` with the run's resolution (``data.image_size``, 0 = the
+    checkpoint's own): what the pipeline feeds the model, and what an export records."""
+    import dataclasses
+
+    from sft_jax.pretrained import image_spec
+
+    spec = image_spec(model_path)
+    return dataclasses.replace(spec, size=cfg.data.image_size or spec.size)
+
+
 def load_data(cfg: ml_collections.ConfigDict):
-    """``(data, tokenizer)``: ``TextClsData`` and the checkpoint's tokenizer for
-    classification; ``ChatData`` and the chat-template tokenizer for causal LMs."""
+    """``(data, processor)``: ``TextClsData`` and the checkpoint's tokenizer for text
+    classification; ``ChatData`` and the chat-template tokenizer for causal LMs;
+    ``ImageClsData`` and the checkpoint's ``ImageSpec`` (resolution, normalization) for
+    images."""
+    if is_image(cfg):
+        from sft_jax.data.image_builders import load_image_classification
+
+        data = load_image_classification(cfg.data, data_dir(cfg))
+        return data, run_image_spec(cfg, model_dir(cfg))
     if is_lm(cfg):
         from sft_jax.data.chat_builders import load_chat_data
         from sft_jax.data.limits import check_max_length, read_model_limits
@@ -65,14 +87,19 @@ def _check_split(data: Any, split: str) -> None:
         )
 
 
-def batches(cfg: ml_collections.ConfigDict, data: Any, tokenizer: Any, split: str, train: bool):
+def batches(cfg: ml_collections.ConfigDict, data: Any, processor: Any, split: str, train: bool):
     """A grain ``MapDataset`` of batches over one pass of ``split`` (``len`` = batches).
 
+    ``processor`` is ``load_data``'s second value (a tokenizer, or an ``ImageSpec``).
     Training: seeded shuffle (the trainer ``repeat()``s it, which reshuffles every epoch), full
-    batches. Evaluation: the last batch filled with rows that count for nothing, shuffled with a
-    fixed seed so that a partial evaluation (``train.max_eval_batches``) sees every class even
-    when the source file is sorted by label (the shipped tweet corpus is)."""
+    batches, image augmentation. Evaluation: the last batch filled with rows that count for
+    nothing, shuffled with a fixed seed so that a partial evaluation
+    (``train.max_eval_batches``) sees every class even when the source file is sorted by label
+    (the shipped tweet corpus is)."""
     _check_split(data, split)
+    tokenizer = processor
+    if is_image(cfg):
+        return _image_batches(cfg, data, processor, split, train)
     if is_lm(cfg):
         return _lm_batches(cfg, data, tokenizer, split, train)
     from sft_jax.data.text import text_cls_dataset
@@ -114,16 +141,62 @@ def _lm_batches(cfg: ml_collections.ConfigDict, data: Any, tokenizer: Any, split
     )
 
 
+def _image_batches(cfg: ml_collections.ConfigDict, data: Any, spec: Any, split: str, train: bool):
+    from sft_jax.data.vision import image_cls_dataset
+
+    return image_cls_dataset(
+        data.sources[split],
+        spec,
+        image_size=None,  # spec.size is the run's (run_image_spec)
+        batch_size=cfg.data.batch_size if train else cfg.data.eval_batch_size,
+        train=train,
+        augment=cfg.data.augment,
+        seed=cfg.seed if train else 0,
+        shuffle=True,
+        drop_remainder=train,
+        num_epochs=1,
+    )
+
+
+def _model_kwargs(cfg: ml_collections.ConfigDict, num_labels: int) -> dict[str, Any]:
+    """The task's ``load_pretrained`` arguments from the ``model`` block."""
+    kwargs: dict[str, Any] = {"seed": cfg.seed, "dtype": cfg.model.get("dtype", "float32")}
+    if is_image(cfg):
+        kwargs.update(
+            num_labels=num_labels,
+            head=cfg.model.head,
+            head_hidden=cfg.model.head_hidden,
+            classifier_dropout=cfg.model.classifier_dropout,
+        )
+    elif not is_lm(cfg):
+        kwargs.update(num_labels=num_labels, classifier_dropout=cfg.model.classifier_dropout)
+    return kwargs
+
+
+def _random_init(model: Any, seed: int) -> Any:
+    """The same architecture and head, freshly initialized from ``seed`` (for training from
+    scratch): image models are built as ``type(model)(model.config, model.head_config, rngs)``."""
+    from flax import nnx
+
+    if not hasattr(model, "head_config"):
+        raise ValueError(
+            f"model.pretrained=False is supported for image models; {type(model).__name__} "
+            "has no random-initialization constructor"
+        )
+    return type(model)(model.config, model.head_config, rngs=nnx.Rngs(seed))
+
+
 def build_model(cfg: ml_collections.ConfigDict, num_labels: int = 0, path: str | None = None):
-    """The task model from pretrained weights (``path`` overrides ``cfg.model.path``), computing
-    in ``cfg.model.dtype`` with float32 parameters (mixed precision when bfloat16), with LoRA
+    """The task model from pretrained weights (``path`` overrides ``cfg.model.path``), or
+    randomly initialized with ``model.pretrained=False`` (image models), computing in
+    ``cfg.model.dtype`` with float32 parameters (mixed precision when bfloat16), with LoRA
     adapters when ``cfg.lora.rank > 0``."""
     from sft_jax.pretrained import load_pretrained
 
-    kwargs: dict[str, Any] = {"seed": cfg.seed, "dtype": cfg.model.get("dtype", "float32")}
-    if not is_lm(cfg):
-        kwargs.update(num_labels=num_labels, classifier_dropout=cfg.model.classifier_dropout)
+    kwargs = _model_kwargs(cfg, num_labels)
     model = load_pretrained(path or cfg.model.path, task=cfg.model.task, **kwargs)
+    if not cfg.model.get("pretrained", True):
+        model = _random_init(model, cfg.seed)
     if "lora" in cfg:
         from sft_jax.lora import apply_lora_from_config
 

@@ -66,11 +66,21 @@ def restore_latest(
     return None
 
 
+# Batches of each epoch whose inputs are hashed: enough to tell any change of data, order,
+# tokenizer, augmentation or seed, without a second pass over a long (augmented) epoch.
+HASHED_BATCHES = 64
+
+
 def epoch_hash(ds: Any, epoch: int, steps_per_epoch: int) -> str:
-    """SHA-256 (16 hex digits) of the ``input_ids`` of every batch of ``epoch``, in order."""
+    """SHA-256 (16 hex digits) of the model inputs (``input_ids``, or ``pixel_values`` for
+    images) and labels of the first ``HASHED_BATCHES`` batches of ``epoch``, in order."""
     h = hashlib.sha256()
-    for i in range(epoch * steps_per_epoch, (epoch + 1) * steps_per_epoch):
-        h.update(np.ascontiguousarray(ds[i]["input_ids"]).tobytes())
+    start = epoch * steps_per_epoch
+    for i in range(start, start + min(steps_per_epoch, HASHED_BATCHES)):
+        batch = ds[i]
+        for key in ("input_ids", "pixel_values", "labels", "targets"):
+            if key in batch:
+                h.update(np.ascontiguousarray(batch[key]).tobytes())
     return h.hexdigest()[:16]
 
 

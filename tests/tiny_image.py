@@ -59,3 +59,89 @@ def image_batch(batch_size: int = 8, size: int = 8, num_labels: int = 3, seed: i
         "labels": labels,
         "example_mask": np.ones(batch_size, np.float32),
     }
+
+
+# Colours of the tiny image-folder classes: each class is a noisy patch of its colour.
+COLOURS = {"blue": (30, 60, 220), "green": (40, 200, 60), "red": (220, 40, 40)}
+
+
+def write_image_folders(root, counts=(("train", 12), ("validation", 4), ("test", 4)), seed=0):
+    """``{split: dir}``: one sub-folder per colour class, small PNG and JPEG images of varying
+    sizes and modes (RGB, grey, palette) under ``root``."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    dirs = {}
+    for split, n in counts:
+        for name, colour in COLOURS.items():
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for i in range(n):
+                h, w = int(rng.integers(18, 30)), int(rng.integers(18, 30))
+                noise = rng.integers(-40, 40, (h, w, 3))
+                pixels = np.clip(np.asarray(colour) + noise, 0, 255).astype(np.uint8)
+                image = Image.fromarray(pixels)
+                ext = "jpg" if i % 2 else "png"
+                if i % 4 == 2:  # PNG only: palette images
+                    image = image.convert("P")
+                elif i % 4 == 3:
+                    image = image.convert("L")
+                image.save(folder / f"{i}.{ext}")
+        dirs[split] = str(root / split)
+    return dirs
+
+
+def make_tiny_resnet(path):
+    """A tiny random Hugging Face ResNet (bare backbone, as microsoft/resnet-50's layout) with
+    randomized BatchNorm statistics, saved to ``path``."""
+    import torch
+    import transformers
+
+    cfg = transformers.ResNetConfig(
+        embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], layer_type="basic"
+    )
+    torch.manual_seed(0)
+    model = transformers.ResNetModel(cfg)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.2, 0.2)
+                m.running_var.uniform_(0.5, 1.5)
+    model.save_pretrained(path)
+    return path
+
+
+def make_image_config(root, model_dir, dirs, arg="debug", **overrides):
+    """``configs/image_cls.py:ARG`` on the tiny setup: image folders, 16 px, batch 8, 6 steps."""
+    from configs import image_cls
+
+    c = image_cls.get_config(arg)
+    c.unlock()
+    values = {
+        "model.path": str(model_dir),
+        "model.classifier_dropout": 0.1,
+        "data.name": "image_folder",
+        "data.data_dir": str(root / "tfds"),
+        "data.train_dir": dirs["train"],
+        "data.validation_dir": dirs["validation"],
+        "data.test_dir": dirs["test"],
+        "data.max_train_examples": 0,
+        "data.image_size": 16,
+        "data.batch_size": 8,
+        "data.eval_batch_size": 8,
+        "optimizer.learning_rate": 1e-2,
+        "train.num_steps": 6,
+        "train.eval_every_steps": 3,
+        "train.max_eval_batches": 0,
+        "train.log_every_steps": 1,
+        "checkpoint.async_save": False,
+        **overrides,
+    }
+    for key, value in values.items():
+        section, *rest = key.split(".")
+        target = c[section]
+        for name in rest[:-1]:
+            target = target[name]
+        target[rest[-1]] = value
+    c.lock()
+    return c

@@ -17,7 +17,7 @@ def _exporters() -> dict[type, Callable[..., Path]]:
     from sft_jax.models.gpt2 import GPT2LMHeadModel
     from sft_jax.models.llama import LlamaForCausalLM
 
-    def classifier(model, out_dir, *, label_names, tokenizer_dir, tokenizer):
+    def classifier(model, out_dir, *, label_names, tokenizer_dir, tokenizer, **_):
         out = export_bert_classifier(
             model, out_dir, label_names=label_names, tokenizer_dir=tokenizer_dir
         )
@@ -26,7 +26,7 @@ def _exporters() -> dict[type, Callable[..., Path]]:
         return out
 
     def causal_lm(export: Callable[..., Path]) -> Callable[..., Path]:
-        def run(model, out_dir, *, label_names, tokenizer_dir, tokenizer):
+        def run(model, out_dir, *, label_names, tokenizer_dir, tokenizer, **_):
             del label_names  # language models have no labels
             return export(model, out_dir, tokenizer_dir=tokenizer_dir, tokenizer=tokenizer)
 
@@ -36,6 +36,33 @@ def _exporters() -> dict[type, Callable[..., Path]]:
         BertForSequenceClassification: classifier,
         LlamaForCausalLM: causal_lm(export_llama),
         GPT2LMHeadModel: causal_lm(export_gpt2),
+        **_image_exporters(),
+    }
+
+
+def _image_exporters() -> dict[type, Callable[..., Path]]:
+    """ResNet / ViT -> Hugging Face directories; EfficientNet-Lite -> the reference's state-dict
+    names in safetensors (see ``sft_jax.hf.efficientnet``)."""
+    from sft_jax.hf.efficientnet import export_efficientnet
+    from sft_jax.hf.resnet import export_resnet
+    from sft_jax.hf.vit import export_vit
+    from sft_jax.models.efficientnet import EfficientNetForImageClassification
+    from sft_jax.models.resnet import ResNetForImageClassification
+    from sft_jax.models.vit import ViTForImageClassification
+
+    def hf(export: Callable[..., Path]) -> Callable[..., Path]:
+        def run(model, out_dir, *, label_names, image_spec, **_):
+            return export(model, out_dir, label_names=label_names, image_spec=image_spec)
+
+        return run
+
+    def efficientnet(model, out_dir, **_):
+        return export_efficientnet(model, out_dir)
+
+    return {
+        ResNetForImageClassification: hf(export_resnet),
+        ViTForImageClassification: hf(export_vit),
+        EfficientNetForImageClassification: efficientnet,
     }
 
 
@@ -46,15 +73,19 @@ def export_model(
     label_names: Sequence[str] | None = None,
     tokenizer_dir: str | Path | None = None,
     tokenizer: Any = None,
+    image_spec: Any = None,
 ) -> Path:
     """Writes ``config.json``, ``model.safetensors`` and tokenizer files for ``model``.
 
     Args:
-        model: A supported model (BERT classifier, Llama/Qwen2 or GPT-2 causal LM).
+        model: A supported model (BERT classifier, Llama/Qwen2 or GPT-2 causal LM, ResNet /
+            ViT / EfficientNet-Lite image classifier).
         out_dir: Destination directory.
         label_names: Class names (classifiers only).
         tokenizer_dir: Directory whose tokenizer files are copied.
         tokenizer: A transformers tokenizer to ``save_pretrained`` (e.g. from a GGUF file).
+        image_spec: An image model's input (``data.limits.ImageSpec``), written as
+            ``preprocessor_config.json`` (ResNet, ViT).
 
     Raises:
       TypeError: the model's family has no exporter yet.
@@ -67,5 +98,10 @@ def export_model(
             f"supported: {[t.__name__ for t in exporters]}"
         )
     return exporter(
-        model, out_dir, label_names=label_names, tokenizer_dir=tokenizer_dir, tokenizer=tokenizer
+        model,
+        out_dir,
+        label_names=label_names,
+        tokenizer_dir=tokenizer_dir,
+        tokenizer=tokenizer,
+        image_spec=image_spec,
     )
