@@ -72,7 +72,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
 
     c.freeze = common.freeze("full")
 
-    c.train = common.train(num_steps=600, eval_every_steps=150, log_every_steps=25)
+    c.train = common.train(num_steps=800, eval_every_steps=200, log_every_steps=25)
 
     c.checkpoint = common.checkpoint("accuracy", "max")
 

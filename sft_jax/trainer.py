@@ -301,6 +301,7 @@ class Trainer:
                 preempted = stop.requested or done == stop_after_step
                 if done % self.eval_every == 0 or done == self.total_steps:
                     last_eval = self.evaluate()
+                    meter.update(t0=time.time(), count=0, step0=done)  # throughput: training only
                     if self._after_eval(done, last_eval, progress):
                         log.info("early stopping at step %d", done)
                         break
