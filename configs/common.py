@@ -5,17 +5,24 @@ import ml_collections
 
 
 def optimizer(**overrides) -> ml_collections.ConfigDict:
-    """AdamW with warmup (10% of steps) then decay, global-norm clipping at 1.0."""
+    """AdamW with warmup (10% of steps) then decay, global-norm clipping at 1.0.
+
+    Optimizers and schedules: ``sft_jax/optimizers.py`` and ``sft_jax/optim.py``."""
     c = ml_collections.ConfigDict()
-    c.name = "adamw"  # adamw | adam | sgd | lion | adafactor
+    # adamw | adam | sgd | adafactor | lion | lamb | muon | schedule_free_adamw
+    c.name = "adamw"
     c.learning_rate = 5e-5
     c.b1 = 0.9
     c.b2 = 0.999
     c.eps = 1e-8
     c.momentum = 0.9  # sgd only
     c.nesterov = False  # sgd only
-    c.weight_decay = 0.01
-    c.schedule = "linear"  # constant | linear | cosine (after warmup)
+    c.muon_beta = 0.95  # muon: momentum of the orthogonalized (matrix) part
+    c.muon_consistent_rms = 0.2  # muon: update RMS matched to AdamW's (0 = width scaling)
+    c.weight_decay = 0.01  # decoupled, matrices only; adam and sgd use none
+    c.schedule = "linear"  # constant | linear | cosine | wsd (after warmup)
+    c.decay_ratio = 0.1  # wsd: decay over the last 10% of the steps
+    c.decay_shape = "linear"  # wsd: linear | sqrt (1 - sqrt)
     c.warmup_steps = 0
     c.warmup_ratio = 0.1
     c.grad_clip_norm = 1.0
@@ -25,7 +32,14 @@ def optimizer(**overrides) -> ml_collections.ConfigDict:
 
 
 def freeze(policy: str = "full") -> ml_collections.ConfigDict:
-    return ml_collections.ConfigDict({"policy": policy})  # a preset of sft_jax.freezing.PRESETS
+    """``policy``: a preset of ``sft_jax/policies.py`` (``full``, ``head_only``, ``llrd:0.8``,
+    ``train_top:2``, ``gradual_unfreeze:100``, ``bitfit``, ...). ``rules``: explicit rules
+    matched first (first match wins), ``(regex, trainable)`` or
+    ``(regex, trainable, lr_mult, wd_mult)``, e.g. ``(("^classifier/", True, 10.0, 0.0),)``."""
+    c = ml_collections.ConfigDict()
+    c.policy = policy
+    c.rules = ()
+    return c
 
 
 def train(**overrides) -> ml_collections.ConfigDict:

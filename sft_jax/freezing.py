@@ -1,107 +1,166 @@
-"""Parameter-group policies: which parameters train, decided by path regexes.
+"""Parameter-group policies: which parameters train, and with what learning-rate / weight-decay
+multipliers, decided by path regexes.
 
-A policy is an ordered list of ``(regex, trainable)`` rules matched against a parameter's path
-(``"bert/encoder/layer/3/attention/self/query/kernel"``); the first matching rule wins and
-unmatched parameters are trainable. Named presets expand to such lists. The optimizer uses the
-resulting boolean mask (frozen leaves get ``optax.set_to_zero`` and no optimizer state) and the
-step differentiates only trainable leaves.
+A policy is a preset name (``sft_jax.policies``: ``head_only``, ``train_top:2``, ``llrd:0.8``,
+``gradual_unfreeze:100``, ``bitfit``, ...) plus optional explicit rules, each
+``(regex, trainable)`` or ``(regex, trainable, lr_mult, wd_mult)``, matched against a parameter's
+path (``"bert/encoder/layer/3/attention/self/query/kernel"``). Explicit rules come first; the
+first matching rule wins; unmatched parameters train with multipliers 1. ``param_groups`` turns
+that into per-leaf trees (trainable, lr_mult, wd_mult, unfreeze step) for
+``optim.build_optimizer``: frozen leaves get ``optax.set_to_zero`` and no optimizer state, each
+distinct (lr_mult, wd_mult, unfreeze step) gets its own optimizer, and the step differentiates
+only trainable leaves.
 
-Presets that count layers are written once against a model's ``LayerStructure``
-(``sft_jax.models.heads``: regexes for the bottom (stem / embeddings), the numbered blocks, the
-top and the head), so they mean the same for every family:
-
-  ``train_top:N``      head + top + the last N blocks train; the rest is frozen.
-  ``train_bottom:N``   bottom + the first N blocks + head train; the rest is frozen.
-  ``freeze_bottom:N``  bottom + the first N blocks are frozen; the rest trains.
+Presets that count layers read the model's ``LayerStructure`` (``sft_jax.models.heads``):
+``structure_for(model)`` returns the model's own ``layer_structure`` or, for the text families
+whose classes do not define one, the entry of ``STRUCTURES``.
 
 BatchNorm layers whose scale is frozen run in inference mode (``configure_batch_norm``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from typing import Any
 
+import jax
+
 from sft_jax import tree_util
 from sft_jax.models.heads import LayerStructure
+from sft_jax.policies import (  # noqa: F401  (re-exported: the public names of this module)
+    DEPTH_PRESETS,
+    HEAD_PATTERN,
+    LORA_PATTERN,
+    PRESETS,
+    Rule,
+    block_indices,
+    depth_rules,
+    expand,
+    explicit_rules,
+    parse_arg,
+)
 
-# Head parameters of every task model live under these top-level names.
-HEAD_PATTERN = r"^(classifier|head|lm_head)/"
-# LoRA adapter weights (``.../q_proj/lora_a``); ``sft_jax.lora.is_lora_param`` uses it too.
-LORA_PATTERN = r"(^|/)lora_[ab]$"
-
-PRESETS: dict[str, list[tuple[str, bool]]] = {
-    "full": [],
-    # Linear probe / frozen-encoder head training: only the task head trains.
-    "head_only": [(HEAD_PATTERN, True), (r".*", False)],
-    "freeze_embeddings": [(r"(^|/)embeddings/", False)],
-    # LoRA (see sft_jax.lora.apply_lora): only the adapter weights train.
-    "lora": [(LORA_PATTERN, True), (r".*", False)],
+# Layer structures of the model classes that do not carry a ``layer_structure`` attribute.
+STRUCTURES: dict[str, LayerStructure] = {
+    "BertForSequenceClassification": LayerStructure(
+        blocks=r"^bert/encoder/layer/(\d+)/",
+        bottom=r"^bert/embeddings/",
+        top=r"^bert/pooler/",
+        head=r"^classifier/",
+    ),
+    # Llama / Qwen2 / SmolLM; with tied embeddings there is no lm_head parameter.
+    "LlamaForCausalLM": LayerStructure(
+        blocks=r"^model/layers/(\d+)/",
+        bottom=r"^model/embed_tokens/",
+        top=r"^model/norm/",
+        head=r"^lm_head/",
+    ),
+    # GPT-2's LM head is the token embedding (tied): the head regex matches nothing.
+    "GPT2LMHeadModel": LayerStructure(
+        blocks=r"^transformer/h/(\d+)/",
+        bottom=r"^transformer/(wte|wpe)/",
+        top=r"^transformer/ln_f/",
+        head=r"^lm_head/",
+    ),
 }
 
 
-DEPTH_PRESETS = ("train_top", "train_bottom", "freeze_bottom")
+def structure_for(model: Any) -> LayerStructure | None:
+    """The model's ``layer_structure`` if it has one, else ``STRUCTURES[class name]``, else
+    None (depth presets then fail naming the policy)."""
+    own = getattr(model, "layer_structure", None)
+    return own if own is not None else STRUCTURES.get(type(model).__name__)
 
 
-def block_indices(paths: list[str], structure: LayerStructure) -> list[int]:
-    """The block numbers present in ``paths`` (sorted), by ``structure.blocks``' group 1."""
-    pattern = re.compile(structure.blocks)
-    return sorted({int(m.group(1)) for p in paths if (m := pattern.search(p))})
+@dataclasses.dataclass(frozen=True)
+class ParamGroups:
+    """Per-parameter optimizer settings; every tree has the structure of the params.
+
+    Attributes:
+      trainable: bool; True where the parameter ever trains (the step differentiates these).
+      lr_mult: float learning-rate multiplier (0.0 where frozen).
+      wd_mult: float weight-decay multiplier (0.0 where frozen).
+      unfreeze_step: int first optimizer step at which the parameter trains, or None when every
+        trainable parameter trains from step 0 (all presets but ``gradual_unfreeze``).
+    """
+
+    trainable: Any
+    lr_mult: Any
+    wd_mult: Any
+    unfreeze_step: Any = None
+
+    @classmethod
+    def from_mask(cls, trainable: Any) -> ParamGroups:
+        """Groups of a plain bool mask: multipliers 1 where trainable, all from step 0."""
+        mult = jax.tree.map(lambda t: 1.0 if t else 0.0, trainable)
+        return cls(trainable, mult, mult, None)
 
 
-def _blocks_rules(structure: LayerStructure, indices: list[int], trainable: bool) -> list:
-    """``[(structure.blocks restricted to indices, trainable)]``; no rule for no indices."""
-    if structure.blocks.count(r"(\d+)") != 1:
-        raise ValueError(f"LayerStructure.blocks {structure.blocks!r} needs one (\\d+) group")
-    if not indices:
-        return []
-    alternatives = "|".join(str(i) for i in indices)
-    return [(structure.blocks.replace(r"(\d+)", f"(?:{alternatives})"), trainable)]
+def _rules(
+    policy: str | list[Any], rules: Any, paths: list[str], structure: LayerStructure | None
+) -> list[Rule]:
+    """Explicit rules first, then the preset's (a list policy is explicit rules alone)."""
+    if not isinstance(policy, str):
+        return explicit_rules(list(rules) + list(policy))
+    return explicit_rules(rules) + expand(policy, paths, structure)
 
 
-def depth_rules(
-    name: str, n: int, paths: list[str], structure: LayerStructure
-) -> list[tuple[str, bool]]:
-    """Rules of a depth preset (``train_top``, ``train_bottom``, ``freeze_bottom``) with N=n."""
-    blocks = block_indices(paths, structure)
-    if not 0 <= n <= len(blocks):
-        raise ValueError(f"freeze.policy={name}:{n}: the model has {len(blocks)} blocks")
-    first, last = blocks[:n], blocks[len(blocks) - n :]
-    top = [(structure.top, True)] if structure.top else []
-    head = [(structure.head, True)]
-    if name == "train_top":
-        return [*head, *top, *_blocks_rules(structure, last, True), (".*", False)]
-    if name == "train_bottom":
-        bottom = [(structure.bottom, True), *_blocks_rules(structure, first, True)]
-        return [*head, *bottom, (".*", False)]
-    return [(structure.bottom, False), *_blocks_rules(structure, first, False)]
-
-
-def parse_rules(
-    policy: str | list[Any],
-    paths: list[str] | None = None,
+def param_groups(
+    params: Any,
+    policy: str | list[Any] = "full",
+    *,
+    rules: Any = (),
     structure: LayerStructure | None = None,
-) -> list[tuple[str, bool]]:
-    """Expands a preset name (``NAME`` or ``NAME:N`` for depth presets, which need the model's
-    parameter ``paths`` and ``structure``) or validates an explicit ``[(regex, trainable)]``."""
-    if isinstance(policy, str):
-        name, _, arg = policy.partition(":")
-        if name in DEPTH_PRESETS:
-            if not arg.isdigit():
-                raise ValueError(f"freeze.policy={policy!r}: write {name}:N with N >= 0")
-            if structure is None or paths is None:
-                raise ValueError(f"freeze.policy={policy!r} needs a model with a LayerStructure")
-            return depth_rules(name, int(arg), paths, structure)
-        if policy not in PRESETS:
-            known = sorted(PRESETS) + [f"{d}:N" for d in DEPTH_PRESETS]
-            raise ValueError(f"Unknown freezing preset {policy!r}; known presets: {known}")
-        return PRESETS[policy]
-    rules = []
-    for i, rule in enumerate(policy):
-        if len(rule) != 2 or not isinstance(rule[1], bool):
-            raise ValueError(f"freeze rule {i} must be (regex, trainable: bool), got {rule!r}")
-        rules.append((str(rule[0]), rule[1]))
-    return rules
+    never: Any | None = None,
+) -> ParamGroups:
+    """Matches the policy against every parameter path.
+
+    Args:
+      params: The model's variables as a pure dict.
+      policy: A preset name (``sft_jax.policies``) or a list of explicit rules.
+      rules: Explicit rules matched before the preset's: ``(regex, trainable)`` or
+        ``(regex, trainable, lr_mult, wd_mult)``, e.g. ``(("^classifier/", True, 10.0, 0.0),)``.
+      structure: The model's layer structure (``structure_for``), for presets that count layers.
+      never: Bool pytree like ``params``; True leaves are never trainable and not matched
+        against the rules (BatchNorm running statistics, ``train_state.stats_mask``).
+
+    Raises:
+      ValueError: an unknown preset or malformed rule; an explicit rule that matches no
+        parameter (a typo in a regex would otherwise silently train everything); a policy that
+        leaves no parameter trainable.
+    """
+    excluded = set()
+    if never is not None:
+        excluded = {p for p, m in tree_util.flatten_to_dict(never).items() if m}
+    paths = [p for p in tree_util.flatten_to_dict(params) if p not in excluded]
+    compiled = [(re.compile(r.pattern), r) for r in _rules(policy, rules, paths, structure)]
+    used = [False] * len(compiled)
+    default = Rule(".*", True)
+
+    def decide(path: str) -> Rule:
+        if path in excluded:
+            return Rule(".*", False)
+        for i, (pattern, rule) in enumerate(compiled):
+            if pattern.search(path):
+                used[i] = True
+                return rule
+        return default
+
+    decided = tree_util.map_with_path_str(lambda path, _: decide(path), params)
+    is_rule = lambda x: isinstance(x, Rule)
+    unused = [r.pattern for (_, r), u in zip(compiled, used) if r.required and not u]
+    if unused:
+        raise ValueError(f"freeze rules matched no parameter: {unused}")
+    trainable = jax.tree.map(lambda r: r.trainable, decided, is_leaf=is_rule)
+    if not any(tree_util.leaves(trainable)):
+        raise ValueError(f"freezing policy {policy!r} leaves no trainable parameter")
+    mult = lambda name: jax.tree.map(
+        lambda r: float(getattr(r, name)) if r.trainable else 0.0, decided, is_leaf=is_rule
+    )
+    step = jax.tree.map(lambda r: r.unfreeze_step if r.trainable else 0, decided, is_leaf=is_rule)
+    gradual = any(tree_util.leaves(step))
+    return ParamGroups(trainable, mult("lr_mult"), mult("wd_mult"), step if gradual else None)
 
 
 def trainable_mask(
@@ -111,42 +170,40 @@ def trainable_mask(
     structure: LayerStructure | None = None,
     never: Any | None = None,
 ) -> Any:
-    """Returns a pytree of bools with the structure of ``params`` (True = trainable).
+    """The bool pytree (True = trains at some point) of ``param_groups(...)``."""
+    return param_groups(params, policy, structure=structure, never=never).trainable
 
-    Args:
-      params: The model's variables as a pure dict.
-      policy: A preset name or ``[(regex, trainable), ...]``.
-      structure: The model's layer structure (for depth presets such as ``train_top:2``).
-      never: Bool pytree like ``params``; True leaves are never trainable and not matched
-        against the rules (BatchNorm running statistics, ``train_state.stats_mask``).
 
-    Raises:
-      ValueError: if the policy leaves no parameter trainable, or a rule matches nothing (a typo
-        in a regex would otherwise silently train everything).
+def groups_from_config(freeze_cfg: Any, params: Any, model: Any, never: Any = None) -> ParamGroups:
+    """``param_groups`` from the ``freeze`` config block (``policy`` and optional ``rules``),
+    with the model's layer structure (``structure_for``)."""
+    return param_groups(
+        params,
+        freeze_cfg.policy,
+        rules=tuple(freeze_cfg.get("rules", ())),
+        structure=structure_for(model),
+        never=never,
+    )
+
+
+def unfreeze_steps(params: Any, structure: LayerStructure, k: int, never: Any = None) -> Any:
+    """Per-leaf first training step of ``gradual_unfreeze:k`` (int tree like ``params``): head 0,
+    the j-th block from the top ``j * k``, everything else ``(L + 1) * k`` (see
+    ``sft_jax.policies``); 0 at ``never`` leaves, which never train."""
+    groups = param_groups(params, f"gradual_unfreeze:{k}", structure=structure, never=never)
+    return groups.unfreeze_step
+
+
+def lora_rank(policy: Any) -> int | None:
+    """R for a ``lora:R`` policy, else None.
+
+    The components code calls it before building the mask: with a rank, adapters must be
+    inserted first (``sft_jax.lora.apply_lora(model, rank=R, ...)``) so that the ``lora_a`` /
+    ``lora_b`` leaves exist. Raises ValueError for a malformed ``lora:`` argument.
     """
-    excluded = set()
-    if never is not None:
-        excluded = {p for p, m in tree_util.flatten_to_dict(never).items() if m}
-    paths = [p for p in tree_util.flatten_to_dict(params) if p not in excluded]
-    rules = [(re.compile(p), t) for p, t in parse_rules(policy, paths, structure)]
-    used = [False] * len(rules)
-
-    def decide(path: str) -> bool:
-        if path in excluded:
-            return False
-        for i, (pattern, trainable) in enumerate(rules):
-            if pattern.search(path):
-                used[i] = True
-                return trainable
-        return True
-
-    mask = tree_util.map_with_path_str(lambda path, _: decide(path), params)
-    unused = [rules[i][0].pattern for i, u in enumerate(used) if not u]
-    if unused:
-        raise ValueError(f"freeze rules matched no parameter: {unused}")
-    if not any(tree_util.leaves(mask)):
-        raise ValueError(f"freezing policy {policy!r} leaves no trainable parameter")
-    return mask
+    if not isinstance(policy, str) or not policy.startswith("lora:"):
+        return None
+    return parse_arg(policy)[1]
 
 
 BATCH_NORM_MODES = ("auto", "train", "frozen")

@@ -72,7 +72,7 @@ def test_bad_freeze_policies_are_clear_errors():
         freezing.trainable_mask(PARAMS, [(".*", False)])
 
 
-@pytest.mark.parametrize("name", ["adamw", "adam", "sgd", "lion", "adafactor"])
+@pytest.mark.parametrize("name", sorted(optim.OPTIMIZERS))
 def test_every_optimizer_lowers_a_quadratic(name):
     params = {"w": jnp.full((4, 4), 3.0), "bias": jnp.full((4,), -2.0)}
     mask = jax.tree.map(lambda _: True, params)
@@ -126,3 +126,19 @@ def test_depth_preset_errors():
         freezing.trainable_mask(PARAMS, "train_top:1")
     with pytest.raises(ValueError, match="train_top:N"):
         freezing.trainable_mask(PARAMS, "train_topp:1")
+
+
+def test_a_plain_mask_still_builds_one_trainable_group():
+    """``build_optimizer(cfg, bool_mask, n)`` (the pre-groups call) = groups with multipliers 1."""
+    mask = freezing.trainable_mask(PARAMS, "head_only")
+    groups = freezing.param_groups(PARAMS, "head_only")
+    assert mask == groups.trainable and groups.unfreeze_step is None
+    assert set(jax.tree.leaves(groups.lr_mult)) == {0.0, 1.0}
+    grads = jax.tree.map(jnp.ones_like, PARAMS)
+    out = []
+    for g in (mask, groups):
+        tx, _ = optim.build_optimizer(opt_cfg(warmup_ratio=0.0), g, total_steps=10)
+        state = tx.init(PARAMS)
+        assert sorted(state[-1].inner_states) == ["frozen", "train"]
+        out.append(tx.update(grads, state, PARAMS)[0])
+    jax.tree.map(np.testing.assert_array_equal, *out)
