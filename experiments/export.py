@@ -31,13 +31,14 @@ def main(argv):
     from sft_jax.hf.export import export_model
     from sft_jax.restore import restore_run
 
+    from sft_jax.lora import merge_lora
+
     run = restore_run(_WORKDIR.value, _CHECKPOINT.value)
-    model, tokenizer, tokenizer_dir = run.model, None, run.info["model_dir"]
+    model = merge_lora(run.model)  # LoRA adapters (if any) folded into the base weights
+    tokenizer, tokenizer_dir = None, run.info["model_dir"]
     if run.cfg.model.task == "causal_lm":
         from sft_jax.data.lm import load_chat_tokenizer
-        from sft_jax.lora import merge_lora
 
-        model = merge_lora(model)  # adapters folded into the base weights
         tokenizer, tokenizer_dir = load_chat_tokenizer(tokenizer_dir), None
     spec = None
     if components.is_image(run.cfg):

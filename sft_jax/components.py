@@ -190,15 +190,13 @@ def build_model(cfg: ml_collections.ConfigDict, num_labels: int = 0, path: str |
     """The task model from pretrained weights (``path`` overrides ``cfg.model.path``), or
     randomly initialized with ``model.pretrained=False`` (image models), computing in
     ``cfg.model.dtype`` with float32 parameters (mixed precision when bfloat16), with LoRA
-    adapters when ``cfg.lora.rank > 0``."""
+    adapters when ``cfg.lora.rank > 0`` or the freezing policy is ``lora:R``."""
     from sft_jax.pretrained import load_pretrained
 
     kwargs = _model_kwargs(cfg, num_labels)
     model = load_pretrained(path or cfg.model.path, task=cfg.model.task, **kwargs)
     if not cfg.model.get("pretrained", True):
         model = _random_init(model, cfg.seed)
-    if "lora" in cfg:
-        from sft_jax.lora import apply_lora_from_config
+    from sft_jax.lora import apply_lora_for_policy
 
-        model = apply_lora_from_config(model, cfg.lora)
-    return model
+    return apply_lora_for_policy(model, cfg.freeze.policy, cfg.get("lora"), cfg.seed)

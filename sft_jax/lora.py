@@ -36,7 +36,10 @@ Array = jax.Array
 # Projection names of the Llama family (q/k/v/o, gate/up/down) and GPT-2 (c_attn, c_proj, c_fc).
 # One pattern, so that it matches in either family (apply_lora requires every pattern to match).
 DEFAULT_TARGETS: tuple[str, ...] = (
-    r"(^|/)(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj|c_attn|c_proj|c_fc)$",
+    # Every attention and MLP projection: Llama / Qwen2 (q_proj ... down_proj), GPT-2 (c_*),
+    # BERT and ViT (query/key/value, attention/output/dense, intermediate/dense, output/dense).
+    r"(^|/)(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj|c_attn|c_proj|c_fc"
+    r"|query|key|value|((attention/)?output|intermediate)/dense)$",
 )
 # Parameter paths of adapter weights (``.../q_proj/lora_a``); the ``"lora"`` freezing preset.
 LORA_PARAM_PATTERN = freezing.LORA_PATTERN
@@ -199,6 +202,31 @@ def apply_lora(
         )  # fmt: skip
         _set_child(model, path, adapted)
     return len(matched)
+
+
+def apply_lora_for_policy(
+    model: nnx.Module, policy: Any, lora_cfg: ml_collections.ConfigDict | None, seed: int
+) -> nnx.Module:
+    """Inserts the adapters a ``lora:R`` freezing policy trains (rank R; ``alpha``, ``dropout``
+    and ``targets`` from the ``lora`` block when the config has one, else alpha = 2R, no
+    dropout, ``DEFAULT_TARGETS``). Other policies: the ``lora`` block alone decides."""
+    rank = freezing.lora_rank(policy)
+    if rank is None:
+        return model if lora_cfg is None else apply_lora_from_config(model, lora_cfg)
+    if lora_cfg is not None and lora_cfg.rank not in (0, rank):
+        raise ValueError(
+            f"freeze.policy={policy!r} asks for rank {rank} but lora.rank={lora_cfg.rank}; "
+            "set one of them"
+        )
+    apply_lora(
+        model,
+        rank=rank,
+        alpha=lora_cfg.alpha if lora_cfg is not None else 2.0 * rank,
+        targets=(tuple(lora_cfg.targets) if lora_cfg is not None else ()) or DEFAULT_TARGETS,
+        dropout=lora_cfg.dropout if lora_cfg is not None else 0.0,
+        seed=seed,
+    )
+    return model
 
 
 def apply_lora_from_config(model: nnx.Module, lora_cfg: ml_collections.ConfigDict) -> nnx.Module:

@@ -98,11 +98,14 @@ def create_train_state(
     abstract_opt = jax.eval_shape(tx.init, params)
     repl = sharding_lib.replicated(mesh)
     masked = lambda x: isinstance(x, optax.MaskedNode)  # frozen leaves: no state, keep as is
+    # Param-shaped state follows its parameter; other per-parameter state (Adafactor's factored
+    # row/column statistics) is replicated.
     opt_shard = optax.tree_map_params(
         tx,
-        lambda x, s: x if masked(x) else s,
+        lambda x, s, p: x if masked(x) else (s if x.shape == p.shape else repl),
         abstract_opt,
         p_shard,
+        params,
         transform_non_params=lambda _: repl,
         is_leaf=lambda x: masked(x) or isinstance(x, NamedSharding),
     )

@@ -114,16 +114,12 @@ class Trainer:
         mesh = sharding_lib.make_mesh((1, 1, 1) if self.mode == "pmap" else cfg.mesh.shape)
         _, params = split_model(model)
         stats = stats_mask(model)
-        self.trainable = freezing.trainable_mask(
-            params,
-            cfg.freeze.policy,
-            structure=getattr(model, "layer_structure", None),
-            never=stats,
-        )
+        self.groups = freezing.groups_from_config(cfg.freeze, params, model, never=stats)
+        self.trainable = self.groups.trainable
         freezing.configure_batch_norm(model, self.trainable, cfg.model.get("batch_norm", "auto"))
         graphdef, _ = split_model(model)  # after configure_batch_norm: its flags are static
         self.learned = stats if stats is None else jax.tree.map(lambda m: not m, stats)
-        tx, lr = optim.build_optimizer(cfg.optimizer, self.trainable, self.total_steps)
+        tx, lr = optim.build_optimizer(cfg.optimizer, self.groups, self.total_steps)
         self.state = create_train_state(model, tx, mesh, cfg.seed)
         self.setup = StepSetup(
             graphdef=graphdef,
@@ -178,10 +174,13 @@ class Trainer:
         return progress
 
     def evaluate(self) -> dict:
+        state = self.runner.canonical(self.state)
+        # Schedule-free optimizers evaluate at their averaged point; checkpoints keep the raw one.
+        params = optim.eval_params(self.cfg.optimizer, state.opt_state, state.params)
         return evaluate(
             self.cfg.model.task,
             self.eval_step,
-            self.runner.canonical(self.state).params,
+            params,
             self.val_ds,
             self.setup.batch_sharding,
             label_names=self.label_names,

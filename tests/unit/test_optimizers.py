@@ -195,20 +195,7 @@ def test_optimizer_errors(kw, message):
         optim.build_optimizer(opt_cfg(**kw), jax.tree.map(lambda _: True, PARAMS), 10)
 
 
-@pytest.mark.parametrize(
-    "name",
-    [
-        pytest.param(
-            "adafactor",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="train_state.create_train_state gives Adafactor's factored statistics "
-                "(v_row / v_col, not parameter-shaped) their parameter's sharding",
-            ),
-        ),
-        *[n for n in sorted(LR) if n != "adafactor"],
-    ],
-)
+@pytest.mark.parametrize("name", sorted(LR))
 def test_create_train_state_places_every_optimizer_state(name):
     model = ToyClassifier(dropout=0.0)
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
