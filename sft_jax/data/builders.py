@@ -255,8 +255,9 @@ class TextClassificationFiles(tfds.core.GeneratorBasedBuilder):
             yield ex["id"], record
 
 
-class _Subset(Sequence):
-    """A read-only view of `source` at the given positions."""
+class SubsetSource(Sequence):
+    """A read-only view of `source` at the given positions that keeps batched reads
+    (`__getitems__`: one parallel array_record read per batch)."""
 
     def __init__(self, source: RandomAccessDataSource, positions: Sequence[int]):
         self._source, self._positions = source, list(positions)
@@ -264,11 +265,16 @@ class _Subset(Sequence):
     def __len__(self) -> int:
         return len(self._positions)
 
-    def __getitem__(self, index):
+    def __getitem__(self, index: int) -> Any:
         return self._source[self._positions[index]]
 
+    def __getitems__(self, indices: Sequence[int]) -> list:
+        picked = [self._positions[i] for i in indices]
+        getitems = getattr(self._source, "__getitems__", None)
+        return list(getitems(picked)) if getitems else [self._source[p] for p in picked]
+
     def __repr__(self) -> str:
-        return f"_Subset({self._source!r}, n={len(self)})"
+        return f"SubsetSource({self._source!r}, n={len(self)})"
 
 
 @dataclasses.dataclass
@@ -350,6 +356,6 @@ def load_text_classification(
     sources = prepare_sources(builder)
     keep = train_subset(len(sources["train"]), data_cfg.get("max_train_examples", 0))
     if keep is not None:
-        sources["train"] = _Subset(sources["train"], keep)
+        sources["train"] = SubsetSource(sources["train"], keep)
     features = builder.info.features
     return TextClsData(sources, list(features["label"].names), "text_pair" in features)

@@ -16,6 +16,7 @@ from PIL import Image
 
 from sft_jax.data import builders, vision
 from sft_jax.data import image_builders as ib
+from sft_jax.data import image_folder as imf
 from sft_jax.data.files import DataFileError
 from sft_jax.data.limits import ImageSpec
 
@@ -265,7 +266,7 @@ def folders(tmp_path_factory):
 
 def test_image_folder_modes_skips_and_exact_pixels(folders, caplog):
     root, files = folders
-    caplog.set_level(logging.INFO, logger=ib.__name__)
+    caplog.set_level(logging.INFO, logger=imf.__name__)
     cfg = _cfg(name="image_folder", train_dir=str(root / "train"))
     data = ib.load_image_classification(cfg, root / "tfds")
     assert data.label_names == ["ant", "bee", "cat"]
@@ -288,7 +289,7 @@ def test_image_folder_modes_skips_and_exact_pixels(folders, caplog):
                 as_is += 1
         assert data.label_names[r["label"]] == rel.split("/")[0]
     assert as_is == 9  # per class: the RGB and L PNGs and the grey JPEG
-    converted = ib.ImageFolder(train_dir=root / "train", data_dir=root / "tfds").info.metadata[
+    converted = imf.ImageFolder(train_dir=root / "train", data_dir=root / "tfds").info.metadata[
         "converted"
     ]
     modes = collections.Counter()
@@ -308,11 +309,11 @@ def test_image_folder_held_out_splits_stratified(folders):
     root, _ = folders
     cfg = _cfg(name="image_folder", train_dir=str(root / "train"))
     data = ib.load_image_classification(cfg, root / "tfds")
-    listing = ib.scan_image_folder(root / "train")  # 7 ant, 8 bee, 9 cat files
+    listing = imf.scan_image_folder(root / "train")  # 7 ant, 8 bee, 9 cat files
     names = ["ant", "bee", "cat"]
     parts = builders.stratified_split(
         [names.index(c) for _, c in listing],
-        ib.IMAGE_FOLDER_SPLIT_SEED,
+        imf.IMAGE_FOLDER_SPLIT_SEED,
         {"train": 1.0, "validation": 0.1, "test": 0.1},
     )
     for split in ("validation", "test"):  # round(0.7) = round(0.8) = round(0.9) = 1 per class
@@ -367,7 +368,7 @@ def test_image_folder_structure_errors(tmp_path):
     (tmp_path / "train" / "b").mkdir()
     (tmp_path / "train" / "b" / "x.txt").write_text("no images here")
     with pytest.raises(DataFileError, match=r"train/b: class folder holds no images"):
-        ib.ImageFolder(train_dir=tmp_path / "train", data_dir=tmp_path / "tfds")
+        imf.ImageFolder(train_dir=tmp_path / "train", data_dir=tmp_path / "tfds")
     _save(tmp_path / "train" / "b" / "2.png", pixels)
     _save(tmp_path / "val" / "a" / "1.png", pixels)
     _save(tmp_path / "val" / "c" / "1.png", pixels)
@@ -376,15 +377,15 @@ def test_image_folder_structure_errors(tmp_path):
         match=r"val: validation_dir has other class folders than train_dir .*train: "
         r"not in train_dir: \['c'\]; missing here: \['b'\]",
     ):
-        ib.ImageFolder(train_dir=tmp_path / "train", validation_dir=tmp_path / "val")
+        imf.ImageFolder(train_dir=tmp_path / "train", validation_dir=tmp_path / "val")
     (tmp_path / "flat").mkdir()
     _save(tmp_path / "flat" / "1.png", pixels)
     with pytest.raises(
         DataFileError, match=r"flat: no class folders: train_dir must hold one sub-folder per class"
     ):
-        ib.ImageFolder(train_dir=tmp_path / "flat")
+        imf.ImageFolder(train_dir=tmp_path / "flat")
     with pytest.raises(DataFileError, match=r"nowhere: test_dir is not a directory"):
-        ib.ImageFolder(train_dir=tmp_path / "train", test_dir=tmp_path / "nowhere")
+        imf.ImageFolder(train_dir=tmp_path / "train", test_dir=tmp_path / "nowhere")
     with pytest.raises(ValueError, match=r"needs data.train_dir"):
         ib.load_image_classification(_cfg(name="image_folder"), tmp_path / "tfds")
     with pytest.raises(ValueError, match=r"Unknown data.name 'cifar10'"):
@@ -395,14 +396,14 @@ def test_image_folder_config_name_follows_files(tmp_path):
     pixels = np.zeros((3, 3, 3), np.uint8)
     for name in ("a", "b"):
         _save(tmp_path / "train" / name / "1.png", pixels)
-    first = ib.ImageFolder(train_dir=tmp_path / "train", data_dir=tmp_path / "tfds")
+    first = imf.ImageFolder(train_dir=tmp_path / "train", data_dir=tmp_path / "tfds")
     assert (
-        ib.ImageFolder(train_dir=tmp_path / "train", data_dir=tmp_path / "tfds").data_dir
+        imf.ImageFolder(train_dir=tmp_path / "train", data_dir=tmp_path / "tfds").data_dir
         == first.data_dir
     )
     _save(tmp_path / "train" / "b" / "2.png", pixels)
     assert (
-        ib.ImageFolder(train_dir=tmp_path / "train", data_dir=tmp_path / "tfds").data_dir
+        imf.ImageFolder(train_dir=tmp_path / "train", data_dir=tmp_path / "tfds").data_dir
         != first.data_dir
     )
     clone = pickle.loads(pickle.dumps(first))
@@ -412,7 +413,7 @@ def test_image_folder_config_name_follows_files(tmp_path):
 def test_decode_image_16_bit_grey_is_scaled(tmp_path):
     path = tmp_path / "deep.png"
     Image.fromarray(np.array([[0, 257, 65535, 32896]], np.uint16)).save(path)
-    pixels, mode, as_is = ib.decode_image(path.read_bytes())
+    pixels, mode, as_is = imf.decode_image(path.read_bytes())
     assert mode.startswith("I;16") and not as_is
     np.testing.assert_array_equal(pixels[0, :, 0], [0, 1, 255, 128])
 
@@ -424,12 +425,12 @@ def test_decode_image_exif_rotation_and_as_is(tmp_path):
     rotated, plain = io.BytesIO(), io.BytesIO()
     Image.fromarray(pixels).save(rotated, "JPEG", exif=exif.tobytes())
     Image.fromarray(pixels).save(plain, "JPEG")
-    out, mode, as_is = ib.decode_image(rotated.getvalue())
+    out, mode, as_is = imf.decode_image(rotated.getvalue())
     with Image.open(rotated) as im:
         decoded = np.asarray(im)
     assert mode == "RGB" and not as_is and out.shape == (3, 2, 3)
     np.testing.assert_array_equal(out, np.rot90(decoded, k=-1))  # 90 degrees clockwise
-    out, mode, as_is = ib.decode_image(plain.getvalue())
+    out, mode, as_is = imf.decode_image(plain.getvalue())
     with Image.open(plain) as im:
         np.testing.assert_array_equal(out, np.asarray(im))
     assert as_is
