@@ -217,7 +217,7 @@ def export_image_classifier(
     out = Path(out_dir)
     arrays = {p: np.asarray(v[...], np.float32) for p, v in flat_params(model, WEIGHTS).items()}
     tensors = fix_tensors(export_weights(arrays, rules))
-    _write_safetensors(tensors, out / io.SAFETENSORS_NAME)
+    io.write_safetensors(tensors, out / io.SAFETENSORS_NAME)
     config = {
         **model.config.to_hf_dict(),
         "architectures": [architecture],
@@ -229,16 +229,6 @@ def export_image_classifier(
     if image_spec is not None:
         write_preprocessor_config(image_spec, out)
     return out
-
-
-def _write_safetensors(tensors: Mapping[str, np.ndarray], path: Path) -> None:
-    """As ``io.write_safetensors``, but 0-d tensors stay 0-d: its ``np.ascontiguousarray``
-    makes them [1], and transformers rejects a [1] ``num_batches_tracked``."""
-    from safetensors.numpy import save_file
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    arrays = {k: np.require(v, requirements="C") for k, v in tensors.items()}
-    save_file(arrays, str(path), metadata={"format": "pt"})
 
 
 def _edge(value: Any, key: str, path: Path) -> int:

@@ -166,7 +166,9 @@ def write_safetensors(tensors: Mapping[str, Any], path: str | Path) -> None:
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    arrays = {k: np.ascontiguousarray(np.asarray(v)) for k, v in tensors.items()}
+    # np.require keeps 0-d arrays 0-d (np.ascontiguousarray makes them [1]; transformers then
+    # rejects e.g. a BatchNorm's num_batches_tracked as mis-shaped).
+    arrays = {k: np.require(np.asarray(v), requirements="C") for k, v in tensors.items()}
     try:
         save_file(arrays, str(path), metadata={"format": "pt"})
     except Exception as e:
