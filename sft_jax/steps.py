@@ -118,7 +118,9 @@ def _grads_and_stats(
             acc = jax.tree.map(jnp.add, (g_acc, st_acc), (g, st))
             return (*acc, _replace_stats(f, bn)), bn
 
-        shapes = jax.eval_shape(grad_fn, trainable, frozen, jax.tree.map(lambda x: x[0], micro), rng)
+        shapes = jax.eval_shape(
+            grad_fn, trainable, frozen, jax.tree.map(lambda x: x[0], micro), rng
+        )
         zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (shapes[0], shapes[1][0]))
         (grads, stats, _), bns = jax.lax.scan(
             body, (*zeros, frozen), (micro, jnp.arange(accumulation_steps))

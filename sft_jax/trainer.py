@@ -13,7 +13,6 @@ import time
 
 import jax
 import ml_collections
-from flax import nnx
 
 from sft_jax import checkpoint as ckpt_lib
 from sft_jax import components, freezing, optim, preemption, runners, steps, tree_util

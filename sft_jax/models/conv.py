@@ -152,7 +152,9 @@ def depthwise_conv_shifted(
     out = None
     for i in range(kh):
         for j in range(kw):
-            view = xp[:, i : i + (oh - 1) * stride + 1 : stride, j : j + (ow - 1) * stride + 1 : stride]
+            view = xp[
+                :, i : i + (oh - 1) * stride + 1 : stride, j : j + (ow - 1) * stride + 1 : stride
+            ]
             term = view * kernel[i, j, 0]  # [B, oh, ow, C] * [C]
             out = term if out is None else out + term
     return out

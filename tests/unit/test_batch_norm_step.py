@@ -27,9 +27,7 @@ def build(policy="full", accumulation=1, bn_mode="auto", mode="jit", lr=0.05):
     model = TinyImageClassifier()
     _, params = split_model(model)
     stats = stats_mask(model)
-    mask = freezing.trainable_mask(
-        params, policy, structure=model.layer_structure, never=stats
-    )
+    mask = freezing.trainable_mask(params, policy, structure=model.layer_structure, never=stats)
     freezing.configure_batch_norm(model, mask, bn_mode)
     graphdef, _ = split_model(model)
     tx, lr_fn = optim.build_optimizer(cfg, mask, total_steps=100)
@@ -64,7 +62,9 @@ def test_running_statistics_are_state_not_trained_and_updated_by_the_forward_pas
     batch = image_batch()
     expected = tree_util.flatten_to_dict(forward_stats(start, [batch], setup.graphdef))
     assert len(expected) == 6  # mean and var of 3 BatchNorms
-    assert not any(m for p, m in tree_util.flatten_to_dict(setup.trainable).items() if p in expected)
+    assert not any(
+        m for p, m in tree_util.flatten_to_dict(setup.trainable).items() if p in expected
+    )
     # The optimizer keeps no state for the statistics: its param-shaped leaves are the 10 weights.
     n_state = tree_util.count(state.opt_state)
     n_learned = tree_util.count(start, jax.tree.map(lambda m: not m, setup.stats))
