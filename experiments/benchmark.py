@@ -3,13 +3,24 @@
   python -m experiments.benchmark [--models minilm-l6,bert-base,smollm2-135m,llama-1b]
       [--dtype float32|bfloat16] [--batch_size B] [--seq_len T] [--steps 10] [--warmup 2]
       [--mesh 1,1,1] [--peak_flops F] [--torch] [--out benchmark.json]
+      [--policies head_only,bitfit,lora:8,full [--optimizer adamw] [--isolate]]
 
 Prints one row per model (compile s, median step ms, tokens/s, TFLOP/s, MFU, and with --torch
 the PyTorch step time and torch_ms / jax_ms, > 1 meaning JAX is faster) and writes every number
 to --out. With --torch every PyTorch run goes first, each in its own spawned process, before
 JAX initializes the device: the frameworks never share a process (their CUDA libraries may
 differ) nor GPU memory. ``peak_bytes`` of the JAX runs is the process's peak so far (JAX cannot
-reset it): with several models, a running maximum.
+reset it): with several models, a running maximum (``--isolate`` runs each JAX measurement in
+its own process instead).
+
+``--policies``: every model once per freezing preset, built as the trainer builds it (LoRA
+adapters, parameter groups, ``optim.build_optimizer`` with ``--optimizer``); prints trainable
+parameters, optimizer-state MB, peak memory and step time per (model, policy). Peak memory is
+the device's ``peak_bytes_in_use`` where it keeps statistics (GPU, TPU), else XLA's memory
+analysis of the compiled step (arguments + outputs + temporaries - donated buffers) marked
+"est". A policy that leaves nothing to train on a model (``head_only`` on a tied-embedding
+decoder, ``bitfit`` on a model without biases) gets a row with the reason. On CPU, e.g.
+``--models minilm-l6,smollm2-135m --seq_len 256 --batch_size 4 --policies ... --steps 3``.
 """
 
 import datetime
@@ -41,6 +52,14 @@ _DROPOUT = flags.DEFINE_enum(
 _ATTENTION = flags.DEFINE_enum(
     "attention", "xla", ["xla", "cudnn"], "Attention kernel (cudnn: fused, GPU, bf16/fp16)."
 )
+_POLICIES = flags.DEFINE_list(
+    "policies", [], "Freezing presets to compare (e.g. head_only,bitfit,lora:8,full); default: "
+    "none, every parameter trained with AdamW."
+)  # fmt: skip
+_OPTIMIZER = flags.DEFINE_string("optimizer", "adamw", "optimizer.name with --policies.")
+_ISOLATE = flags.DEFINE_bool(
+    "isolate", False, "Each JAX measurement in its own process (per-run device peak memory)."
+)
 
 _COLUMNS = (
     ("model", 14, "{}"), ("device", 22, "{}"), ("dtype", 9, "{}"), ("B x T", 10, "{}"),
@@ -70,6 +89,59 @@ def _table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+_POLICY_COLUMNS = (
+    ("model", 14, "{}"), ("policy", 12, "{}"), ("B x T", 10, "{}"), ("trainable", 13, "{:,}"),
+    ("opt state MB", 14, "{:.2f}"), ("peak MB", 12, "{}"), ("step ms", 10, "{:.1f}"),
+    ("tokens/s", 11, "{:.0f}"),
+)  # fmt: skip
+
+
+def _policy_row(r: dict) -> list:
+    if "error" in r:
+        return [r["model"], r["policy"], None, None, None, None, None, None]
+    peak = r["peak_memory_bytes"]
+    est = "" if r["peak_memory_source"] == "device" else " est"
+    return [
+        r["model"], r["policy"], f"{r['batch_size']}x{r['seq_len']}", r["num_trainable_params"],
+        r["optimizer_state_bytes"] / 1e6, None if peak is None else f"{peak / 1e6:,.0f}{est}",
+        r["step_ms"], r["tokens_per_s"],
+    ]  # fmt: skip
+
+
+def _policy_table(results: list[dict]) -> str:
+    def fmt(v, width, spec):
+        return ("-" if v is None else spec.format(v)).rjust(width)
+
+    lines = ["".join(name.rjust(w) for name, w, _ in _POLICY_COLUMNS)]
+    for r in results:
+        cells = zip(_policy_row(r), _POLICY_COLUMNS)
+        lines.append("".join(fmt(v, w, s) for v, (_, w, s) in cells))
+        if "error" in r:
+            lines.append(f"    {r['model']} / {r['policy']}: {r['error']}")
+    return "\n".join(lines)
+
+
+def _run_policy(benchmark, spec, policy: str, mesh, run: dict) -> dict:
+    """One (model, policy) measurement, or a row with the reason it does not apply."""
+    kw = dict(mesh_shape=mesh, peak=_PEAK.value, policy=policy, optimizer=_OPTIMIZER.value, **run)
+    try:
+        return _measure(benchmark, spec, kw)
+    except ValueError as e:  # the policy leaves nothing to train on this model
+        return {"model": spec.name, "policy": policy, "optimizer": _OPTIMIZER.value,
+                "error": str(e)}  # fmt: skip
+
+
+def _measure(benchmark, spec, kw: dict) -> dict:
+    """``run_jax`` here (under the attention / dropout choices) or in its own process."""
+    from sft_jax.models import layers
+
+    if _ISOLATE.value:
+        return benchmark.run_jax_isolated(spec, _ATTENTION.value, _DROPOUT.value, **kw)
+    with layers.attention_implementation(_ATTENTION.value):
+        with layers.dropout_implementation(_DROPOUT.value):
+            return benchmark.run_jax(spec, **kw)
+
+
 def _pipeline(spec: str) -> dict:
     """Loads ``configs/NAME.py[:ARG]`` (as ``--config`` does) and times its input pipeline."""
     import importlib.util
@@ -89,8 +161,11 @@ def main(argv):
     import jax
 
     from sft_jax import benchmark
-    from sft_jax.models import layers
 
+    if _POLICIES.value and _TORCH.value:
+        raise app.UsageError("--torch times the all-parameters AdamW step: not with --policies")
+    if _OPTIMIZER.value != "adamw" and not _POLICIES.value:
+        raise app.UsageError("--optimizer needs --policies (e.g. --policies full)")
     names = [m.strip() for m in _MODELS.value.split(",") if m.strip()]
     specs = [benchmark.get_spec(n, _DTYPE.value, _BATCH.value, _SEQ.value) for n in names]
     mesh = tuple(int(x) for x in _MESH.value.split(","))
@@ -99,9 +174,14 @@ def main(argv):
     torch_runs = [benchmark.run_torch(s, **run) for s in specs] if _TORCH.value else None
     results = []
     for i, spec in enumerate(specs):
-        with layers.attention_implementation(_ATTENTION.value):
-            with layers.dropout_implementation(_DROPOUT.value):
-                r = benchmark.run_jax(spec, mesh_shape=mesh, peak=_PEAK.value, **run)
+        if _POLICIES.value:
+            for policy in _POLICIES.value:
+                r = _run_policy(benchmark, spec, policy, mesh, run)
+                r.update(attention=_ATTENTION.value, dropout=_DROPOUT.value)
+                results.append(r)
+                jax.clear_caches()
+            continue
+        r = _measure(benchmark, spec, dict(mesh_shape=mesh, peak=_PEAK.value, **run))
         r.update(attention=_ATTENTION.value, dropout=_DROPOUT.value)
         if torch_runs:
             r["torch"] = torch_runs[i]
@@ -118,7 +198,7 @@ def main(argv):
     }
     if _DATA_CONFIG.value:
         report["pipeline"] = _pipeline(_DATA_CONFIG.value)
-    print(_table(results))
+    print(_policy_table(results) if _POLICIES.value else _table(results))
     if "pipeline" in report:
         p = report["pipeline"]
         print(

@@ -4,6 +4,10 @@ One step is the project's own ``steps.make_train_step`` (AdamW, task loss, donat
 random batch of full (unpadded) rows. Reported per model: first-call (compile) time, median step
 time, tokens/s, model FLOP/s and MFU, the number of compilations and peak device memory;
 optionally the same step in PyTorch (``transformers`` model + ``torch.optim.AdamW``).
+With ``policy`` (``run_jax(..., policy="lora:8", optimizer="adamw")``) the step trains what a
+freezing preset trains, with the trainer's optimizer construction (``sft_jax.benchmark_policies``);
+every run also reports trainable parameters, optimizer-state bytes and XLA's memory analysis of
+the compiled step (``compiled_memory``), the estimated peak where the device keeps no statistics.
 
 Model FLOPs per step (PaLM, Chowdhery et al. 2022, appendix B; no rematerialization counted):
 
@@ -33,10 +37,10 @@ import numpy as np
 import optax
 from flax import nnx
 
-from sft_jax import sharding, steps, tasks
+from sft_jax import sharding, steps, tasks, tree_util
 from sft_jax.models.bert import BertConfig, BertForSequenceClassification
 from sft_jax.models.llama import LlamaConfig, LlamaForCausalLM
-from sft_jax.train_state import StepSetup, create_train_state, shardings_of
+from sft_jax.train_state import StepSetup, create_train_state, shardings_of, split_model
 
 LEARNING_RATE, WEIGHT_DECAY, CLIP_NORM = 1e-5, 0.01, 1.0
 
@@ -222,23 +226,46 @@ def adamw() -> optax.GradientTransformation:
     )
 
 
-def build_step(spec: BenchSpec, mesh_shape=(1, 1, 1), seed: int = 0) -> tuple[Any, ...]:
-    """``(state, jitted train_step, device batch, mesh)`` for ``spec`` on a
-    ``(data, fsdp, tensor)`` mesh."""
+def build_step(
+    spec: BenchSpec,
+    mesh_shape=(1, 1, 1),
+    seed: int = 0,
+    policy: str | None = None,
+    optimizer: str = "adamw",
+) -> tuple[Any, ...]:
+    """``(state, jitted train_step, device batch, mesh, trainable mask)`` for ``spec`` on a
+    ``(data, fsdp, tensor)`` mesh.
+
+    ``policy`` None: every parameter trains with ``adamw()`` (no ml_collections needed).
+    Otherwise the freezing preset ``policy`` and ``optimizer`` (an ``optimizer.name``), built as
+    the trainer builds them (``sft_jax.benchmark_policies``).
+    """
     model = build_model(spec, seed)
-    graphdef, params = nnx.split(model, nnx.Param)
-    trainable = jax.tree.map(lambda _: True, nnx.to_pure_dict(params))
-    tx = adamw()
+    stats = None
+    if policy is None:
+        if optimizer != "adamw":
+            raise ValueError(f"optimizer={optimizer!r} needs a policy (e.g. 'full')")
+        graphdef, params = nnx.split(model, nnx.Param)
+        trainable = jax.tree.map(lambda _: True, nnx.to_pure_dict(params))
+        tx, lr = adamw(), optax.constant_schedule(LEARNING_RATE)
+        del params
+    else:
+        from sft_jax import benchmark_policies as bp
+
+        cfg = bp.optimizer_config(optimizer, LEARNING_RATE, WEIGHT_DECAY, CLIP_NORM)
+        model, groups, tx, lr, stats = bp.policy_model(model, policy, cfg, seed)
+        graphdef, _ = split_model(model)  # after the adapters were inserted
+        trainable = groups.trainable
     mesh = sharding.make_mesh(mesh_shape)
     state = create_train_state(model, tx, mesh, seed)
-    del model, params  # the state holds the (donated) parameters from here on
+    del model  # the state holds the (donated) parameters from here on
     setup = StepSetup(
-        graphdef, tx, trainable, optax.constant_schedule(LEARNING_RATE), mesh,
-        shardings_of(state), sharding.batch_sharding(mesh),
+        graphdef, tx, trainable, lr, mesh, shardings_of(state), sharding.batch_sharding(mesh),
+        stats,
     )  # fmt: skip
     step_fn = steps.make_train_step(setup, tasks.get_task(spec.task))
     batch = sharding.put_batch(make_batch(spec, seed), setup.batch_sharding)
-    return state, step_fn, batch, mesh
+    return state, step_fn, batch, mesh, trainable
 
 
 def time_calls(call: Callable[[], None], warmup: int, steps_: int) -> tuple[float, list[float]]:
@@ -267,6 +294,30 @@ def _peak_bytes(device: Any) -> int | None:
     return int(stats["peak_bytes_in_use"]) if stats and "peak_bytes_in_use" in stats else None
 
 
+def compiled_memory(step_fn: Any, state: Any, batch: Any) -> dict[str, int] | None:
+    """XLA's memory analysis of ``step_fn`` compiled for these arguments (their shapes and
+    shardings; after the step has run this is jit's cached compilation, nothing is recompiled),
+    per device: argument, output, temporary and aliased (donated) bytes, and
+    ``estimated_peak_bytes`` = argument + output + temporary - aliased. None where the backend
+    gives no analysis."""
+    try:
+        m = step_fn.lower(state, batch).compile().memory_analysis()
+    except (AttributeError, NotImplementedError):
+        return None
+    if m is None:
+        return None
+    out = {
+        "argument_bytes": int(m.argument_size_in_bytes),
+        "output_bytes": int(m.output_size_in_bytes),
+        "temp_bytes": int(m.temp_size_in_bytes),
+        "alias_bytes": int(m.alias_size_in_bytes),
+    }
+    out["estimated_peak_bytes"] = (
+        out["argument_bytes"] + out["output_bytes"] + out["temp_bytes"] - out["alias_bytes"]
+    )
+    return out
+
+
 def _cache_size(fn: Any) -> int | None:
     size = getattr(fn, "_cache_size", None)  # private jit API: may vanish in a later jax
     return int(size()) if callable(size) else None
@@ -279,6 +330,8 @@ def run_jax(
     mesh_shape=(1, 1, 1),
     peak: float | None = None,
     seed: int = 0,
+    policy: str | None = None,
+    optimizer: str = "adamw",
 ) -> dict[str, Any]:
     """Times the JAX train step of ``spec``.
 
@@ -289,12 +342,22 @@ def run_jax(
         mesh_shape: ``(data, fsdp, tensor)``.
         peak: Peak FLOP/s per device; default from ``PEAK_FLOPS`` by the device kind.
         seed: Seed of the weights and the batch.
+        policy: Freezing preset (``head_only``, ``bitfit``, ``lora:8``, ``full``, ...); None:
+            every parameter trains with AdamW (see ``build_step``).
+        optimizer: ``optimizer.name`` used with ``policy``.
 
     Returns:
-        A flat dict of the measurements (JSON-ready).
+        A flat dict of the measurements (JSON-ready). Memory: ``peak_bytes`` is the device's
+        ``peak_bytes_in_use`` (None where the device keeps no statistics, e.g. CPU; the process's
+        peak so far, see ``run_jax_isolated``); ``compiled_memory`` XLA's analysis of the step;
+        ``peak_memory_bytes`` the first of the two that exists, ``peak_memory_source`` which.
     """
-    state, step_fn, batch, mesh = build_step(spec, mesh_shape, seed)
+    state, step_fn, batch, mesh, trainable = build_step(spec, mesh_shape, seed, policy, optimizer)
     n_params = sum(int(x.size) for x in jax.tree.leaves(state.params))
+    sizes = {
+        "num_trainable_params": tree_util.count(state.params, trainable),
+        "optimizer_state_bytes": tree_util.nbytes(state.opt_state),
+    }
     holder = {"state": state}
     del state
 
@@ -308,12 +371,38 @@ def run_jax(
     peak = peak if peak is not None else peak_flops(kind, spec.config.dtype)
     total_peak = None if peak is None else peak * len(devices)
     out = _summary(spec, first, times, total_peak)
+    device_peak = _peak_bytes(devices[0])
+    memory = compiled_memory(step_fn, holder["state"], batch)
+    estimated = None if memory is None else memory["estimated_peak_bytes"]
     out.update(
         device=kind, platform=devices[0].platform, num_devices=len(devices),
         num_params=n_params, compilations=_cache_size(step_fn),
-        peak_bytes=_peak_bytes(devices[0]), loss=float(holder["metrics"]["loss"]),
+        peak_bytes=device_peak, loss=float(holder["metrics"]["loss"]),
+        policy=policy, optimizer=optimizer, **sizes, compiled_memory=memory,
+        peak_memory_bytes=device_peak if device_peak is not None else estimated,
+        peak_memory_source="device" if device_peak is not None else (
+            "estimated" if estimated is not None else None),
     )  # fmt: skip
     return out
+
+
+def run_jax_isolated(
+    spec: BenchSpec, attention: str = "xla", dropout: str = "threefry", **kwargs: Any
+) -> dict[str, Any]:
+    """``run_jax`` in a fresh (spawned) process, under ``layers.attention_implementation`` and
+    ``layers.dropout_implementation``: its device ``peak_bytes`` is then this run's own, not the
+    running maximum of the runs before it. The caller must not hold the accelerator (JAX
+    preallocates most of a GPU's memory in the first process that uses it)."""
+    ctx = multiprocessing.get_context("spawn")
+    with futures.ProcessPoolExecutor(max_workers=1, mp_context=ctx) as pool:
+        return pool.submit(_run_jax_under, spec, attention, dropout, kwargs).result()
+
+
+def _run_jax_under(spec: BenchSpec, attention: str, dropout: str, kwargs: dict) -> dict:
+    from sft_jax.models import layers
+
+    with layers.attention_implementation(attention), layers.dropout_implementation(dropout):
+        return run_jax(spec, **kwargs)
 
 
 def _summary(

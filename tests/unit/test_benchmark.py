@@ -1,5 +1,6 @@
 """The training-step benchmark: FLOP counts by hand, MFU, the peak table, tiny end-to-end runs."""
 
+import json
 import math
 import subprocess
 import sys
@@ -87,6 +88,8 @@ def test_tiny_bert_end_to_end():
     assert r["tokens_per_s"] == pytest.approx(16 / (r["step_ms"] / 1e3))
     assert r["peak_flops"] == 76e9 and 0 < r["mfu"] < 1
     assert abs(r["loss"] - math.log(3)) < 0.1  # near-uniform logits at init
+    assert r["policy"] is None and r["num_trainable_params"] == r["num_params"]  # all, AdamW
+    assert r["peak_memory_source"] == "estimated" and r["peak_memory_bytes"] > 0
 
 
 def test_tiny_llama_data_parallel_bfloat16():
@@ -114,3 +117,76 @@ def test_library_imports_no_training_stack_packages():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+# Parameter counts of the tiny shapes, by hand. tiny-bert (H=16, L=2, I=32, V=64, 32 positions,
+# 2 token types, 3 labels): embeddings 1024 + 512 + 32 + LayerNorm 32 = 1600; per layer q/k/v/out
+# 4 * (256 + 16) + LayerNorm 32 + MLP (512 + 32) + (512 + 16) + LayerNorm 32 = 2224; pooler 272;
+# classifier 16 * 3 + 3 = 51. bitfit: classifier + every bias: embeddings LayerNorm 16, per layer
+# 4 * 16 + 16 + 32 + 16 + 16 = 144, pooler 16. lora:8 (q, k, v, attention output, intermediate,
+# output; each (in + out) * 8): per layer 4 * 256 + 2 * 384 = 1792, plus the classifier.
+TINY_BERT = {"head_only": 51, "bitfit": 51 + 16 + 2 * 144 + 16, "lora:8": 2 * 1792 + 51,
+             "full": 1600 + 2 * 2224 + 272 + 51}  # fmt: skip
+# tiny-llama (H=16, 4 heads / 2 kv of dim 4, I=32, V=64, tied): embedding 1024; per layer q 256,
+# k 128, v 128, o 256, gate/up/down 3 * 512, two RMSNorms 32 = 2336; final norm 16. lora:8: per
+# layer q (16+16)*8, k (16+8)*8, v (16+8)*8, o (16+16)*8, gate/up (16+32)*8, down (32+16)*8.
+TINY_LLAMA = {"lora:8": 2 * (256 + 192 + 192 + 256 + 3 * 384), "full": 1024 + 2 * 2336 + 16}
+
+
+@pytest.mark.parametrize("name,expected", [("tiny-bert", TINY_BERT), ("tiny-llama", TINY_LLAMA)])
+def test_policies_train_the_expected_parameters(name, expected):
+    assert TINY_BERT == {"head_only": 51, "bitfit": 371, "lora:8": 3635, "full": 6371}
+    spec = benchmark.get_spec(name)
+    state_bytes = {}
+    for policy, n in expected.items():
+        state, _, _, _, trainable = benchmark.build_step(spec, policy=policy)
+        assert tree_util.count(state.params, trainable) == n, policy
+        # AdamW: two float32 moments per trainable scalar, plus a few int32 step counters.
+        state_bytes[policy] = tree_util.nbytes(state.opt_state)
+        assert 8 * n <= state_bytes[policy] <= 8 * n + 64, policy
+    ordered = [p for p in ("head_only", "lora:8", "full") if p in state_bytes]
+    assert [state_bytes[p] for p in ordered] == sorted(state_bytes[p] for p in ordered)
+    assert len(set(state_bytes.values())) == len(state_bytes)
+
+
+def test_policy_optimizer_and_inapplicable_policies():
+    bert, llama = benchmark.get_spec("tiny-bert"), benchmark.get_spec("tiny-llama")
+    state, *_ = benchmark.build_step(bert, policy="full", optimizer="sgd")
+    assert 4 * 6371 <= tree_util.nbytes(state.opt_state) <= 4 * 6371 + 64  # momentum only
+    # Tied embeddings: no head parameter to train; no biases for BitFit.
+    for policy in ("head_only", "bitfit"):
+        with pytest.raises(ValueError, match="leaves no trainable parameter"):
+            benchmark.build_step(llama, policy=policy)
+    with pytest.raises(ValueError, match="needs a policy"):
+        benchmark.build_step(bert, optimizer="sgd")
+
+
+def test_policy_run_reports_sizes_and_estimated_peak():
+    r = benchmark.run_jax(benchmark.get_spec("tiny-bert"), warmup=0, steps_=1, policy="lora:8")
+    assert (r["policy"], r["optimizer"], r["num_trainable_params"]) == ("lora:8", "adamw", 3635)
+    assert r["num_params"] == 6371 + 2 * 1792  # base model + adapters
+    assert r["compilations"] == 1  # the memory analysis reused the step's compilation
+    m = r["compiled_memory"]
+    assert m["estimated_peak_bytes"] == (
+        m["argument_bytes"] + m["output_bytes"] + m["temp_bytes"] - m["alias_bytes"]
+    )
+    assert m["argument_bytes"] >= 4 * r["num_params"] + r["optimizer_state_bytes"]
+    assert r["peak_bytes"] is None  # CPU: no device statistics
+    assert (r["peak_memory_bytes"], r["peak_memory_source"]) == (
+        m["estimated_peak_bytes"],
+        "estimated",
+    )
+
+
+def test_command_line_policies_table(tmp_path):
+    out = tmp_path / "b.json"
+    cmd = [sys.executable, "-m", "experiments.benchmark", "--models", "tiny-llama", "--policies",
+           "head_only,lora:8", "--steps", "1", "--warmup", "0", "--out", str(out)]  # fmt: skip
+    text = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    assert (
+        "tiny-llama / head_only: freezing policy 'head_only' leaves no trainable parameter" in text
+    )
+    row = next(line for line in text.splitlines() if " lora:8 " in line).split()
+    assert row[:4] == ["tiny-llama", "lora:8", "2x8", "4,096"] and row[6] == "est"
+    results = json.load(open(out))["results"]
+    assert [r["policy"] for r in results] == ["head_only", "lora:8"] and "error" in results[0]
