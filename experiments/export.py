@@ -29,9 +29,8 @@ def main(argv):
     setup_runtime()
     from sft_jax import components
     from sft_jax.hf.export import export_model
-    from sft_jax.restore import restore_run
-
     from sft_jax.lora import merge_lora
+    from sft_jax.restore import restore_run
 
     run = restore_run(_WORKDIR.value, _CHECKPOINT.value)
     model = merge_lora(run.model)  # LoRA adapters (if any) folded into the base weights
