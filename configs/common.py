@@ -80,4 +80,9 @@ def runtime() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.distributed = False  # jax.distributed.initialize() (or set SFT_JAX_DISTRIBUTED=1)
     c.compilation_cache_dir = ""  # "" = $SFT_JAX_COMPILATION_CACHE or ~/.cache/sft_jax/xla
+    # Kernel choices (speed only; sft_jax.runtime): attention xla|cudnn (GPU, bf16, no attention
+    # dropout), dropout threefry|hash (different masks), cpu_matmul xla|onednn.
+    c.attention = "xla"
+    c.dropout = "threefry"
+    c.cpu_matmul = "xla"
     return c

@@ -1,8 +1,10 @@
 """Training-step benchmark of model shapes with random weights (see ``sft_jax.benchmark``).
 
-  python -m experiments.benchmark [--models minilm-l6,bert-base,smollm2-135m,llama-1b]
+  python -m experiments.benchmark [--models minilm-l6,bert-base,smollm2-135m,llama-1b,
+      resnet-50,vit-b16] [--attention_dropout P]
       [--dtype float32|bfloat16] [--batch_size B] [--seq_len T] [--steps 10] [--warmup 2]
       [--mesh 1,1,1] [--peak_flops F] [--torch] [--out benchmark.json]
+      [--attention xla|cudnn] [--dropout threefry|hash] [--cpu_matmul xla|onednn]
       [--policies head_only,bitfit,lora:8,full [--optimizer adamw] [--isolate]]
 
 Prints one row per model (compile s, median step ms, tokens/s, TFLOP/s, MFU, and with --torch
@@ -25,14 +27,20 @@ decoder, ``bitfit`` on a model without biases) gets a row with the reason. On CP
 
 import datetime
 import json
+import os
 
 from absl import app, flags
 
 _MODELS = flags.DEFINE_string(
     "models",
-    "minilm-l6,bert-base,smollm2-135m,llama-1b",
-    "Comma list of registered shapes (also tiny-bert, tiny-llama for smoke runs).",
+    "minilm-l6,bert-base,smollm2-135m,llama-1b,resnet-50,vit-b16",
+    "Comma list of registered shapes (also tiny-bert, tiny-llama, tiny-resnet, tiny-vit for "
+    "smoke runs). Image models: --seq_len is the image side (default 224).",
 )
+_ATTN_DROPOUT = flags.DEFINE_float(
+    "attention_dropout", None, "Override the attention-probability dropout of BERT / ViT "
+    "(attention_probs_dropout_prob) or Llama (attention_dropout); cudnn attention needs 0."
+)  # fmt: skip
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype.")
 _BATCH = flags.DEFINE_integer("batch_size", None, "Rows per step (default: per model).")
 _SEQ = flags.DEFINE_integer("seq_len", None, "Tokens per row (default: per model).")
@@ -52,6 +60,13 @@ _DROPOUT = flags.DEFINE_enum(
 _ATTENTION = flags.DEFINE_enum(
     "attention", "xla", ["xla", "cudnn"], "Attention kernel (cudnn: fused, GPU, bf16/fp16)."
 )
+_CPU_MATMUL = flags.DEFINE_enum(
+    "cpu_matmul", "xla", ["xla", "onednn"], "XLA CPU matmul library (runtime.cpu_matmul)."
+)
+_PROFILE = flags.DEFINE_string(
+    "profile", None, "Trace 2 extra steps per model with jax.profiler into DIR/MODEL and print "
+    "the time per XLA operation kind (also in the JSON as profile_ops)."
+)  # fmt: skip
 _POLICIES = flags.DEFINE_list(
     "policies", [], "Freezing presets to compare (e.g. head_only,bitfit,lora:8,full); default: "
     "none, every parameter trained with AdamW."
@@ -63,7 +78,7 @@ _ISOLATE = flags.DEFINE_bool(
 
 _COLUMNS = (
     ("model", 14, "{}"), ("device", 22, "{}"), ("dtype", 9, "{}"), ("B x T", 10, "{}"),
-    ("compile s", 10, "{:.1f}"), ("step ms", 10, "{:.1f}"), ("tokens/s", 11, "{:.0f}"),
+    ("compile s", 10, "{:.1f}"), ("step ms", 10, "{:.1f}"), ("tok|img/s", 11, "{:.0f}"),
     ("TFLOP/s", 9, "{:.2f}"), ("MFU %", 7, "{:.1f}"), ("torch ms", 10, "{:.1f}"),
     ("ratio", 6, "{:.2f}"),
 )  # fmt: skip
@@ -74,7 +89,7 @@ def _row(r: dict) -> list:
     mfu = None if r["mfu"] is None else 100 * r["mfu"]
     return [
         r["model"], r["device"][:21], r["dtype"], f"{r['batch_size']}x{r['seq_len']}",
-        r["compile_s"], r["step_ms"], r["tokens_per_s"], r["tflops_per_s"], mfu,
+        r["compile_s"], r["step_ms"], r["throughput_per_s"], r["tflops_per_s"], mfu,
         t.get("step_ms"), r.get("torch_over_jax"),
     ]  # fmt: skip
 
@@ -90,7 +105,7 @@ def _table(results: list[dict]) -> str:
 
 
 _POLICY_COLUMNS = (
-    ("model", 14, "{}"), ("policy", 12, "{}"), ("B x T", 10, "{}"), ("trainable", 13, "{:,}"),
+    ("model", 14, "{}"), ("policy", 16, "{}"), ("B x T", 10, "{}"), ("trainable", 13, "{:,}"),
     ("opt state MB", 14, "{:.2f}"), ("peak MB", 12, "{}"), ("step ms", 10, "{:.1f}"),
     ("tokens/s", 11, "{:.0f}"),
 )  # fmt: skip
@@ -155,19 +170,38 @@ def _pipeline(spec: str) -> dict:
     return pipeline_throughput(module.get_config(arg))
 
 
+def _overrides(name: str) -> dict:
+    """Config overrides from the flags for model ``name``."""
+    if _ATTN_DROPOUT.value is None:
+        return {}
+    from sft_jax import benchmark
+
+    config = benchmark.get_spec(name).config
+    field = "attention_dropout" if hasattr(config, "attention_dropout") else (
+        "attention_probs_dropout_prob")  # fmt: skip
+    if not hasattr(config, field):
+        raise app.UsageError(f"--attention_dropout: {name} has no attention dropout")
+    return {field: _ATTN_DROPOUT.value}
+
+
 def main(argv):
     del argv
     import flax
     import jax
 
     from sft_jax import benchmark
+    from sft_jax.runtime import set_cpu_matmul
 
+    set_cpu_matmul(_CPU_MATMUL.value)  # before the first JAX computation starts the backend
     if _POLICIES.value and _TORCH.value:
         raise app.UsageError("--torch times the all-parameters AdamW step: not with --policies")
     if _OPTIMIZER.value != "adamw" and not _POLICIES.value:
         raise app.UsageError("--optimizer needs --policies (e.g. --policies full)")
     names = [m.strip() for m in _MODELS.value.split(",") if m.strip()]
-    specs = [benchmark.get_spec(n, _DTYPE.value, _BATCH.value, _SEQ.value) for n in names]
+    specs = [
+        benchmark.get_spec(n, _DTYPE.value, _BATCH.value, _SEQ.value, **_overrides(n))
+        for n in names
+    ]
     mesh = tuple(int(x) for x in _MESH.value.split(","))
     run = dict(warmup=_WARMUP.value, steps_=_STEPS.value, seed=_SEED.value)
     # Before any JAX device use: each torch run has the whole device and exits (see above).
@@ -181,8 +215,15 @@ def main(argv):
                 results.append(r)
                 jax.clear_caches()
             continue
-        r = _measure(benchmark, spec, dict(mesh_shape=mesh, peak=_PEAK.value, **run))
-        r.update(attention=_ATTENTION.value, dropout=_DROPOUT.value)
+        kw = dict(mesh_shape=mesh, peak=_PEAK.value, **run)
+        if _PROFILE.value:
+            kw["profile_dir"] = os.path.join(_PROFILE.value, spec.name)
+        r = _measure(benchmark, spec, kw)
+        if "profile_ops" in r:
+            from sft_jax.profiling import format_ops
+
+            print(f"{spec.name}: time per XLA operation kind\n{format_ops(r['profile_ops'])}")
+        r.update(attention=_ATTENTION.value, dropout=_DROPOUT.value, cpu_matmul=_CPU_MATMUL.value)
         if torch_runs:
             r["torch"] = torch_runs[i]
             r["torch_over_jax"] = torch_runs[i]["step_ms"] / r["step_ms"]

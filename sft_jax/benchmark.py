@@ -13,6 +13,10 @@ Model FLOPs per step (PaLM, Chowdhery et al. 2022, appendix B; no rematerializat
 
     6 * P_tok * B * T  +  6 * P_seq * B  +  12 * L * (N * D) * T^2 * B
 
+Image models (ResNet-50, ViT-B/16) count the same way, from the forward pass's jaxpr: 3 x the
+FLOPs of its matmuls and convolutions (``sft_jax.flop_count``; for the text models that count
+equals the formula above). Their throughput is in images per second.
+
 ``P_tok``: matmul parameters applied to every token (attention and MLP projections, and the LM
 head, tied or not; not the embedding lookups). ``P_seq``: matmul parameters applied once per
 sequence (BERT's pooler and classifier see only [CLS]). The last term is QK^T and AV, forward
@@ -37,10 +41,19 @@ import numpy as np
 import optax
 from flax import nnx
 
-from sft_jax import sharding, steps, tasks, tree_util
+from sft_jax import flop_count, sharding, steps, tasks, tree_util
 from sft_jax.models.bert import BertConfig, BertForSequenceClassification
+from sft_jax.models.heads import HeadConfig
 from sft_jax.models.llama import LlamaConfig, LlamaForCausalLM
-from sft_jax.train_state import StepSetup, create_train_state, shardings_of, split_model
+from sft_jax.models.resnet import ResNetConfig, ResNetForImageClassification
+from sft_jax.models.vit import ViTConfig, ViTForImageClassification
+from sft_jax.train_state import (
+    StepSetup,
+    create_train_state,
+    shardings_of,
+    split_model,
+    stats_mask,
+)
 
 LEARNING_RATE, WEIGHT_DECAY, CLIP_NORM = 1e-5, 0.01, 1.0
 
@@ -51,25 +64,35 @@ class BenchSpec:
 
     Attributes:
         name: Short name (``minilm-l6``, ...).
-        config: ``BertConfig`` (classification) or ``LlamaConfig`` (causal LM).
-        batch_size: Rows per step B.
-        seq_len: Tokens per row T.
-        num_labels: Classes of the classification head (BERT only).
+        config: ``BertConfig`` (classification), ``LlamaConfig`` (causal LM), ``ResNetConfig`` or
+            ``ViTConfig`` (image classification, ``config.num_labels`` classes).
+        batch_size: Rows (images) per step B.
+        seq_len: Tokens per row T; for images the side of the square image in pixels.
+        num_labels: Classes of the text classification head (BERT only).
     """
 
     name: str
-    config: BertConfig | LlamaConfig
+    config: BertConfig | LlamaConfig | ResNetConfig | ViTConfig
     batch_size: int
     seq_len: int
     num_labels: int = 3
 
     @property
     def task(self) -> str:
+        if isinstance(self.config, (ResNetConfig, ViTConfig)):
+            return "image_classification"
         return "classification" if isinstance(self.config, BertConfig) else "causal_lm"
 
     @property
+    def unit(self) -> str:
+        """What the throughput counts: ``tokens`` or ``images``."""
+        return "images" if self.task == "image_classification" else "tokens"
+
+    @property
     def tokens(self) -> int:
-        """Non-padding tokens per step (every token here)."""
+        """Units of work per step: non-padding tokens (every token here), or images."""
+        if self.unit == "images":
+            return self.batch_size
         return self.batch_size * self.seq_len
 
 
@@ -89,26 +112,45 @@ _TINY_LLAMA = dict(
     num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
 )  # fmt: skip
 
+_TINY_RESNET = dict(embedding_size=8, hidden_sizes=(16, 32), depths=(1, 1), num_labels=5)
+_TINY_VIT = dict(
+    hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
+    image_size=32, patch_size=8, num_labels=5,
+)  # fmt: skip
+
 # name -> (config factory taking dtype overrides, default batch size, default sequence length).
 SHAPES: dict[str, tuple[Callable[..., Any], int, int]] = {
     "minilm-l6": (BertConfig.minilm_l6, 32, 128),
     "bert-base": (BertConfig.bert_base, 32, 128),
     "smollm2-135m": (LlamaConfig.smollm2_135m, 8, 1024),
     "llama-1b": (lambda **kw: LlamaConfig(**_LLAMA_1B, **kw), 4, 1024),
+    "resnet-50": (ResNetConfig.resnet_50, 64, 224),
+    "vit-b16": (ViTConfig.vit_b16, 64, 224),
     "tiny-bert": (lambda **kw: BertConfig(**_TINY_BERT, **kw), 2, 8),
     "tiny-llama": (lambda **kw: LlamaConfig(**_TINY_LLAMA, **kw), 2, 8),
+    "tiny-resnet": (lambda **kw: ResNetConfig(**_TINY_RESNET, **kw), 2, 32),
+    "tiny-vit": (lambda **kw: ViTConfig(**_TINY_VIT, **kw), 2, 32),
 }
 
 
 def get_spec(
-    name: str, dtype: str = "float32", batch_size: int | None = None, seq_len: int | None = None
+    name: str,
+    dtype: str = "float32",
+    batch_size: int | None = None,
+    seq_len: int | None = None,
+    **overrides: Any,
 ) -> BenchSpec:
-    """The registered shape ``name`` with compute ``dtype`` (parameters stay float32)."""
+    """The registered shape ``name`` with compute ``dtype`` (parameters stay float32) and
+    config field ``overrides`` (e.g. ``attention_probs_dropout_prob=0.0``). A ViT's
+    ``image_size`` follows ``seq_len``."""
     if name not in SHAPES:
         raise ValueError(f"unknown model {name!r}; choose from {sorted(SHAPES)}")
     factory, default_b, default_t = SHAPES[name]
-    config = factory(dtype=dtype, param_dtype="float32")
-    return BenchSpec(name, config, batch_size or default_b, seq_len or default_t)
+    seq_len = seq_len or default_t
+    config = factory(dtype=dtype, param_dtype="float32", **overrides)
+    if isinstance(config, ViTConfig):
+        config = dataclasses.replace(config, image_size=seq_len)
+    return BenchSpec(name, config, batch_size or default_b, seq_len)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -138,9 +180,21 @@ def attention_flops(config: BertConfig | LlamaConfig, batch_size: int, seq_len: 
 
 def step_flops(spec: BenchSpec) -> int:
     """Model FLOPs of one training step (forward + backward), see the module docstring."""
+    if spec.task == "image_classification":
+        return 3 * forward_flops(spec)
     per_tok, per_seq = matmul_params(spec.config, spec.num_labels)
     b, t = spec.batch_size, spec.seq_len
     return 6 * per_tok * b * t + 6 * per_seq * b + attention_flops(spec.config, b, t)
+
+
+def forward_flops(spec: BenchSpec) -> int:
+    """Matmul + convolution FLOPs of one forward pass over the spec's batch, counted from the
+    jaxpr of the model built abstractly (``sft_jax.flop_count``: no weights are allocated)."""
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: build_model(spec)))
+    batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), make_batch(spec))
+    task = tasks.get_task(spec.task)
+    forward = lambda state, b: task.logits(nnx.merge(graphdef, state), b, None)
+    return flop_count.matmul_flops(forward, state, batch)
 
 
 # Dense peak FLOP/s per device: (device_kind substring, bfloat16 peak, float32 peak). First match
@@ -187,6 +241,13 @@ def mfu(flops_per_step: float, step_s: float, peak: float | None) -> float | Non
 def make_batch(spec: BenchSpec, seed: int = 0) -> dict[str, np.ndarray]:
     """A random host batch of full rows in the task's format (see ``sft_jax.tasks``)."""
     rng = np.random.default_rng(seed)
+    if spec.task == "image_classification":
+        b, side, c = spec.batch_size, spec.seq_len, spec.config.num_channels
+        return {
+            "pixel_values": rng.standard_normal((b, side, side, c), dtype=np.float32),
+            "labels": rng.integers(0, spec.config.num_labels, (b,), dtype=np.int32),
+            "example_mask": np.ones((b,), np.float32),
+        }
     b, t, v = spec.batch_size, spec.seq_len, spec.config.vocab_size
     ones = np.ones((b, t), np.int32)
     if spec.task == "classification":
@@ -212,6 +273,10 @@ def build_model(spec: BenchSpec, seed: int = 0) -> nnx.Module:
     rngs = nnx.Rngs(seed)
     if spec.task == "classification":
         return BertForSequenceClassification(spec.config, spec.num_labels, rngs=rngs)
+    if isinstance(spec.config, ResNetConfig):
+        return ResNetForImageClassification(spec.config, HeadConfig(), rngs=rngs)
+    if isinstance(spec.config, ViTConfig):
+        return ViTForImageClassification(spec.config, HeadConfig(), rngs=rngs)
     return LlamaForCausalLM(spec.config, rngs=rngs)
 
 
@@ -241,13 +306,17 @@ def build_step(
     the trainer builds them (``sft_jax.benchmark_policies``).
     """
     model = build_model(spec, seed)
-    stats = None
     if policy is None:
         if optimizer != "adamw":
             raise ValueError(f"optimizer={optimizer!r} needs a policy (e.g. 'full')")
-        graphdef, params = nnx.split(model, nnx.Param)
-        trainable = jax.tree.map(lambda _: True, nnx.to_pure_dict(params))
+        graphdef, params = split_model(model)  # Params and BatchNorm statistics
+        stats = stats_mask(model)
+        trainable = jax.tree.map(lambda _: True, params) if stats is None else (
+            jax.tree.map(lambda s: not s, stats))  # fmt: skip
         tx, lr = adamw(), optax.constant_schedule(LEARNING_RATE)
+        if stats is not None:  # statistics: no optimizer state, never updated by it
+            labels = jax.tree.map(lambda t: "train" if t else "frozen", trainable)
+            tx = optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
         del params
     else:
         from sft_jax import benchmark_policies as bp
@@ -332,6 +401,7 @@ def run_jax(
     seed: int = 0,
     policy: str | None = None,
     optimizer: str = "adamw",
+    profile_dir: str | None = None,
 ) -> dict[str, Any]:
     """Times the JAX train step of ``spec``.
 
@@ -345,6 +415,8 @@ def run_jax(
         policy: Freezing preset (``head_only``, ``bitfit``, ``lora:8``, ``full``, ...); None:
             every parameter trains with AdamW (see ``build_step``).
         optimizer: ``optimizer.name`` used with ``policy``.
+        profile_dir: Also trace 2 more steps with ``jax.profiler`` into this directory and
+            return the time per XLA operation kind (``profile_ops``, ``sft_jax.profiling``).
 
     Returns:
         A flat dict of the measurements (JSON-ready). Memory: ``peak_bytes`` is the device's
@@ -366,6 +438,11 @@ def run_jax(
         jax.block_until_ready((holder["state"], holder["metrics"]))
 
     first, times = time_calls(call, warmup, steps_)
+    ops = None
+    if profile_dir is not None:
+        from sft_jax import profiling
+
+        ops = profiling.profile_ops(call, 2, profile_dir)
     devices = list(mesh.devices.flat)
     kind = devices[0].device_kind
     peak = peak if peak is not None else peak_flops(kind, spec.config.dtype)
@@ -383,6 +460,8 @@ def run_jax(
         peak_memory_source="device" if device_peak is not None else (
             "estimated" if estimated is not None else None),
     )  # fmt: skip
+    if ops is not None:
+        out["profile_ops"] = ops[:40]
     return out
 
 
@@ -417,6 +496,8 @@ def _summary(
         "batch_size": spec.batch_size,
         "seq_len": spec.seq_len,
         "tokens_per_step": spec.tokens,
+        "unit": spec.unit,
+        "throughput_per_s": spec.tokens / step_s,
         "flops_per_step": flops,
         "first_call_s": first,
         "compile_s": max(first - step_s, 0.0),  # first call minus one steady-state step
@@ -436,10 +517,16 @@ def _summary(
 def _torch_model(spec: BenchSpec, transformers: Any) -> Any:
     """The ``transformers`` model of the same shape, random init, attention as its default."""
     c = spec.config
+    hf = {k: v for k, v in c.to_hf_dict().items() if k != "model_type"}
     if spec.task == "classification":
-        hf = {k: v for k, v in c.to_hf_dict().items() if k != "model_type"}
         cfg = transformers.BertConfig(**hf, num_labels=spec.num_labels)
         return transformers.BertForSequenceClassification(cfg)
+    if isinstance(c, ResNetConfig):
+        cfg = transformers.ResNetConfig(**hf, num_labels=c.num_labels)
+        return transformers.ResNetForImageClassification(cfg)
+    if isinstance(c, ViTConfig):
+        cfg = transformers.ViTConfig(**hf, num_labels=c.num_labels)
+        return transformers.ViTForImageClassification(cfg)
     # RoPE scaling changes only the frequency table, not the cost: left out.
     cfg = transformers.LlamaConfig(
         vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
@@ -461,6 +548,9 @@ def _torch_loss(model: Any, batch: dict, spec: BenchSpec, torch: Any) -> Any:
             token_type_ids=batch["token_type_ids"],
         ).logits  # fmt: skip
         return f.cross_entropy(logits.float(), batch["labels"])
+    if spec.task == "image_classification":  # pixel_values already NCHW (see _time_torch)
+        return f.cross_entropy(model(pixel_values=batch["pixel_values"]).logits.float(),
+                               batch["labels"])  # fmt: skip
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["target_mask"]).logits
     return f.cross_entropy(logits.float().flatten(0, 1), batch["targets"].flatten())
 
@@ -508,6 +598,8 @@ def _time_torch(spec: BenchSpec, warmup: int, steps_: int, seed: int) -> dict:
     opt = torch.optim.AdamW(model.parameters(), lr=LEARNING_RATE, weight_decay=WEIGHT_DECAY)
     batch = {k: torch.from_numpy(np.asarray(v)).to(dev) for k, v in make_batch(spec, seed).items()}
     batch = {k: v.long() if v.dtype == torch.int32 else v for k, v in batch.items()}
+    if "pixel_values" in batch:  # NHWC (ours) -> NCHW (torch), once, outside the timed step
+        batch["pixel_values"] = batch["pixel_values"].permute(0, 3, 1, 2).contiguous()
     bf16 = spec.config.dtype == "bfloat16"
     holder = {}
 

@@ -62,15 +62,25 @@ STRUCTURES: dict[str, LayerStructure] = {
         bottom=r"^transformer/(wte|wpe)/",
         top=r"^transformer/ln_f/",
         head=r"^lm_head/",
+        tied_head=r"^transformer/wte/",
     ),
 }
+# The token embedding of a Llama-family model with ``tie_word_embeddings`` (SmolLM2, Qwen2.5).
+_LLAMA_TIED_HEAD = r"^model/embed_tokens/"
 
 
 def structure_for(model: Any) -> LayerStructure | None:
     """The model's ``layer_structure`` if it has one, else ``STRUCTURES[class name]``, else
     None (depth presets then fail naming the policy)."""
     own = getattr(model, "layer_structure", None)
-    return own if own is not None else STRUCTURES.get(type(model).__name__)
+    if own is not None:
+        return own
+    structure = STRUCTURES.get(type(model).__name__)
+    config = getattr(model, "config", None)
+    if structure is not None and type(model).__name__ == "LlamaForCausalLM":
+        if getattr(config, "tie_word_embeddings", False):
+            structure = dataclasses.replace(structure, tied_head=_LLAMA_TIED_HEAD)
+    return structure
 
 
 @dataclasses.dataclass(frozen=True)
@@ -154,7 +164,10 @@ def param_groups(
         raise ValueError(f"freeze rules matched no parameter: {unused}")
     trainable = jax.tree.map(lambda r: r.trainable, decided, is_leaf=is_rule)
     if not any(tree_util.leaves(trainable)):
-        raise ValueError(f"freezing policy {policy!r} leaves no trainable parameter")
+        raise ValueError(
+            f"freezing policy {policy!r} leaves no trainable parameter (rules: "
+            f"{[r.pattern for _, r in compiled if r.trainable]} match nothing in this model)"
+        )
     mult = lambda name: jax.tree.map(
         lambda r: float(getattr(r, name)) if r.trainable else 0.0, decided, is_leaf=is_rule
     )

@@ -8,7 +8,8 @@ unfreezing only) the optimizer step from which they train. ``sft_jax.freezing`` 
 Presets (``freeze.policy``):
 
   ``full``               everything trains.
-  ``head_only``          only the head trains.
+  ``head_only``          only the head trains (a tied-weights decoder's head is its token
+                         embedding, ``LayerStructure.tied_head``).
   ``freeze_embeddings``  the embeddings (the structure's bottom: embeddings, or a CNN's stem) are
                          frozen; without a structure, paths containing ``embeddings/``.
   ``bitfit``             only biases (every ``.../bias``, LayerNorm biases included) + task head.
@@ -33,8 +34,10 @@ Presets (``freeze.policy``):
 (``^classifier/`` or ``^head/``); a causal LM's pretrained ``lm_head`` stays frozen there, as in
 PEFT. ``head_only`` and the depth presets use the structure's head (``lm_head`` included).
 Depth presets are written against a ``LayerStructure`` (``sft_jax.models.heads``), so they mean
-the same for every model family; tied-embedding decoders (GPT-2) have no separate head parameter:
-their embedding table counts as the bottom.
+the same for every model family; tied-embedding decoders (GPT-2, SmolLM2) have no separate head
+parameter: their embedding table counts as the bottom there, and is the head of ``head_only``.
+Models without bias parameters (the Llama family) have nothing for ``bitfit`` to train beyond a
+task head: a causal LM under ``bitfit`` is an error that says so.
 """
 
 from __future__ import annotations
@@ -222,6 +225,9 @@ def expand(
     name, arg = parse_arg(policy)
     if arg is None and name == "freeze_embeddings" and structure is not None:
         return [Rule(structure.bottom, False)]
+    if name == "head_only" and structure is not None and structure.tied_head is not None:
+        tied = [Rule(HEAD_PATTERN, True, required=False), Rule(structure.tied_head, True)]
+        return [*tied, Rule(".*", False)]
     if arg is None:
         # Rules that must match something: embeddings to freeze, adapters to train (a missing
         # apply_lora would otherwise show up only as "no trainable parameter").

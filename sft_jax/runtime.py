@@ -1,5 +1,17 @@
-"""Process-level JAX setup for the command-line entry points: multi-host initialization and the
-persistent compilation cache. Call ``setup_runtime`` once, before anything touches a device.
+"""Process-level JAX setup for the command-line entry points: multi-host initialization, the
+persistent compilation cache and the kernel choices. Call ``setup_runtime`` once, before anything
+touches a device.
+
+Kernel choices (config ``runtime.*``; each is a speed choice, every option computes the same
+function):
+
+    attention    "xla" (default) | "cudnn": fused cuDNN attention on NVIDIA GPUs in bf16/fp16
+                 without attention dropout (``layers.attention_implementation``)
+    dropout      "threefry" (default) | "hash": how dropout masks are drawn
+                 (``layers.dropout_implementation``; different masks, same distribution)
+    cpu_matmul   "xla" (default) | "onednn": XLA CPU's matmuls through oneDNN instead of its
+                 default library (``CPU_MATMUL_FLAGS``; the flags are appended to ``XLA_FLAGS``,
+                 which XLA reads when the CPU backend starts)
 
 Environment (each overrides the default, config values override the environment):
 
@@ -19,10 +31,36 @@ from typing import Any
 
 import jax
 
+from sft_jax.models import layers
+
 log = logging.getLogger(__name__)
 
 DEFAULT_CACHE = "~/.cache/sft_jax/xla"
 _initialized = False
+CPU_MATMUL_FLAGS = {
+    "xla": "",
+    "onednn": "--xla_cpu_use_onednn=true --xla_cpu_experimental_onednn_fusion_type=dot",
+}
+
+
+def set_cpu_matmul(name: str) -> None:
+    """Selects the CPU matmul library (``CPU_MATMUL_FLAGS``) by extending ``XLA_FLAGS``.
+
+    Raises:
+      ValueError: an unknown name, or ``onednn`` asked for after the backends started (XLA
+        would silently ignore the flags).
+    """
+    if name not in CPU_MATMUL_FLAGS:
+        raise ValueError(f"runtime.cpu_matmul={name!r}; use one of {sorted(CPU_MATMUL_FLAGS)}")
+    flags = CPU_MATMUL_FLAGS[name]
+    current = os.environ.get("XLA_FLAGS", "")
+    if not flags or flags in current:
+        return
+    from jax._src import xla_bridge  # private: no public "are the backends up?" query
+
+    if xla_bridge.backends_are_initialized():
+        raise ValueError(f"runtime.cpu_matmul={name!r} must be set before JAX starts a backend")
+    os.environ["XLA_FLAGS"] = f"{current} {flags}".strip()
 
 
 def compilation_cache_dir(configured: str | None = None) -> str | None:
@@ -38,15 +76,20 @@ def setup_runtime(runtime_cfg: Any = None) -> dict[str, Any]:
     """Initializes multi-host JAX (if asked) and the persistent compilation cache.
 
     Args:
-      runtime_cfg: optional config block with ``distributed`` (bool) and
-        ``compilation_cache_dir`` (str); missing keys fall back to the environment.
+      runtime_cfg: optional config block with ``distributed`` (bool),
+        ``compilation_cache_dir`` (str) and the kernel choices ``attention``, ``dropout``,
+        ``cpu_matmul`` (module doc); missing keys fall back to the environment / defaults.
 
     Returns:
       What was set up: ``{"distributed": bool, "process": i, "num_processes": n,
-      "compilation_cache_dir": str | None}``.
+      "compilation_cache_dir": str | None, "attention", "dropout", "cpu_matmul"}``.
     """
     global _initialized
     get = (lambda k, d: runtime_cfg.get(k, d)) if runtime_cfg is not None else (lambda k, d: d)
+    kernels = {k: get(k, d) for k, d in (("attention", "xla"), ("dropout", "threefry"),
+                                         ("cpu_matmul", "xla"))}  # fmt: skip
+    set_cpu_matmul(kernels["cpu_matmul"])  # before jax.distributed starts a backend
+    layers.set_implementations(kernels["attention"], kernels["dropout"])
     distributed = bool(get("distributed", False)) or os.environ.get("SFT_JAX_DISTRIBUTED") == "1"
     if distributed and not _initialized:
         jax.distributed.initialize()  # coordinator/process ids from env or cluster auto-detection
@@ -63,6 +106,7 @@ def setup_runtime(runtime_cfg: Any = None) -> dict[str, Any]:
         "process": jax.process_index(),
         "num_processes": jax.process_count(),
         "compilation_cache_dir": cache,
+        **kernels,
     }
     log.info("runtime: %s", info)
     return info

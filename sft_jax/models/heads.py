@@ -113,9 +113,13 @@ class LayerStructure:
       top: Regex of what comes after the last block and before the head (final conv / norm),
         or None when nothing does.
       head: Regex of the task head.
+      tied_head: Regex of the token embedding that is also the output layer of a decoder with
+        tied weights (no separate head parameter), or None. It stays part of ``bottom`` for the
+        depth presets; ``head_only`` trains it as the LM head.
     """
 
     blocks: str
     bottom: str
     top: str | None = None
     head: str = r"^classifier/"
+    tied_head: str | None = None

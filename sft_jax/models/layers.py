@@ -31,6 +31,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 Array = jax.Array
@@ -258,6 +259,18 @@ def dropout_implementation(name: str):
         _dropout_impl.reset(token)
 
 
+def set_implementations(attention: str = "xla", dropout: str = "threefry") -> None:
+    """Sets the attention kernel and dropout-mask implementation for the rest of the current
+    context (the process's main thread for the command-line entry points), as the context
+    managers ``attention_implementation`` / ``dropout_implementation`` do for a block."""
+    pairs = ((attention, ATTENTION_IMPLEMENTATIONS), (dropout, DROPOUT_IMPLEMENTATIONS))
+    for name, choices in pairs:
+        if name not in choices:
+            raise ValueError(f"implementation {name!r}; use one of {choices}")
+    _attention_impl.set(attention)
+    _dropout_impl.set(dropout)
+
+
 def _fmix32(h: Array) -> Array:
     """MurmurHash3's 32-bit finalizer: a bijection that mixes every input bit into every output."""
     h = h ^ (h >> 16)
@@ -318,8 +331,15 @@ def scoped_rng(salt: int) -> Array | None:
     return None if key is None else jax.random.fold_in(key, salt)
 
 
+def gelu_erf(x: Array) -> Array:
+    """Exact GELU, ``x / 2 * (1 + erf(x / sqrt(2)))``: PyTorch's formula. ``jax.nn.gelu``'s exact
+    form goes through ``erfc``, whose piecewise evaluation cost a MiniLM training step on CPU
+    about 40 ms more; the two agree to float32 rounding (tests/models/test_layers.py)."""
+    return 0.5 * x * (1.0 + jax.lax.erf(x * np.sqrt(0.5).astype(x.dtype)))
+
+
 ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
-    "gelu": lambda x: jax.nn.gelu(x, approximate=False),  # exact erf form (HF "gelu")
+    "gelu": gelu_erf,  # exact erf form (HF "gelu")
     "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),  # tanh approximation
     "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
     "relu": jax.nn.relu,
@@ -391,7 +411,8 @@ def attention_implementation(name: str):
 
     ``"xla"`` (default): the einsum + float32 softmax below, on every backend. ``"cudnn"``:
     ``jax.nn.dot_product_attention``'s fused cuDNN (flash) kernel on NVIDIA GPUs, for bfloat16 /
-    float16 compute without attention-probability dropout (otherwise the XLA path is used).
+    float16 compute without attention-probability dropout, where cuDNN takes the shapes
+    (otherwise the XLA path is used).
     The choice is read when a function is traced: select it before the first call of a jitted
     step (a cached trace keeps the kernel it was traced with). On an H200 the cuDNN kernel
     matches the XLA path to bfloat16 rounding (outputs and gradients, causal + packed + GQA).
@@ -438,9 +459,13 @@ def dot_product_attention(
         [B, T, N, D] in q's dtype.
     """
     if _fused_attention_applies(q, dropout_rate, dropout_rng):
+        full_mask = mask
         if mask is not None:
-            mask = jnp.broadcast_to(mask, (q.shape[0], 1, q.shape[1], k.shape[1]))
-        return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="cudnn")
+            full_mask = jnp.broadcast_to(mask, (q.shape[0], 1, q.shape[1], k.shape[1]))
+        try:  # cuDNN checks the shapes while tracing (e.g. ViT's 197 tokens are refused)
+            return jax.nn.dot_product_attention(q, k, v, mask=full_mask, implementation="cudnn")
+        except NotImplementedError:
+            pass  # shapes the fused kernel does not take: the XLA path below
     b, t, n, d = q.shape
     kh = k.shape[2]
     if n % kh:
@@ -448,8 +473,11 @@ def dot_product_attention(
     qg = q.reshape(b, t, kh, n // kh, d)  # [B, T, K, G, D]
     scores = jnp.einsum("btkgd,bskd->bkgts", qg, k).astype(jnp.float32) * (d**-0.5)
     if mask is not None:
-        mask = jnp.broadcast_to(mask, (mask.shape[0], 1) + scores.shape[-2:])[:, :, None]
-        scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)  # [B, K, G, T, S]
+        # An additive bias (0 or the float32 minimum) rather than a select: the same softmax,
+        # and its gradient passes the scores' gradient through unchanged (no [B, N, T, S]
+        # select in the backward pass).
+        bias = jnp.where(mask, 0.0, jnp.finfo(jnp.float32).min).astype(jnp.float32)
+        scores = scores + bias[:, :, None]  # [B, K, G, T, S]
     probs = jax.nn.softmax(scores, axis=-1)
     probs = dropout(probs, dropout_rate, dropout_rng).astype(v.dtype)
     out = jnp.einsum("bkgts,bskd->btkgd", probs, v)

@@ -127,8 +127,30 @@ def test_cudnn_attention_matches_xla_in_bfloat16():
     for impl in ("xla", "cudnn"):
         with layers.attention_implementation(impl):
             fn = jax.jit(jax.grad(f, argnums=(0, 1, 2), has_aux=True))
-            assert ("cudnn" in fn.lower(q, k, v).compile().as_text()) == (impl == "cudnn")
+            text = fn.lower(q, k, v).compile().as_text()  # the fused kernel: __cudnn$fmha...
+            assert ("__cudnn$fmha" in text) == (impl == "cudnn")
             results[impl] = jax.tree.leaves(fn(q, k, v))
     for a, r in zip(results["cudnn"], results["xla"]):
         a, r = np.asarray(a, np.float32), np.asarray(r, np.float32)
         assert np.abs(a - r).max() <= 0.01 * np.abs(r).max()
+
+
+def test_gelu_is_the_erf_form_of_jax_and_torch():
+    x = jnp.linspace(-8.0, 8.0, 2001, dtype=jnp.float32)
+    ours = layers.get_activation("gelu")(x)
+    assert np.abs(ours - jax.nn.gelu(x, approximate=False)).max() <= 2e-6
+    torch = pytest.importorskip("torch")
+    ref = torch.nn.functional.gelu(torch.from_numpy(np.array(x))).numpy()
+    assert np.abs(np.asarray(ours) - ref).max() <= 2e-6
+
+
+def test_masked_keys_get_no_attention_weight():
+    rng = np.random.default_rng(0)
+    q, k, v = (jnp.asarray(rng.normal(size=(1, 4, 2, 8)), jnp.float32) for _ in range(3))
+    keep = jnp.asarray([[1, 1, 0, 1]])
+    mask = layers.make_attention_mask(4, padding_mask=keep)
+    out = layers.dot_product_attention(q, k, v, mask)
+    # The same as attending over the unmasked keys only.
+    idx = jnp.asarray([0, 1, 3])
+    ref = layers.dot_product_attention(q, k[:, idx], v[:, idx])
+    np.testing.assert_allclose(out, ref, atol=1e-6)

@@ -130,7 +130,12 @@ TINY_BERT = {"head_only": 51, "bitfit": 51 + 16 + 2 * 144 + 16, "lora:8": 2 * 17
 # tiny-llama (H=16, 4 heads / 2 kv of dim 4, I=32, V=64, tied): embedding 1024; per layer q 256,
 # k 128, v 128, o 256, gate/up/down 3 * 512, two RMSNorms 32 = 2336; final norm 16. lora:8: per
 # layer q (16+16)*8, k (16+8)*8, v (16+8)*8, o (16+16)*8, gate/up (16+32)*8, down (32+16)*8.
-TINY_LLAMA = {"lora:8": 2 * (256 + 192 + 192 + 256 + 3 * 384), "full": 1024 + 2 * 2336 + 16}
+# head_only: the tied embedding is the LM head.
+TINY_LLAMA = {
+    "head_only": 1024,
+    "lora:8": 2 * (256 + 192 + 192 + 256 + 3 * 384),
+    "full": 1024 + 2 * 2336 + 16,
+}
 
 
 @pytest.mark.parametrize("name,expected", [("tiny-bert", TINY_BERT), ("tiny-llama", TINY_LLAMA)])
@@ -153,10 +158,9 @@ def test_policy_optimizer_and_inapplicable_policies():
     bert, llama = benchmark.get_spec("tiny-bert"), benchmark.get_spec("tiny-llama")
     state, *_ = benchmark.build_step(bert, policy="full", optimizer="sgd")
     assert 4 * 6371 <= tree_util.nbytes(state.opt_state) <= 4 * 6371 + 64  # momentum only
-    # Tied embeddings: no head parameter to train; no biases for BitFit.
-    for policy in ("head_only", "bitfit"):
-        with pytest.raises(ValueError, match="leaves no trainable parameter"):
-            benchmark.build_step(llama, policy=policy)
+    # No biases for BitFit, and a causal LM has no new task head.
+    with pytest.raises(ValueError, match="leaves no trainable parameter"):
+        benchmark.build_step(llama, policy="bitfit")
     with pytest.raises(ValueError, match="needs a policy"):
         benchmark.build_step(bert, optimizer="sgd")
 
@@ -181,12 +185,41 @@ def test_policy_run_reports_sizes_and_estimated_peak():
 def test_command_line_policies_table(tmp_path):
     out = tmp_path / "b.json"
     cmd = [sys.executable, "-m", "experiments.benchmark", "--models", "tiny-llama", "--policies",
-           "head_only,lora:8", "--steps", "1", "--warmup", "0", "--out", str(out)]  # fmt: skip
+           "bitfit,lora:8", "--steps", "1", "--warmup", "0", "--out", str(out)]  # fmt: skip
     text = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-    assert (
-        "tiny-llama / head_only: freezing policy 'head_only' leaves no trainable parameter" in text
-    )
+    assert "tiny-llama / bitfit: freezing policy 'bitfit' leaves no trainable parameter" in text
     row = next(line for line in text.splitlines() if " lora:8 " in line).split()
     assert row[:4] == ["tiny-llama", "lora:8", "2x8", "4,096"] and row[6] == "est"
     results = json.load(open(out))["results"]
-    assert [r["policy"] for r in results] == ["head_only", "lora:8"] and "error" in results[0]
+    assert [r["policy"] for r in results] == ["bitfit", "lora:8"] and "error" in results[0]
+
+
+def test_image_shapes_count_convolution_flops():
+    """ResNet-50 and ViT-B/16 at 224 px: the published forward GMACs (4.09 and 17.56)."""
+    resnet, vit = (benchmark.get_spec(n, batch_size=1) for n in ("resnet-50", "vit-b16"))
+    assert resnet.task == vit.task == "image_classification" and resnet.unit == "images"
+    assert benchmark.forward_flops(resnet) == 8_178_368_512
+    assert benchmark.forward_flops(vit) == 35_127_656_448
+    assert benchmark.step_flops(vit) == 3 * 35_127_656_448
+    assert benchmark.get_spec("vit-b16", seq_len=384).config.image_size == 384
+
+
+@pytest.mark.parametrize("name", ["tiny-resnet", "tiny-vit"])
+def test_image_step_trains_and_keeps_batch_norm_statistics_out_of_the_optimizer(name):
+    r = benchmark.run_jax(benchmark.get_spec(name), warmup=0, steps_=1)
+    assert r["unit"] == "images" and r["throughput_per_s"] == 2 / (r["step_ms"] / 1e3)
+    assert np.isfinite(r["loss"]) and r["num_trainable_params"] < r["num_params"] + (
+        name == "tiny-vit"
+    )  # ResNet: BatchNorm statistics are parameters of the state, not trained
+    assert r["optimizer_state_bytes"] <= 8 * r["num_trainable_params"] + 64
+
+
+def test_profile_lists_the_step_operations(tmp_path):
+    r = benchmark.run_jax(
+        benchmark.get_spec("tiny-bert"), warmup=0, steps_=1, profile_dir=str(tmp_path)
+    )
+    ops = r["profile_ops"]
+    assert ops and all(o["ms"] >= 0 and o["count"] > 0 for o in ops)
+    assert [o["ms"] for o in ops] == sorted((o["ms"] for o in ops), reverse=True)
+    assert sum(o["share"] for o in ops) <= 1.0 + 1e-9
+    assert not any(o["op"].startswith(("ThunkExecutor", "end: ")) for o in ops)

@@ -253,6 +253,24 @@ def test_tied_gpt2_depth_presets():
     )
 
 
+def test_head_only_trains_the_lm_head_tied_or_not():
+    assert trained(groups_of(llama(), "head_only")) == ["lm_head/kernel"]
+    # Tied weights: the token embedding is the LM head (and the input embedding).
+    assert trained(groups_of(llama(tied=True), "head_only")) == ["model/embed_tokens/embedding"]
+    assert trained(groups_of(gpt2(), "head_only")) == ["transformer/wte/embedding"]
+    # The depth presets keep the tied embedding in the bottom.
+    assert freezing.structure_for(llama()).tied_head is None
+    frozen = set(flat(split_model(llama(tied=True))[1])) - set(
+        trained(groups_of(llama(tied=True), "freeze_embeddings"))
+    )
+    assert frozen == {"model/embed_tokens/embedding"}
+
+
+def test_bitfit_on_a_model_without_biases_says_so():
+    with pytest.raises(ValueError, match=r"'bitfit' leaves no trainable parameter.*bias"):
+        groups_of(llama(tied=True), "bitfit")
+
+
 @pytest.mark.parametrize(
     "policy, message",
     [

@@ -40,3 +40,39 @@ def test_cache_can_be_disabled(tmp_path, monkeypatch):
     assert compilation_cache_dir(str(tmp_path)) == str(tmp_path)
     monkeypatch.delenv("SFT_JAX_COMPILATION_CACHE")
     assert compilation_cache_dir().endswith(".cache/sft_jax/xla")
+
+
+_KERNELS = """
+import os
+from sft_jax.models import layers
+from sft_jax.runtime import setup_runtime
+info = setup_runtime({"attention": "cudnn", "dropout": "hash", "cpu_matmul": "onednn"})
+import jax, jax.numpy as jnp
+assert layers._attention_impl.get() == "cudnn" and layers._dropout_impl.get() == "hash"
+x = jnp.ones((64, 64))
+text = jax.jit(lambda a: a @ a).lower(x).compile().as_text()
+print(info["cpu_matmul"], "onednn" in os.environ["XLA_FLAGS"], "onednn" in text)
+"""
+
+
+def test_kernel_choices_reach_the_layers_and_xla(tmp_path):
+    env = {**os.environ, "SFT_JAX_COMPILATION_CACHE": "off"}
+    env.pop("XLA_FLAGS", None)
+    out = subprocess.run(
+        [sys.executable, "-c", _KERNELS], capture_output=True, text=True, check=True, env=env
+    )
+    assert out.stdout.split() == ["onednn", "True", "True"]
+
+
+def test_cpu_matmul_after_the_backend_started_is_an_error():
+    import jax.numpy as jnp
+    import pytest
+
+    from sft_jax.runtime import set_cpu_matmul
+
+    jnp.ones(1).block_until_ready()  # the backend is up in this test process
+    set_cpu_matmul("xla")  # nothing to change: fine
+    with pytest.raises(ValueError, match="before JAX starts a backend"):
+        set_cpu_matmul("onednn")
+    with pytest.raises(ValueError, match="runtime.cpu_matmul='mkl'"):
+        set_cpu_matmul("mkl")
