@@ -20,8 +20,8 @@ adapters, parameter groups, ``optim.build_optimizer`` with ``--optimizer``); pri
 parameters, optimizer-state MB, peak memory and step time per (model, policy). Peak memory is
 the device's ``peak_bytes_in_use`` where it keeps statistics (GPU, TPU), else XLA's memory
 analysis of the compiled step (arguments + outputs + temporaries - donated buffers) marked
-"est". A policy that leaves nothing to train on a model (``head_only`` on a tied-embedding
-decoder, ``bitfit`` on a model without biases) gets a row with the reason. On CPU, e.g.
+"est". A policy that leaves nothing to train on a model (``bitfit`` on a model without
+biases) gets a row with the reason. On CPU, e.g.
 ``--models minilm-l6,smollm2-135m --seq_len 256 --batch_size 4 --policies ... --steps 3``.
 """
 

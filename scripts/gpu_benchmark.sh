@@ -15,8 +15,8 @@ bench() {  # NAME ARGS...: one benchmark run, its table in NAME.txt, its JSON in
 }
 kind="$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | tr 'A-Z ' 'a-z_')"
 bench "${kind}_llama-1b_b32" --models llama-1b --batch_size 32 --attention cudnn --steps 6
-bench "${kind}_bert-base_b256_cudnn_hash" --models bert-base --batch_size 256 \
-  --attention cudnn --attention_dropout 0 --dropout hash
+bench "${kind}_bert-base_b256_profile" --models bert-base --batch_size 256 \
+  --attention cudnn --attention_dropout 0 --dropout hash --steps 5 --profile "$out/profile"
 bench "${kind}_images_b128" --models resnet-50,vit-b16 --batch_size 128 --attention cudnn --torch
 bench "${kind}_smollm2-135m_b64" --models smollm2-135m --batch_size 64 --attention cudnn \
   --steps 6

@@ -43,8 +43,8 @@ def policy_model(
     groups matched with the model's structure, the optimizer built over them.
 
     Raises:
-      ValueError: the policy does not apply to the model (e.g. ``head_only`` on a decoder with
-        tied embeddings, ``bitfit`` on a model without biases: nothing would train).
+      ValueError: the policy does not apply to the model (e.g. ``bitfit`` on a model without
+        biases: nothing would train).
     """
     model = apply_lora_for_policy(model, policy, None, seed)
     _, params = split_model(model)
