@@ -79,6 +79,11 @@ def runtime() -> ml_collections.ConfigDict:
     """Process setup (sft_jax.runtime): multi-host init and the persistent compilation cache."""
     c = ml_collections.ConfigDict()
     c.distributed = False  # jax.distributed.initialize() (or set SFT_JAX_DISTRIBUTED=1)
+    # Explicit multi-host settings ("" / -1: $JAX_COORDINATOR_ADDRESS, $JAX_NUM_PROCESSES,
+    # $JAX_PROCESS_ID, else the cluster's auto-detection).
+    c.coordinator_address = ""
+    c.num_processes = -1
+    c.process_id = -1
     c.compilation_cache_dir = ""  # "" = $SFT_JAX_COMPILATION_CACHE or ~/.cache/sft_jax/xla
     # Kernel choices (speed only; sft_jax.runtime): attention xla|cudnn (GPU, bf16, no attention
     # dropout), dropout threefry|hash (different masks), cpu_matmul xla|onednn.

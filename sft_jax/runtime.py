@@ -20,7 +20,10 @@ Environment (each overrides the default, config values override the environment)
     SFT_JAX_DISTRIBUTED=1       call ``jax.distributed.initialize()`` (auto-detects the cluster
                                 on Cloud TPU, SLURM, Open MPI and Kubernetes)
     JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID
-                                explicit multi-host settings (read by ``jax.distributed``)
+                                explicit multi-host settings, passed to
+                                ``jax.distributed.initialize`` (config ``runtime.coordinator_address``,
+                                ``num_processes``, ``process_id`` win); on CPU the processes'
+                                collectives run over gloo
 """
 
 from __future__ import annotations
@@ -72,6 +75,21 @@ def compilation_cache_dir(configured: str | None = None) -> str | None:
     return os.path.expanduser(value)
 
 
+def _initialize_distributed(get: Any) -> None:
+    """``jax.distributed.initialize`` with the explicit settings from config / environment (None
+    where neither gives one: the cluster auto-detection fills them in)."""
+    address = get("coordinator_address", "") or os.environ.get("JAX_COORDINATOR_ADDRESS") or None
+    explicit = {}
+    for key, env in (("num_processes", "JAX_NUM_PROCESSES"), ("process_id", "JAX_PROCESS_ID")):
+        value = get(key, -1)
+        value = value if value is not None and value >= 0 else os.environ.get(env)
+        explicit[key] = None if value in (None, "") else int(value)
+    # CPU processes need a collectives library to talk to each other (GPU/TPU bring their own;
+    # the setting only concerns the CPU backend).
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator_address=address, **explicit)
+
+
 def setup_runtime(runtime_cfg: Any = None) -> dict[str, Any]:
     """Initializes multi-host JAX (if asked) and the persistent compilation cache.
 
@@ -92,7 +110,7 @@ def setup_runtime(runtime_cfg: Any = None) -> dict[str, Any]:
     layers.set_implementations(kernels["attention"], kernels["dropout"])
     distributed = bool(get("distributed", False)) or os.environ.get("SFT_JAX_DISTRIBUTED") == "1"
     if distributed and not _initialized:
-        jax.distributed.initialize()  # coordinator/process ids from env or cluster auto-detection
+        _initialize_distributed(get)
     _initialized = _initialized or distributed
     cache = compilation_cache_dir(get("compilation_cache_dir", None))
     if cache:

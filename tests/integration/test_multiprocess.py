@@ -1,0 +1,93 @@
+"""Two JAX processes (2 CPU devices each, gloo collectives) train like one process with 4."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.slow
+
+# Three steps of the benchmark's tiny BERT train step, data parallel over every device; each
+# process feeds the rows of the global batch its devices hold (sharding.put_batch).
+_WORKER = """
+import json
+from sft_jax.runtime import setup_runtime
+info = setup_runtime({"distributed": %(distributed)s})
+import jax
+import numpy as np
+from sft_jax import benchmark
+spec = benchmark.get_spec("tiny-bert", batch_size=8)
+state, step_fn, batch, mesh, _ = benchmark.build_step(spec, mesh_shape=(-1, 1, 1))
+losses = []
+for _ in range(3):
+    state, metrics = step_fn(state, batch)
+    losses.append(float(metrics["loss"]))
+kernel = state.params["classifier"]["kernel"]
+print("RESULT " + json.dumps({
+    "process": info["process"], "processes": info["num_processes"],
+    "devices": jax.device_count(), "local": jax.local_device_count(), "losses": losses,
+    "kernel_sum": float(np.asarray(jax.experimental.multihost_utils.process_allgather(
+        kernel, tiled=True)).sum()),
+}))
+"""
+
+
+def _env(devices: int, **extra: str) -> dict:
+    env = {**os.environ, "SFT_JAX_COMPILATION_CACHE": "off", **extra}
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    return env
+
+
+def _result(proc: subprocess.Popen) -> dict:
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    line = next(x for x in out.splitlines() if x.startswith("RESULT "))
+    return json.loads(line[len("RESULT ") :])
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_match_one_process_with_the_same_devices():
+    port = _free_port()
+    workers = [
+        subprocess.Popen(
+            [sys.executable, "-c", _WORKER % {"distributed": True}],
+            env=_env(
+                2,
+                JAX_COORDINATOR_ADDRESS=f"localhost:{port}",
+                JAX_NUM_PROCESSES="2",
+                JAX_PROCESS_ID=str(i),
+            ),  # fmt: skip
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        for i in range(2)
+    ]
+    results = [_result(p) for p in workers]
+    single = _result(
+        subprocess.Popen(
+            [sys.executable, "-c", _WORKER % {"distributed": False}],
+            env=_env(4),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+    )
+    assert [(r["process"], r["processes"], r["devices"], r["local"]) for r in results] == [
+        (0, 2, 4, 2),
+        (1, 2, 4, 2),
+    ]
+    assert (single["processes"], single["devices"]) == (1, 4)
+    for r in results:
+        np.testing.assert_allclose(r["losses"], single["losses"], rtol=1e-6)
+        np.testing.assert_allclose(r["kernel_sum"], single["kernel_sum"], rtol=1e-6)
+    assert single["losses"][0] != single["losses"][-1]  # the steps did train
