@@ -3,11 +3,12 @@
 ``profile_ops(call, steps, logdir)`` runs ``call`` (which must block until its work is done)
 ``steps`` times under ``jax.profiler.trace`` and returns the operations of the trace with their
 time per call, largest first. Operation names are XLA's (``ynn_fusion.12``,
-``copy_bitcast_fusion.3`` on CPU; kernel names on GPU); the numeric suffix is dropped so that one row sums every
-instance of a kind (``ops_by_kind``). Device events are those of the ``/device:...`` processes
-(GPU kernels); on CPU, where XLA runs operations on its own threads, the events of the XLA
-worker threads (``tf_XLAEigen``) minus the executor's bookkeeping. On CPU several operations can
-run at once, so the per-operation times can sum to more than the wall time of a call.
+``copy_bitcast_fusion.3`` on CPU; kernel names on GPU); the numeric suffix is dropped so that
+one row sums every instance of a kind (``ops_by_kind``). Device events are those of the
+``/device:...`` processes (GPU kernels); on CPU, where XLA runs operations on its own threads,
+the events of the XLA worker threads (``tf_XLAEigen``) minus the executor's bookkeeping. On CPU
+several operations can run at once, so the per-operation times can sum to more than the wall
+time of a call.
 """
 
 from __future__ import annotations

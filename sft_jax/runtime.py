@@ -21,9 +21,9 @@ Environment (each overrides the default, config values override the environment)
                                 on Cloud TPU, SLURM, Open MPI and Kubernetes)
     JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID
                                 explicit multi-host settings, passed to
-                                ``jax.distributed.initialize`` (config ``runtime.coordinator_address``,
-                                ``num_processes``, ``process_id`` win); on CPU the processes'
-                                collectives run over gloo
+                                ``jax.distributed.initialize`` (the config's
+                                ``runtime.coordinator_address``, ``num_processes`` and
+                                ``process_id`` win); CPU processes talk over gloo
 """
 
 from __future__ import annotations

@@ -36,10 +36,14 @@ print("RESULT " + json.dumps({
 """
 
 
-def _env(devices: int, **extra: str) -> dict:
-    env = {**os.environ, "SFT_JAX_COMPILATION_CACHE": "off", **extra}
+def _spawn(devices: int, distributed: bool, **env: str) -> subprocess.Popen:
+    env = {**os.environ, "SFT_JAX_COMPILATION_CACHE": "off", **env}
     env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
-    return env
+    program = _WORKER % {"distributed": distributed}
+    return subprocess.Popen(
+        [sys.executable, "-c", program], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
 
 
 def _result(proc: subprocess.Popen) -> dict:
@@ -56,32 +60,16 @@ def _free_port() -> int:
 
 
 def test_two_processes_match_one_process_with_the_same_devices():
-    port = _free_port()
+    address = f"localhost:{_free_port()}"
     workers = [
-        subprocess.Popen(
-            [sys.executable, "-c", _WORKER % {"distributed": True}],
-            env=_env(
-                2,
-                JAX_COORDINATOR_ADDRESS=f"localhost:{port}",
-                JAX_NUM_PROCESSES="2",
-                JAX_PROCESS_ID=str(i),
-            ),  # fmt: skip
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
+        _spawn(
+            2, True, JAX_COORDINATOR_ADDRESS=address, JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i)
         )  # fmt: skip
         for i in range(2)
     ]
+    reference = _spawn(4, False)  # one process, the same 4 devices
     results = [_result(p) for p in workers]
-    single = _result(
-        subprocess.Popen(
-            [sys.executable, "-c", _WORKER % {"distributed": False}],
-            env=_env(4),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )  # fmt: skip
-    )
+    single = _result(reference)
     assert [(r["process"], r["processes"], r["devices"], r["local"]) for r in results] == [
         (0, 2, 4, 2),
         (1, 2, 4, 2),

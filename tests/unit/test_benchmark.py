@@ -204,13 +204,11 @@ def test_image_shapes_count_convolution_flops():
     assert benchmark.get_spec("vit-b16", seq_len=384).config.image_size == 384
 
 
-@pytest.mark.parametrize("name", ["tiny-resnet", "tiny-vit"])
-def test_image_step_trains_and_keeps_batch_norm_statistics_out_of_the_optimizer(name):
-    r = benchmark.run_jax(benchmark.get_spec(name), warmup=0, steps_=1)
+def test_image_step_trains_and_keeps_batch_norm_statistics_out_of_the_optimizer():
+    r = benchmark.run_jax(benchmark.get_spec("tiny-resnet"), warmup=0, steps_=1)
     assert r["unit"] == "images" and r["throughput_per_s"] == 2 / (r["step_ms"] / 1e3)
-    assert np.isfinite(r["loss"]) and r["num_trainable_params"] < r["num_params"] + (
-        name == "tiny-vit"
-    )  # ResNet: BatchNorm statistics are parameters of the state, not trained
+    # BatchNorm running statistics are in the state but neither trained nor in AdamW's moments.
+    assert np.isfinite(r["loss"]) and r["num_trainable_params"] < r["num_params"]
     assert r["optimizer_state_bytes"] <= 8 * r["num_trainable_params"] + 64
 
 
