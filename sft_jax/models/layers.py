@@ -103,10 +103,19 @@ class Dense(nnx.Module):
 
     def __call__(self, x: Array) -> Array:
         """Applies the layer: [..., in] -> [..., out]."""
-        y = jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+        y = matmul_2d(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
         return y
+
+
+def matmul_2d(x: Array, kernel: Array) -> Array:
+    """``x @ kernel`` for x [..., in] as one [rows, in] x [in, out] matmul. The same product as
+    ``jnp.dot(x, kernel)``; written 2-D, its gradient's weight matmul contracts one row axis
+    instead of all leading axes, which XLA CPU lays out with fewer transposes (a MiniLM training
+    step on this 2-core CPU about 7% faster, README "Speed")."""
+    y = jnp.dot(x.reshape(-1, x.shape[-1]), kernel)
+    return y.reshape(*x.shape[:-1], kernel.shape[-1])
 
 
 def config_dense(
