@@ -177,11 +177,10 @@ def _overrides(name: str) -> dict:
     from sft_jax import benchmark
 
     config = benchmark.get_spec(name).config
-    field = "attention_dropout" if hasattr(config, "attention_dropout") else (
-        "attention_probs_dropout_prob")  # fmt: skip
-    if not hasattr(config, field):
-        raise app.UsageError(f"--attention_dropout: {name} has no attention dropout")
-    return {field: _ATTN_DROPOUT.value}
+    for field in ("attention_dropout", "attention_probs_dropout_prob"):  # Llama; BERT / ViT
+        if hasattr(config, field):
+            return {field: _ATTN_DROPOUT.value}
+    raise app.UsageError(f"--attention_dropout: {name} has no attention dropout")
 
 
 def main(argv):
@@ -204,6 +203,7 @@ def main(argv):
     ]
     mesh = tuple(int(x) for x in _MESH.value.split(","))
     run = dict(warmup=_WARMUP.value, steps_=_STEPS.value, seed=_SEED.value)
+    kernels = dict(attention=_ATTENTION.value, dropout=_DROPOUT.value, cpu_matmul=_CPU_MATMUL.value)
     # Before any JAX device use: each torch run has the whole device and exits (see above).
     torch_runs = [benchmark.run_torch(s, **run) for s in specs] if _TORCH.value else None
     results = []
@@ -211,7 +211,7 @@ def main(argv):
         if _POLICIES.value:
             for policy in _POLICIES.value:
                 r = _run_policy(benchmark, spec, policy, mesh, run)
-                r.update(attention=_ATTENTION.value, dropout=_DROPOUT.value)
+                r.update(kernels)
                 results.append(r)
                 jax.clear_caches()
             continue
@@ -223,7 +223,7 @@ def main(argv):
             from sft_jax.profiling import format_ops
 
             print(f"{spec.name}: time per XLA operation kind\n{format_ops(r['profile_ops'])}")
-        r.update(attention=_ATTENTION.value, dropout=_DROPOUT.value, cpu_matmul=_CPU_MATMUL.value)
+        r.update(kernels)
         if torch_runs:
             r["torch"] = torch_runs[i]
             r["torch_over_jax"] = torch_runs[i]["step_ms"] / r["step_ms"]

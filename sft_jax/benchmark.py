@@ -191,7 +191,11 @@ def forward_flops(spec: BenchSpec) -> int:
     """Matmul + convolution FLOPs of one forward pass over the spec's batch, counted from the
     jaxpr of the model built abstractly (``sft_jax.flop_count``: no weights are allocated)."""
     graphdef, state = nnx.split(nnx.eval_shape(lambda: build_model(spec)))
-    batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), make_batch(spec))
+    # Shapes only: one real row, the leading axis widened to the batch (no B-row random batch).
+    row = make_batch(dataclasses.replace(spec, batch_size=1))
+    batch = {
+        k: jax.ShapeDtypeStruct((spec.batch_size, *x.shape[1:]), x.dtype) for k, x in row.items()
+    }
     task = tasks.get_task(spec.task)
     forward = lambda state, b: task.logits(nnx.merge(graphdef, state), b, None)
     return flop_count.matmul_flops(forward, state, batch)

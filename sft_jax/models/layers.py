@@ -259,9 +259,7 @@ def dropout_implementation(name: str):
     BERT step. Both are deterministic functions of the key; they draw different masks. Like
     ``attention_implementation``, the choice is read when a function is traced.
     """
-    if name not in DROPOUT_IMPLEMENTATIONS:
-        raise ValueError(f"dropout implementation {name!r}; use one of {DROPOUT_IMPLEMENTATIONS}")
-    token = _dropout_impl.set(name)
+    token = _dropout_impl.set(_checked("dropout", name, DROPOUT_IMPLEMENTATIONS))
     try:
         yield
     finally:
@@ -272,12 +270,15 @@ def set_implementations(attention: str = "xla", dropout: str = "threefry") -> No
     """Sets the attention kernel and dropout-mask implementation for the rest of the current
     context (the process's main thread for the command-line entry points), as the context
     managers ``attention_implementation`` / ``dropout_implementation`` do for a block."""
-    pairs = ((attention, ATTENTION_IMPLEMENTATIONS), (dropout, DROPOUT_IMPLEMENTATIONS))
-    for name, choices in pairs:
-        if name not in choices:
-            raise ValueError(f"implementation {name!r}; use one of {choices}")
-    _attention_impl.set(attention)
-    _dropout_impl.set(dropout)
+    _attention_impl.set(_checked("attention", attention, ATTENTION_IMPLEMENTATIONS))
+    _dropout_impl.set(_checked("dropout", dropout, DROPOUT_IMPLEMENTATIONS))
+
+
+def _checked(kind: str, name: str, choices: tuple[str, ...]) -> str:
+    """``name`` if it is one of ``choices``, else a ValueError naming the ``kind`` and choices."""
+    if name not in choices:
+        raise ValueError(f"{kind} implementation {name!r}; use one of {choices}")
+    return name
 
 
 def _fmix32(h: Array) -> Array:
@@ -426,11 +427,7 @@ def attention_implementation(name: str):
     step (a cached trace keeps the kernel it was traced with). On an H200 the cuDNN kernel
     matches the XLA path to bfloat16 rounding (outputs and gradients, causal + packed + GQA).
     """
-    if name not in ATTENTION_IMPLEMENTATIONS:
-        raise ValueError(
-            f"attention implementation {name!r}; use one of {ATTENTION_IMPLEMENTATIONS}"
-        )
-    token = _attention_impl.set(name)
+    token = _attention_impl.set(_checked("attention", name, ATTENTION_IMPLEMENTATIONS))
     try:
         yield
     finally:
