@@ -45,6 +45,10 @@ def _proc_status_kb(field: str) -> int | None:
     return None
 
 
+def _kb_bytes(kb: int | None) -> int | None:
+    return None if kb is None else kb * 1024
+
+
 class PeakRSS:
     """Peak resident memory of this process over a ``with`` block (see the module docstring)."""
 
@@ -56,8 +60,7 @@ class PeakRSS:
             self.scope = "cell" if _proc_status_kb("VmHWM") is not None else "process"
         except OSError:
             pass
-        kb = _proc_status_kb("VmRSS")
-        self.start_bytes = None if kb is None else kb * 1024
+        self.start_bytes = _kb_bytes(_proc_status_kb("VmRSS"))
         return self
 
     def __exit__(self, *exc) -> None:
@@ -66,7 +69,11 @@ class PeakRSS:
         kb = _proc_status_kb("VmHWM") if self.scope == "cell" else None
         if kb is None:  # ru_maxrss: kilobytes on Linux
             kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        self.peak_bytes = int(kb) * 1024
+        # The kernel's RSS counters are cached per thread and lag by a few pages, so the reset
+        # high-water mark can read below the RSS read just after the reset (seen: 4 KiB). The
+        # peak is at least what the process held at the start and at the end.
+        held = [b for b in (self.start_bytes, _kb_bytes(_proc_status_kb("VmRSS"))) if b]
+        self.peak_bytes = max([int(kb) * 1024, *held])
 
     def fields(self) -> dict:
         return {"peak_rss_bytes": self.peak_bytes, "rss_start_bytes": self.start_bytes,

@@ -277,6 +277,17 @@ def test_peak_rss_covers_an_allocation_in_the_block():
         assert f["peak_rss_bytes"] - f["rss_start_bytes"] >= 60 * 2**20
 
 
+def test_peak_rss_is_never_below_the_rss_at_the_start(monkeypatch):
+    # The kernel's per-thread RSS counters lag: the reset high-water mark can read a page below
+    # the RSS read after the reset (seen in CI: 6,817,677,312 < 6,817,681,408 bytes).
+    reads = {"VmRSS": iter([1_000_004, 1_000_001]), "VmHWM": iter([1_000_000, 1_000_000])}
+    monkeypatch.setattr(ablation_cells, "_proc_status_kb", lambda field: next(reads[field]))
+    with ablation_cells.PeakRSS() as peak:
+        pass
+    if peak.scope == "cell":  # /proc/self/clear_refs was writable
+        assert peak.fields()["peak_rss_bytes"] == peak.fields()["rss_start_bytes"] == 1_000_004 * 1024
+
+
 # ---------------------------------------------------------------------------------------------
 # The subprocess runner and the command line, with a fake `experiments.train`
 
