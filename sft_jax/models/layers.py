@@ -442,6 +442,31 @@ def _fused_attention_applies(q: Array, dropout_rate: float, dropout_rng: Array |
     )
 
 
+@jax.custom_vjp
+def head_scores(q: Array, k: Array) -> Array:
+    """``einsum("btnd,bsnd->bnts", q, k)``: per-head scores [B, N, T, S] of q [B, T, N, D] and
+    k [B, S, N, D]. Its own VJP writes the key gradient as ``(q^T dS)^T``: autodiff's
+    ``dS^T q`` contracts the scores' gradient over its second-to-last axis, which XLA CPU either
+    copies transposed or multiplies slowly (oneDNN, a third of the other attention matmuls'
+    rate); ``q^T dS`` transposes the small operand instead (README "Speed"). Being a
+    ``custom_vjp``, it has reverse-mode derivatives only (no ``jax.jvp``)."""
+    return jnp.einsum("btnd,bsnd->bnts", q, k)
+
+
+def _head_scores_fwd(q: Array, k: Array) -> tuple[Array, tuple[Array, Array]]:
+    return head_scores(q, k), (q, k)
+
+
+def _head_scores_bwd(res: tuple[Array, Array], g: Array) -> tuple[Array, Array]:
+    q, k = res
+    dq = jnp.einsum("bnts,bsnd->btnd", g, k)
+    dk_t = jnp.einsum("btnd,bnts->bnds", q, g)  # [B, N, D, S]
+    return dq, jnp.transpose(dk_t, (0, 3, 1, 2))
+
+
+head_scores.defvjp(_head_scores_fwd, _head_scores_bwd)
+
+
 def dot_product_attention(
     q: Array,
     k: Array,
@@ -476,17 +501,15 @@ def dot_product_attention(
     kh = k.shape[2]
     if n % kh:
         raise ValueError(f"{n} query heads is not a multiple of {kh} key/value heads")
-    # Multi-head attention (K == N) as 4-D einsums: with a unit group axis XLA CPU lays out
-    # the [B, N, T, S] scores transposed and copies them (25 MB a layer for MiniLM at 32 x 128)
-    # in both passes; the 4-D form has no such copy (README "Speed").
+    # Without grouping (K == N) the scores are 4-D [B, N, T, S]: with a unit group axis XLA CPU
+    # computes them transposed and copies them in both passes (README "Speed").
     grouped = kh != n
-    qg = q.reshape(b, t, kh, n // kh, d) if grouped else q  # [B, T, K, G, D] or [B, T, N, D]
-    spec = (
-        ("btkgd,bskd->bkgts", "bkgts,bskd->btkgd")
-        if grouped
-        else ("btnd,bsnd->bnts", "bnts,bsnd->btnd")
-    )
-    scores = jnp.einsum(spec[0], qg, k).astype(jnp.float32) * (d**-0.5)
+    if grouped:
+        qg = q.reshape(b, t, kh, n // kh, d)  # [B, T, K, G, D]
+        scores = jnp.einsum("btkgd,bskd->bkgts", qg, k)
+    else:
+        scores = head_scores(q, k)
+    scores = scores.astype(jnp.float32) * (d**-0.5)
     if mask is not None:
         # An additive bias (0 or the float32 minimum) rather than a select: the same softmax,
         # and its gradient passes the scores' gradient through unchanged (no [B, N, T, S]
@@ -495,7 +518,7 @@ def dot_product_attention(
         scores = scores + (bias[:, :, None] if grouped else bias)  # [B, K, G, T, S] / [B, N, T, S]
     probs = jax.nn.softmax(scores, axis=-1)
     probs = dropout(probs, dropout_rate, dropout_rng).astype(v.dtype)
-    out = jnp.einsum(spec[1], probs, v)
+    out = jnp.einsum("bkgts,bskd->btkgd" if grouped else "bnts,bsnd->btnd", probs, v)
     return out.reshape(b, t, n, d).astype(q.dtype)
 
 

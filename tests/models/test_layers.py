@@ -154,3 +154,16 @@ def test_masked_keys_get_no_attention_weight():
     idx = jnp.asarray([0, 1, 3])
     ref = layers.dot_product_attention(q, k[:, idx], v[:, idx])
     np.testing.assert_allclose(out, ref, atol=1e-6)
+
+
+def test_head_scores_vjp_equals_autodiff_of_the_einsum():
+    kq, kk, kg = jax.random.split(jax.random.key(0), 3)
+    q = jax.random.normal(kq, (2, 5, 3, 4))  # [B, T, N, D]
+    k = jax.random.normal(kk, (2, 7, 3, 4))  # [B, S, N, D]
+    g = jax.random.normal(kg, (2, 3, 5, 7))  # [B, N, T, S]
+    out, vjp = jax.vjp(layers.head_scores, q, k)
+    ref, ref_vjp = jax.vjp(lambda a, b: jnp.einsum("btnd,bsnd->bnts", a, b), q, k)
+    np.testing.assert_allclose(out, ref, rtol=1e-6, atol=1e-6)
+    for got, want in zip(vjp(g), ref_vjp(g)):
+        assert got.shape == want.shape
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
