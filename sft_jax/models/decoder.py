@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sft_jax.models.layers import Array, make_attention_mask
+from sft_jax.models.layers import Array, AttentionMask, make_attention_mask
 
 ROPE_TYPES = ("default", "linear", "llama3")
 
@@ -134,7 +134,9 @@ def causal_lm_inputs(
         cache: The cache the new tokens are appended to, or None.
 
     Returns:
-        (bool mask [B, 1, T, S], positions [B, T], the cache's new mask [B, S] or None).
+        (``AttentionMask``, positions [B, T], the cache's new mask [B, S] or None). Without a
+        cache the mask is ``causal`` plus a dense part for padding and segments (None when
+        neither is given); with one it is dense [B, 1, T, S], the causal offset included.
     """
     real = jnp.ones((b, t), jnp.int32) if attention_mask is None else attention_mask
     real = real.astype(jnp.int32)
@@ -147,7 +149,7 @@ def causal_lm_inputs(
             positions = jnp.maximum(seen + jnp.cumsum(real, axis=1) - 1, 0)
         s = cache.mask.shape[1]
         mask = make_attention_mask(t, s, padding_mask=new_mask, causal=True, q_offset=cache.index)
-        return mask, positions, new_mask
+        return AttentionMask(mask), positions, new_mask
     if positions is None:
         if segment_ids is not None:
             positions = segment_positions(segment_ids)
@@ -156,14 +158,14 @@ def causal_lm_inputs(
     padding = None if attention_mask is None and segment_ids is None else real
     if segment_ids is not None:
         padding = real * (segment_ids != 0)
-    mask = make_attention_mask(t, padding_mask=padding, segment_ids=segment_ids, causal=True)
-    return mask, positions, None
+    dense = make_attention_mask(t, padding_mask=padding, segment_ids=segment_ids)
+    return AttentionMask(dense, causal=True), positions, None
 
 
 def run_blocks(
     blocks: Any,
     x: Array,
-    mask: Array | None,
+    mask: AttentionMask,
     cache: KVCache | None,
     cache_mask: Array | None,
     dropout_rng: Array | None,

@@ -27,7 +27,7 @@ import contextlib
 import contextvars
 import math
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -411,6 +411,30 @@ def make_attention_mask(
     return mask
 
 
+class AttentionMask(NamedTuple):
+    """A self-attention mask kept in parts, so that a fused kernel can use its structure.
+
+    ``dense``: bool, broadcastable to [B, 1, T, S] (True = may attend; padding, packed
+    segments), or None. ``causal``: also forbid attending to later positions (needs T == S:
+    query i sees keys 0..i). ``dot_product_attention`` takes it wherever it takes a bool mask:
+    the XLA path applies ``materialize()``; the cuDNN kernel gets ``causal`` as its causal mask
+    type, which skips the key blocks above the diagonal instead of reading a dense mask over
+    all of them (and the dense part, where there is one, as its mask).
+    """
+
+    dense: Array | None = None
+    causal: bool = False
+
+    def materialize(self, q_len: int, kv_len: int) -> Array | None:
+        """The whole mask as one bool array [B or 1, 1, T, S], or None when nothing is masked."""
+        if not self.causal:
+            return self.dense
+        if q_len != kv_len:
+            raise ValueError(f"a causal AttentionMask needs T == S, got T={q_len}, S={kv_len}")
+        tril = make_attention_mask(q_len, causal=True)
+        return tril if self.dense is None else jnp.logical_and(self.dense, tril)
+
+
 ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn")
 _attention_impl: contextvars.ContextVar[str] = contextvars.ContextVar("attention", default="xla")
 
@@ -471,7 +495,7 @@ def dot_product_attention(
     q: Array,
     k: Array,
     v: Array,
-    mask: Array | None = None,
+    mask: Array | AttentionMask | None = None,
     *,
     dropout_rate: float = 0.0,
     dropout_rng: Array | None = None,
@@ -482,21 +506,49 @@ def dot_product_attention(
         q: Queries [B, T, N, D].
         k: Keys [B, S, K, D]; N must be a multiple of K (K < N is GQA/MQA).
         v: Values [B, S, K, D].
-        mask: Bool, broadcastable to [B, 1, T, S] (True = attend), or None.
+        mask: Bool, broadcastable to [B, 1, T, S] (True = attend), an ``AttentionMask``, or
+            None.
         dropout_rate: Dropout on the attention probabilities.
         dropout_rng: Key enabling that dropout.
 
     Returns:
         [B, T, N, D] in q's dtype.
     """
+    if not isinstance(mask, AttentionMask):
+        mask = AttentionMask(mask)
     if _fused_attention_applies(q, dropout_rate, dropout_rng):
-        full_mask = mask
-        if mask is not None:
-            full_mask = jnp.broadcast_to(mask, (q.shape[0], 1, q.shape[1], k.shape[1]))
-        try:  # cuDNN checks the shapes while tracing (e.g. ViT's 197 tokens are refused)
-            return jax.nn.dot_product_attention(q, k, v, mask=full_mask, implementation="cudnn")
-        except NotImplementedError:
-            pass  # shapes the fused kernel does not take: the XLA path below
+        out = _cudnn_attention(q, k, v, mask)
+        if out is not None:
+            return out
+    return _xla_attention(q, k, v, mask.materialize(q.shape[1], k.shape[1]), dropout_rate,
+                          dropout_rng)  # fmt: skip
+
+
+def _cudnn_attention(q: Array, k: Array, v: Array, mask: AttentionMask) -> Array | None:
+    """``jax.nn.dot_product_attention``'s cuDNN kernel, or None for shapes it refuses. The dense
+    part goes in as a mask (cuDNN adds it as a bias), the causal part as ``is_causal``."""
+    dense = mask.dense
+    if dense is not None:
+        dense = jnp.broadcast_to(dense, (q.shape[0], 1, q.shape[1], k.shape[1]))
+    if mask.causal and q.shape[1] != k.shape[1]:
+        return None  # the XLA path's materialize() names the error
+    try:  # cuDNN checks the shapes while tracing (e.g. ViT's 197 tokens are refused)
+        return jax.nn.dot_product_attention(
+            q, k, v, mask=dense, is_causal=mask.causal, implementation="cudnn"
+        )
+    except NotImplementedError:
+        return None  # shapes the fused kernel does not take: the XLA path
+
+
+def _xla_attention(
+    q: Array,
+    k: Array,
+    v: Array,
+    mask: Array | None,
+    dropout_rate: float,
+    dropout_rng: Array | None,
+) -> Array:
+    """The einsum + float32 softmax attention of ``dot_product_attention`` (bool mask)."""
     b, t, n, d = q.shape
     kh = k.shape[2]
     if n % kh:

@@ -175,7 +175,7 @@ class LlamaAttention(nnx.Module):
         Args:
             x: Hidden states [B, T, H].
             rope: (cos, sin) [B, T, D].
-            mask: Bool [B, 1, T, S] (S = T without a cache).
+            mask: From ``decoder.causal_lm_inputs`` (an ``AttentionMask``; S = T without a cache).
             kv: This layer's (keys, values) cache [B, S, K, D], or None.
             index: Cache slot of the first new token.
             dropout_rng: Attention-dropout key.

@@ -23,6 +23,31 @@ def test_make_attention_mask_parts():
     assert layers.make_attention_mask(3) is None
 
 
+def test_attention_mask_materializes_causal_and_dense_parts():
+    seg = jnp.array([[1, 1, 2, 2]])
+    dense = layers.make_attention_mask(4, segment_ids=seg)
+    got = layers.AttentionMask(dense, causal=True).materialize(4, 4)
+    np.testing.assert_array_equal(got, layers.make_attention_mask(4, segment_ids=seg, causal=True))
+    causal = layers.AttentionMask(causal=True).materialize(3, 3)
+    np.testing.assert_array_equal(causal, layers.make_attention_mask(3, causal=True))
+    assert layers.AttentionMask(dense).materialize(4, 4) is dense
+    assert layers.AttentionMask().materialize(4, 4) is None
+    with pytest.raises(ValueError, match="T == S, got T=1, S=4"):
+        layers.AttentionMask(causal=True).materialize(1, 4)
+
+
+@pytest.mark.parametrize("kv_heads", [2, 6])
+def test_attention_with_an_attention_mask_equals_its_dense_mask(kv_heads):
+    kq, kk, kv = jax.random.split(jax.random.key(1), 3)
+    q = jax.random.normal(kq, (2, 5, 6, 4))
+    k = jax.random.normal(kk, (2, 5, kv_heads, 4))
+    v = jax.random.normal(kv, (2, 5, kv_heads, 4))
+    parts = layers.AttentionMask(layers.make_attention_mask(5, padding_mask=jnp.array(
+        [[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])), causal=True)  # fmt: skip
+    want = layers.dot_product_attention(q, k, v, parts.materialize(5, 5))
+    np.testing.assert_array_equal(layers.dot_product_attention(q, k, v, parts), want)
+
+
 def test_gqa_equals_mha_with_repeated_kv_heads():
     kq, kk, kv = jax.random.split(jax.random.key(0), 3)
     q = jax.random.normal(kq, (2, 5, 6, 4))  # [B, T, N=6, D]
@@ -107,16 +132,20 @@ def test_hashed_dropout_mask_statistics_and_determinism():
 
 
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="the cuDNN kernel needs an NVIDIA GPU")
-def test_cudnn_attention_matches_xla_in_bfloat16():
-    """Causal + packed segments + padding, GQA: outputs and gradients agree to bf16 rounding."""
+@pytest.mark.parametrize("packed", [True, False])
+def test_cudnn_attention_matches_xla_in_bfloat16(packed):
+    """Causal (cuDNN's causal mask type) + packed segments + padding, or causal alone, GQA:
+    outputs and gradients agree to bf16 rounding."""
     from sft_jax.models.decoder import causal_lm_inputs
 
     b, t, n, kv, d = 2, 256, 8, 2, 64
     rng = np.random.default_rng(0)
     q, k, v = (jnp.asarray(rng.normal(size=(b, t, h, d)), jnp.bfloat16) for h in (n, kv, kv))
     seg = np.ones((b, t), np.int32)
-    seg[:, 100:], seg[1, 200:] = 2, 0
-    mask, _, _ = causal_lm_inputs(b, t, segment_ids=jnp.asarray(seg))
+    if packed:
+        seg[:, 100:], seg[1, 200:] = 2, 0
+    mask, _, _ = causal_lm_inputs(b, t, segment_ids=jnp.asarray(seg) if packed else None)
+    assert mask.causal and (mask.dense is None) == (not packed)
     real = jnp.asarray(seg != 0)[:, :, None, None]
 
     def f(q, k, v):
