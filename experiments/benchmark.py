@@ -9,11 +9,14 @@
 
 Prints one row per model (compile s, median step ms, tokens/s, TFLOP/s, MFU, and with --torch
 the PyTorch step time and torch_ms / jax_ms, > 1 meaning JAX is faster) and writes every number
-to --out. With --torch every PyTorch run goes first, each in its own spawned process, before
-JAX initializes the device: the frameworks never share a process (their CUDA libraries may
-differ) nor GPU memory. ``peak_bytes`` of the JAX runs is the process's peak so far (JAX cannot
-reset it): with several models, a running maximum (``--isolate`` runs each JAX measurement in
-its own process instead).
+to --out. "step ms" waits for each step before the next is issued; "piped ms" issues --steps
+steps back to back and waits once (``benchmark.time_pipelined``: a loop that never waits per
+step, so the host's launch latency overlaps the device's work), with its MFU and, with --torch,
+the PyTorch step timed the same way and its ratio. With --torch every PyTorch run goes first,
+each in its own spawned process, before JAX initializes the device: the frameworks never share
+a process (their CUDA libraries may differ) nor GPU memory. ``peak_bytes`` of the JAX runs is
+the process's peak so far (JAX cannot reset it): with several models, a running maximum
+(``--isolate`` runs each JAX measurement in its own process instead).
 
 ``--policies``: every model once per freezing preset, built as the trainer builds it (LoRA
 adapters, parameter groups, ``optim.build_optimizer`` with ``--optimizer``); prints trainable
@@ -80,17 +83,23 @@ _COLUMNS = (
     ("model", 14, "{}"), ("device", 22, "{}"), ("dtype", 9, "{}"), ("B x T", 10, "{}"),
     ("compile s", 10, "{:.1f}"), ("step ms", 10, "{:.1f}"), ("tok|img/s", 11, "{:.0f}"),
     ("TFLOP/s", 9, "{:.2f}"), ("MFU %", 7, "{:.1f}"), ("torch ms", 10, "{:.1f}"),
-    ("ratio", 6, "{:.2f}"),
+    ("ratio", 6, "{:.2f}"), ("piped ms", 10, "{:.1f}"), ("MFU %", 7, "{:.1f}"),
+    ("torch", 8, "{:.1f}"), ("ratio", 6, "{:.2f}"),
 )  # fmt: skip
 
 
 def _row(r: dict) -> list:
     t = r.get("torch") or {}
-    mfu = None if r["mfu"] is None else 100 * r["mfu"]
+
+    def pct(x):
+        return None if x is None else 100 * x
+
     return [
         r["model"], r["device"][:21], r["dtype"], f"{r['batch_size']}x{r['seq_len']}",
-        r["compile_s"], r["step_ms"], r["throughput_per_s"], r["tflops_per_s"], mfu,
-        t.get("step_ms"), r.get("torch_over_jax"),
+        r["compile_s"], r["step_ms"], r["throughput_per_s"], r["tflops_per_s"], pct(r["mfu"]),
+        t.get("step_ms"), r.get("torch_over_jax"), r.get("pipelined_step_ms"),
+        pct(r.get("pipelined_mfu")), t.get("pipelined_step_ms"),
+        r.get("torch_over_jax_pipelined"),
     ]  # fmt: skip
 
 
@@ -227,6 +236,10 @@ def main(argv):
         if torch_runs:
             r["torch"] = torch_runs[i]
             r["torch_over_jax"] = torch_runs[i]["step_ms"] / r["step_ms"]
+            if r.get("pipelined_step_ms") and torch_runs[i].get("pipelined_step_ms"):
+                r["torch_over_jax_pipelined"] = (
+                    torch_runs[i]["pipelined_step_ms"] / r["pipelined_step_ms"]
+                )
         results.append(r)
         jax.clear_caches()
     report = {
@@ -234,6 +247,7 @@ def main(argv):
         "jax_version": jax.__version__,
         "flax_version": flax.__version__,
         "device_kind": jax.devices()[0].device_kind,
+        "xla_flags": os.environ.get("XLA_FLAGS"),  # e.g. the GPU script's cuDNN LayerNorm
         "flops_formula": "6*P_tok*B*T + 6*P_seq*B + 12*L*(N*D)*T^2*B (PaLM appendix B)",
         "results": results,
     }

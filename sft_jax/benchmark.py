@@ -359,6 +359,21 @@ def time_calls(call: Callable[[], None], warmup: int, steps_: int) -> tuple[floa
     return first, times
 
 
+def time_pipelined(dispatch: Callable[[], None], wait: Callable[[], None], steps_: int) -> float:
+    """Seconds per call of ``steps_`` calls of ``dispatch`` issued back to back, then one
+    ``wait`` for the last: the rate of a training loop that does not wait for each step (the
+    host enqueues step n + 1 while the device runs step n). ``time_calls`` waits for every call,
+    so its times also hold the host's launch latency of each step."""
+    if steps_ < 1:
+        raise ValueError(f"need at least one timed step, got {steps_}")
+    wait()
+    start = time.perf_counter()
+    for _ in range(steps_):
+        dispatch()
+    wait()
+    return (time.perf_counter() - start) / steps_
+
+
 def _peak_bytes(device: Any) -> int | None:
     try:
         stats = device.memory_stats()
@@ -437,11 +452,18 @@ def run_jax(
     holder = {"state": state}
     del state
 
-    def call():
+    def dispatch():
         holder["state"], holder["metrics"] = step_fn(holder["state"], batch)
+
+    def wait():
         jax.block_until_ready((holder["state"], holder["metrics"]))
 
+    def call():
+        dispatch()
+        wait()
+
     first, times = time_calls(call, warmup, steps_)
+    pipelined = time_pipelined(dispatch, wait, steps_)
     ops = None
     if profile_dir is not None:
         from sft_jax import profiling
@@ -451,7 +473,7 @@ def run_jax(
     kind = devices[0].device_kind
     peak = peak if peak is not None else peak_flops(kind, spec.config.dtype)
     total_peak = None if peak is None else peak * len(devices)
-    out = _summary(spec, first, times, total_peak)
+    out = _summary(spec, first, times, total_peak, pipelined)
     device_peak = _peak_bytes(devices[0])
     memory = compiled_memory(step_fn, holder["state"], batch)
     estimated = None if memory is None else memory["estimated_peak_bytes"]
@@ -489,9 +511,14 @@ def _run_jax_under(spec: BenchSpec, attention: str, dropout: str, kwargs: dict) 
 
 
 def _summary(
-    spec: BenchSpec, first: float, times: list[float], peak: float | None
+    spec: BenchSpec,
+    first: float,
+    times: list[float],
+    peak: float | None,
+    pipelined: float | None = None,
 ) -> dict[str, Any]:
-    """The step-time, throughput and FLOP fields of a run (median over ``times``)."""
+    """The step-time, throughput and FLOP fields of a run (median over ``times``), and the
+    ``pipelined_*`` ones of ``time_pipelined``'s seconds per step where given."""
     step_s = statistics.median(times)
     flops = step_flops(spec)
     return {
@@ -511,6 +538,9 @@ def _summary(
         "tflops_per_s": flops / step_s / 1e12,
         "peak_flops": peak,
         "mfu": mfu(flops, step_s, peak),
+        "pipelined_step_ms": None if pipelined is None else 1e3 * pipelined,
+        "pipelined_tokens_per_s": None if pipelined is None else spec.tokens / pipelined,
+        "pipelined_mfu": None if pipelined is None else mfu(flops, pipelined, peak),
     }
 
 
@@ -607,20 +637,29 @@ def _time_torch(spec: BenchSpec, warmup: int, steps_: int, seed: int) -> dict:
     bf16 = spec.config.dtype == "bfloat16"
     holder = {}
 
-    def call():
+    def dispatch():
         opt.zero_grad(set_to_none=True)
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
             loss = _torch_loss(model, batch, spec, torch)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP_NORM)
         opt.step()
-        holder["loss"] = float(loss.detach())
+        holder["loss_tensor"] = loss.detach()
+
+    def wait():
         if cuda:
             torch.cuda.synchronize()
+        holder["loss"] = float(holder["loss_tensor"])
+
+    def call():
+        dispatch()
+        wait()
 
     first, times = time_calls(call, warmup, steps_)
+    pipelined = time_pipelined(dispatch, wait, steps_)
     return {
         "step_ms": 1e3 * statistics.median(times),
+        "pipelined_step_ms": 1e3 * pipelined,
         "step_ms_all": [1e3 * t for t in times],
         "first_call_s": first,
         "device": torch.cuda.get_device_name(dev) if cuda else "cpu",

@@ -80,6 +80,14 @@ def test_peak_table_lookup(kind, dtype, want):
     assert benchmark.peak_flops(kind, dtype) == want
 
 
+def test_time_pipelined_waits_once_after_all_calls():
+    log = []
+    per_call = benchmark.time_pipelined(lambda: log.append("d"), lambda: log.append("w"), 3)
+    assert log == ["w", "d", "d", "d", "w"] and per_call >= 0
+    with pytest.raises(ValueError, match="at least one timed step"):
+        benchmark.time_pipelined(lambda: None, lambda: None, 0)
+
+
 def test_tiny_bert_end_to_end():
     r = benchmark.run_jax(benchmark.get_spec("tiny-bert"), warmup=1, steps_=2)
     assert r["step_ms"] > 0 and r["first_call_s"] > 0 and len(r["step_ms_all"]) == 2
@@ -87,6 +95,8 @@ def test_tiny_bert_end_to_end():
     assert r["tokens_per_step"] == 16
     assert r["tokens_per_s"] == pytest.approx(16 / (r["step_ms"] / 1e3))
     assert r["peak_flops"] == 76e9 and 0 < r["mfu"] < 1
+    assert r["pipelined_step_ms"] > 0 and 0 < r["pipelined_mfu"] < 1
+    assert r["pipelined_tokens_per_s"] == pytest.approx(16 / (r["pipelined_step_ms"] / 1e3))
     assert abs(r["loss"] - math.log(3)) < 0.1  # near-uniform logits at init
     assert r["policy"] is None and r["num_trainable_params"] == r["num_params"]  # all, AdamW
     assert r["peak_memory_source"] == "estimated" and r["peak_memory_bytes"] > 0
@@ -104,7 +114,7 @@ def test_torch_side_runs_the_same_shape():
     pytest.importorskip("torch")
     pytest.importorskip("transformers")
     r = benchmark.run_torch(benchmark.get_spec("tiny-bert"), warmup=0, steps_=2)
-    assert r["step_ms"] > 0 and len(r["step_ms_all"]) == 2
+    assert r["step_ms"] > 0 and len(r["step_ms_all"]) == 2 and r["pipelined_step_ms"] > 0
     assert np.isfinite(r["loss"]) and abs(r["loss"] - math.log(3)) < 0.1
 
 
