@@ -285,7 +285,9 @@ def test_peak_rss_is_never_below_the_rss_at_the_start(monkeypatch):
     with ablation_cells.PeakRSS() as peak:
         pass
     if peak.scope == "cell":  # /proc/self/clear_refs was writable
-        assert peak.fields()["peak_rss_bytes"] == peak.fields()["rss_start_bytes"] == 1_000_004 * 1024
+        assert (
+            peak.fields()["peak_rss_bytes"] == peak.fields()["rss_start_bytes"] == 1_000_004 * 1024
+        )
 
 
 # ---------------------------------------------------------------------------------------------
