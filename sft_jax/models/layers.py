@@ -27,12 +27,12 @@ import contextlib
 import contextvars
 import math
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
+from flax import nnx, struct
 
 Array = jax.Array
 Initializer = Callable[..., Array]
@@ -411,7 +411,8 @@ def make_attention_mask(
     return mask
 
 
-class AttentionMask(NamedTuple):
+@struct.dataclass
+class AttentionMask:
     """A self-attention mask kept in parts, so that a fused kernel can use its structure.
 
     ``dense``: bool, broadcastable to [B, 1, T, S] (True = may attend; padding, packed
@@ -419,11 +420,12 @@ class AttentionMask(NamedTuple):
     query i sees keys 0..i). ``dot_product_attention`` takes it wherever it takes a bool mask:
     the XLA path applies ``materialize()``; the cuDNN kernel gets ``causal`` as its causal mask
     type, which skips the key blocks above the diagonal instead of reading a dense mask over
-    all of them (and the dense part, where there is one, as its mask).
+    all of them (and the dense part, where there is one, as its mask). A pytree whose ``causal``
+    is static, so it can cross ``jit`` / ``checkpoint`` boundaries.
     """
 
     dense: Array | None = None
-    causal: bool = False
+    causal: bool = struct.field(pytree_node=False, default=False)
 
     def materialize(self, q_len: int, kv_len: int) -> Array | None:
         """The whole mask as one bool array [B or 1, 1, T, S], or None when nothing is masked."""

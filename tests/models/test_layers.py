@@ -34,6 +34,12 @@ def test_attention_mask_materializes_causal_and_dense_parts():
     assert layers.AttentionMask().materialize(4, 4) is None
     with pytest.raises(ValueError, match="T == S, got T=1, S=4"):
         layers.AttentionMask(causal=True).materialize(1, 4)
+    # A pytree with a static causal flag: it crosses jit and checkpoint boundaries.
+    parts = layers.AttentionMask(dense, causal=True)
+    (leaf,) = jax.tree.leaves(parts)
+    assert leaf is dense
+    through = jax.jit(jax.checkpoint(lambda m: m.materialize(4, 4)))(parts)
+    np.testing.assert_array_equal(through, got)
 
 
 @pytest.mark.parametrize("kv_heads", [2, 6])
