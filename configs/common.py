@@ -90,4 +90,7 @@ def runtime() -> ml_collections.ConfigDict:
     c.attention = "xla"
     c.dropout = "threefry"
     c.cpu_matmul = "xla"
+    # Causal LM loss in chunks of this many positions (0 = whole sequence; sft_jax.lm_loss): only
+    # one chunk's float32 logits in memory at a time, the LM head's matmul computed twice.
+    c.loss_chunk = 0
     return c

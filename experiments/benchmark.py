@@ -66,6 +66,10 @@ _ATTENTION = flags.DEFINE_enum(
 _CPU_MATMUL = flags.DEFINE_enum(
     "cpu_matmul", "xla", ["xla", "onednn"], "XLA CPU matmul library (runtime.cpu_matmul)."
 )
+_LOSS_CHUNK = flags.DEFINE_integer(
+    "loss_chunk", 0, "Causal LM loss in chunks of this many positions (runtime.loss_chunk; 0 = "
+    "whole sequence)."
+)  # fmt: skip
 _PROFILE = flags.DEFINE_string(
     "profile", None, "Trace 2 extra steps per model with jax.profiler into DIR/MODEL and print "
     "the time per XLA operation kind (also in the JSON as profile_ops)."
@@ -156,11 +160,14 @@ def _run_policy(benchmark, spec, policy: str, mesh, run: dict) -> dict:
 
 
 def _measure(benchmark, spec, kw: dict) -> dict:
-    """``run_jax`` here (under the attention / dropout choices) or in its own process."""
+    """``run_jax`` here (under the attention / dropout / loss-chunk choices, the last set in
+    ``main``) or in its own process."""
     from sft_jax.models import layers
 
     if _ISOLATE.value:
-        return benchmark.run_jax_isolated(spec, _ATTENTION.value, _DROPOUT.value, **kw)
+        return benchmark.run_jax_isolated(
+            spec, _ATTENTION.value, _DROPOUT.value, _LOSS_CHUNK.value, **kw
+        )
     with layers.attention_implementation(_ATTENTION.value):
         with layers.dropout_implementation(_DROPOUT.value):
             return benchmark.run_jax(spec, **kw)
@@ -197,10 +204,11 @@ def main(argv):
     import flax
     import jax
 
-    from sft_jax import benchmark
+    from sft_jax import benchmark, lm_loss
     from sft_jax.runtime import set_cpu_matmul
 
     set_cpu_matmul(_CPU_MATMUL.value)  # before the first JAX computation starts the backend
+    lm_loss.set_loss_chunk(_LOSS_CHUNK.value)
     if _POLICIES.value and _TORCH.value:
         raise app.UsageError("--torch times the all-parameters AdamW step: not with --policies")
     if _OPTIMIZER.value != "adamw" and not _POLICIES.value:
@@ -212,7 +220,10 @@ def main(argv):
     ]
     mesh = tuple(int(x) for x in _MESH.value.split(","))
     run = dict(warmup=_WARMUP.value, steps_=_STEPS.value, seed=_SEED.value)
-    kernels = dict(attention=_ATTENTION.value, dropout=_DROPOUT.value, cpu_matmul=_CPU_MATMUL.value)
+    kernels = dict(
+        attention=_ATTENTION.value, dropout=_DROPOUT.value, cpu_matmul=_CPU_MATMUL.value,
+        loss_chunk=_LOSS_CHUNK.value,
+    )  # fmt: skip
     # Before any JAX device use: each torch run has the whole device and exits (see above).
     torch_runs = [benchmark.run_torch(s, **run) for s in specs] if _TORCH.value else None
     results = []

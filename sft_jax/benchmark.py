@@ -492,22 +492,31 @@ def run_jax(
 
 
 def run_jax_isolated(
-    spec: BenchSpec, attention: str = "xla", dropout: str = "threefry", **kwargs: Any
+    spec: BenchSpec,
+    attention: str = "xla",
+    dropout: str = "threefry",
+    loss_chunk: int = 0,
+    **kwargs: Any,
 ) -> dict[str, Any]:
-    """``run_jax`` in a fresh (spawned) process, under ``layers.attention_implementation`` and
-    ``layers.dropout_implementation``: its device ``peak_bytes`` is then this run's own, not the
-    running maximum of the runs before it. The caller must not hold the accelerator (JAX
-    preallocates most of a GPU's memory in the first process that uses it)."""
+    """``run_jax`` in a fresh (spawned) process, under ``layers.attention_implementation``,
+    ``layers.dropout_implementation`` and ``lm_loss.loss_chunk_scope``: its device
+    ``peak_bytes`` is then this run's own, not the running maximum of the runs before it. The
+    caller must not hold the accelerator (JAX preallocates most of a GPU's memory in the first
+    process that uses it)."""
     ctx = multiprocessing.get_context("spawn")
     with futures.ProcessPoolExecutor(max_workers=1, mp_context=ctx) as pool:
-        return pool.submit(_run_jax_under, spec, attention, dropout, kwargs).result()
+        return pool.submit(_run_jax_under, spec, attention, dropout, loss_chunk, kwargs).result()
 
 
-def _run_jax_under(spec: BenchSpec, attention: str, dropout: str, kwargs: dict) -> dict:
+def _run_jax_under(
+    spec: BenchSpec, attention: str, dropout: str, loss_chunk: int, kwargs: dict
+) -> dict:
+    from sft_jax import lm_loss
     from sft_jax.models import layers
 
     with layers.attention_implementation(attention), layers.dropout_implementation(dropout):
-        return run_jax(spec, **kwargs)
+        with lm_loss.loss_chunk_scope(loss_chunk):
+            return run_jax(spec, **kwargs)
 
 
 def _summary(

@@ -12,6 +12,9 @@ function):
     cpu_matmul   "xla" (default) | "onednn": XLA CPU's matmuls through oneDNN instead of its
                  default library (``CPU_MATMUL_FLAGS``; the flags are appended to ``XLA_FLAGS``,
                  which XLA reads when the CPU backend starts)
+    loss_chunk   0 (default) | positions: a causal LM's loss from its hidden states that many
+                 positions at a time, so only one chunk's logits exist at once
+                 (``sft_jax.lm_loss``; a memory choice, float sums in another order)
 
 Environment (each overrides the default, config values override the environment):
 
@@ -34,6 +37,7 @@ from typing import Any
 
 import jax
 
+from sft_jax import lm_loss
 from sft_jax.models import layers
 
 log = logging.getLogger(__name__)
@@ -96,18 +100,21 @@ def setup_runtime(runtime_cfg: Any = None) -> dict[str, Any]:
     Args:
       runtime_cfg: optional config block with ``distributed`` (bool),
         ``compilation_cache_dir`` (str) and the kernel choices ``attention``, ``dropout``,
-        ``cpu_matmul`` (module doc); missing keys fall back to the environment / defaults.
+        ``cpu_matmul``, ``loss_chunk`` (module doc); missing keys fall back to the environment /
+        defaults.
 
     Returns:
       What was set up: ``{"distributed": bool, "process": i, "num_processes": n,
-      "compilation_cache_dir": str | None, "attention", "dropout", "cpu_matmul"}``.
+      "compilation_cache_dir": str | None, "attention", "dropout", "cpu_matmul",
+      "loss_chunk"}``.
     """
     global _initialized
     get = (lambda k, d: runtime_cfg.get(k, d)) if runtime_cfg is not None else (lambda k, d: d)
     kernels = {k: get(k, d) for k, d in (("attention", "xla"), ("dropout", "threefry"),
-                                         ("cpu_matmul", "xla"))}  # fmt: skip
+                                         ("cpu_matmul", "xla"), ("loss_chunk", 0))}  # fmt: skip
     set_cpu_matmul(kernels["cpu_matmul"])  # before jax.distributed starts a backend
     layers.set_implementations(kernels["attention"], kernels["dropout"])
+    lm_loss.set_loss_chunk(kernels["loss_chunk"])
     distributed = bool(get("distributed", False)) or os.environ.get("SFT_JAX_DISTRIBUTED") == "1"
     if distributed and not _initialized:
         _initialize_distributed(get)

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from sft_jax import lm_loss
 from sft_jax.models import layers
 
 
@@ -89,40 +90,45 @@ class CausalLMTask:
 
     def logits(self, model: Any, batch: dict, dropout_rng: jax.Array | None) -> jax.Array:
         with layers.dropout_scope(dropout_rng):  # LoRA adapters read their key from it
-            logits = model(
-                batch["input_ids"],
-                segment_ids=batch["segment_ids"],
-                positions=batch["positions"],
-                dropout_rng=dropout_rng,
-            )
+            logits = model(**self._inputs(batch), dropout_rng=dropout_rng)
         return logits.astype(jnp.float32)  # [B, T, V]
 
-    def _token_losses(self, logits: jax.Array, batch: dict) -> tuple[jax.Array, jax.Array]:
+    @staticmethod
+    def _inputs(batch: dict) -> dict[str, jax.Array]:
+        return {k: batch[k] for k in ("input_ids", "segment_ids", "positions")}
+
+    def _sums(self, model: Any, batch: dict, dropout_rng: jax.Array | None) -> dict:
+        """Loss, target-token count and correct argmax predictions, summed over target tokens;
+        in chunks of ``lm_loss.loss_chunk()`` positions where it is set and the model exposes
+        ``hidden_states`` / ``lm_logits``."""
+        chunk = lm_loss.loss_chunk()
+        if chunk and hasattr(model, "lm_logits"):
+            with layers.dropout_scope(dropout_rng):  # also around the head (LoRA adapters)
+                hidden = model.hidden_states(**self._inputs(batch), dropout_rng=dropout_rng)
+                losses, hits = lm_loss.chunked_token_stats(
+                    model.lm_logits, hidden, batch["targets"], chunk
+                )
+        else:
+            logits = self.logits(model, batch, dropout_rng)
+            losses, hits = lm_loss.token_stats(logits, batch["targets"])
         w = batch["target_mask"].astype(jnp.float32)  # [B, T]
-        losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
-        return losses * w, w
+        return {
+            "loss_sum": jnp.sum(losses * w),
+            "weight": jnp.sum(w),
+            "correct": jnp.sum(hits * w),
+        }
 
     def loss_sums(
         self, model: Any, batch: dict, dropout_rng: jax.Array | None
     ) -> tuple[jax.Array, dict[str, jax.Array]]:
         """Returns ``(loss_sum, stats)`` summed over target tokens (``weight``, ``correct``)."""
-        logits = self.logits(model, batch, dropout_rng)
-        losses, w = self._token_losses(logits, batch)
-        correct = (jnp.argmax(logits, -1) == batch["targets"]).astype(jnp.float32)
-        loss_sum = jnp.sum(losses)
-        return loss_sum, {
-            "loss_sum": loss_sum,
-            "weight": jnp.sum(w),
-            "correct": jnp.sum(correct * w),
-        }
+        sums = self._sums(model, batch, dropout_rng)
+        return sums["loss_sum"], sums
 
     def eval_outputs(self, model: Any, batch: dict) -> dict[str, jax.Array]:
         """Summed loss, target count and correct argmax predictions: perplexity =
         exp(loss_sum / weight)."""
-        logits = self.logits(model, batch, None)
-        losses, w = self._token_losses(logits, batch)
-        correct = (jnp.argmax(logits, -1) == batch["targets"]).astype(jnp.float32)
-        return {"loss_sum": jnp.sum(losses), "weight": jnp.sum(w), "correct": jnp.sum(correct * w)}
+        return self._sums(model, batch, None)
 
 
 class ImageClassificationTask(ClassificationTask):

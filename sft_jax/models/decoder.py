@@ -196,3 +196,65 @@ def run_blocks(
     if cache is None:
         return x, None
     return x, KVCache(tuple(keys), tuple(values), cache_mask, cache.index + x.shape[1])
+
+
+class CausalLM:
+    """``__call__`` and ``hidden_states`` of the decoder LMs (mixed into ``LlamaForCausalLM`` and
+    ``GPT2LMHeadModel`` before ``nnx.Module``). A subclass provides ``backbone()`` (its block
+    stack: ``(input_ids, attention_mask, *, segment_ids, positions, dropout_rng, cache) ->
+    (final hidden states [B, T, H], new cache or None)``) and ``lm_logits(x)`` (its LM head,
+    [..., H] -> float32 [..., vocab])."""
+
+    def backbone(self) -> Any:
+        raise NotImplementedError
+
+    def lm_logits(self, x: Array) -> Array:
+        raise NotImplementedError
+
+    def __call__(
+        self,
+        input_ids: Array,
+        attention_mask: Array | None = None,
+        *,
+        segment_ids: Array | None = None,
+        positions: Array | None = None,
+        dropout_rng: Array | None = None,
+        cache: KVCache | None = None,
+    ):
+        """Next-token logits for a batch.
+
+        Args:
+            input_ids: int [B, T].
+            attention_mask: [B, T] 1 for real tokens, 0 for (left or right) padding.
+            segment_ids: [B, T] packed-sequence ids (0 = padding): no attention across
+                segments, positions restart per segment. Not with ``cache``.
+            positions: int [B, T]; default counts real tokens (see ``causal_lm_inputs``).
+            dropout_rng: PRNG key; dropout is active iff given.
+            cache: A ``KVCache`` to append to (from ``init_cache``), or None.
+
+        Returns:
+            logits [B, T, vocab] float32; with ``cache``, ``(logits, new_cache)``.
+        """
+        x, new_cache = self.backbone()(
+            input_ids, attention_mask, segment_ids=segment_ids, positions=positions,
+            dropout_rng=dropout_rng, cache=cache,
+        )  # fmt: skip
+        logits = self.lm_logits(x)  # [B, T, V]
+        return logits if cache is None else (logits, new_cache)
+
+    def hidden_states(
+        self,
+        input_ids: Array,
+        attention_mask: Array | None = None,
+        *,
+        segment_ids: Array | None = None,
+        positions: Array | None = None,
+        dropout_rng: Array | None = None,
+    ) -> Array:
+        """The final hidden states [B, T, H] that ``lm_logits`` maps to logits (``__call__``'s
+        arguments, no cache): the chunked loss (``sft_jax.lm_loss``) starts from them."""
+        x, _ = self.backbone()(
+            input_ids, attention_mask, segment_ids=segment_ids, positions=positions,
+            dropout_rng=dropout_rng,
+        )  # fmt: skip
+        return x

@@ -188,7 +188,7 @@ class GPT2Model(nnx.Module):
         return self.ln_f(x), cache
 
 
-class GPT2LMHeadModel(nnx.Module):
+class GPT2LMHeadModel(decoder.CausalLM, nnx.Module):
     """GPT-2 with the tied LM head (``transformer.wte.attend``).
 
     Args:
@@ -207,33 +207,10 @@ class GPT2LMHeadModel(nnx.Module):
             cfg.n_layer, batch, max_len, cfg.n_head, cfg.n_embd // cfg.n_head, cfg.dtype
         )
 
-    def __call__(
-        self,
-        input_ids: Array,
-        attention_mask: Array | None = None,
-        *,
-        segment_ids: Array | None = None,
-        positions: Array | None = None,
-        dropout_rng: Array | None = None,
-        cache: decoder.KVCache | None = None,
-    ):
-        """Next-token logits for a batch.
+    def backbone(self) -> Any:
+        """The block stack (``decoder.CausalLM``)."""
+        return self.transformer
 
-        Args:
-            input_ids: int [B, T].
-            attention_mask: [B, T] 1 for real tokens, 0 for (left or right) padding.
-            segment_ids: [B, T] packed-sequence ids (0 = padding): no attention across
-                segments, positions restart per segment. Not with ``cache``.
-            positions: int [B, T] (< n_positions); default counts real tokens.
-            dropout_rng: PRNG key; dropout is active iff given.
-            cache: A ``KVCache`` to append to (from ``init_cache``), or None.
-
-        Returns:
-            logits [B, T, vocab] float32; with ``cache``, ``(logits, new_cache)``.
-        """
-        x, new_cache = self.transformer(
-            input_ids, attention_mask, segment_ids=segment_ids, positions=positions,
-            dropout_rng=dropout_rng, cache=cache,
-        )  # fmt: skip
-        logits = self.transformer.wte.attend(x).astype(jnp.float32)  # [B, T, V]
-        return logits if cache is None else (logits, new_cache)
+    def lm_logits(self, x: Array) -> Array:
+        """The tied LM head: hidden states [..., E] -> float32 logits [..., vocab]."""
+        return self.transformer.wte.attend(x).astype(jnp.float32)

@@ -263,7 +263,7 @@ class LlamaModel(nnx.Module):
         return self.norm(x), cache
 
 
-class LlamaForCausalLM(nnx.Module):
+class LlamaForCausalLM(decoder.CausalLM, nnx.Module):
     """Llama / Qwen2 decoder with an LM head (``lm_head``, or the tied embedding's ``attend``).
 
     Args:
@@ -289,37 +289,11 @@ class LlamaForCausalLM(nnx.Module):
             cfg.dtype,
         )  # fmt: skip
 
-    def __call__(
-        self,
-        input_ids: Array,
-        attention_mask: Array | None = None,
-        *,
-        segment_ids: Array | None = None,
-        positions: Array | None = None,
-        dropout_rng: Array | None = None,
-        cache: decoder.KVCache | None = None,
-    ):
-        """Next-token logits for a batch.
+    def backbone(self) -> Any:
+        """The block stack (``decoder.CausalLM``)."""
+        return self.model
 
-        Args:
-            input_ids: int [B, T].
-            attention_mask: [B, T] 1 for real tokens, 0 for (left or right) padding.
-            segment_ids: [B, T] packed-sequence ids (0 = padding): no attention across
-                segments, positions restart per segment. Not with ``cache``.
-            positions: int [B, T]; default counts real tokens (see ``causal_lm_inputs``).
-            dropout_rng: PRNG key; attention dropout is active iff given.
-            cache: A ``KVCache`` to append to (from ``init_cache``), or None.
-
-        Returns:
-            logits [B, T, vocab] float32; with ``cache``, ``(logits, new_cache)``.
-        """
-        x, new_cache = self.model(
-            input_ids, attention_mask, segment_ids=segment_ids, positions=positions,
-            dropout_rng=dropout_rng, cache=cache,
-        )  # fmt: skip
-        if self.lm_head is None:
-            logits = self.model.embed_tokens.attend(x)
-        else:
-            logits = self.lm_head(x)
-        logits = logits.astype(jnp.float32)  # [B, T, V]
-        return logits if cache is None else (logits, new_cache)
+    def lm_logits(self, x: Array) -> Array:
+        """The LM head: hidden states [..., H] -> float32 logits [..., vocab]."""
+        head = self.model.embed_tokens.attend if self.lm_head is None else self.lm_head
+        return head(x).astype(jnp.float32)
