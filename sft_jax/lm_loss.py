@@ -71,13 +71,14 @@ def chunked_token_stats(
         lm_logits: The LM head, [B, c, H] -> [B, c, V].
         hidden: Final hidden states [B, T, H].
         targets: int [B, T].
-        chunk: Positions per chunk (> 0); T is padded up to a multiple of it and the padding's
-            results dropped.
+        chunk: Positions per chunk (> 0; at most T is used); T is padded up to a multiple of
+            it and the padding's results dropped.
 
     Returns:
         (losses, hits), float32 [B, T].
     """
     b, t = targets.shape
+    chunk = min(chunk, t)
     n = -(-t // chunk)
     pad = n * chunk - t
     h = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0))).reshape(b, n, chunk, hidden.shape[-1])

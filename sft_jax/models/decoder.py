@@ -243,18 +243,9 @@ class CausalLM:
         return logits if cache is None else (logits, new_cache)
 
     def hidden_states(
-        self,
-        input_ids: Array,
-        attention_mask: Array | None = None,
-        *,
-        segment_ids: Array | None = None,
-        positions: Array | None = None,
-        dropout_rng: Array | None = None,
+        self, input_ids: Array, attention_mask: Array | None = None, **inputs
     ) -> Array:
-        """The final hidden states [B, T, H] that ``lm_logits`` maps to logits (``__call__``'s
-        arguments, no cache): the chunked loss (``sft_jax.lm_loss``) starts from them."""
-        x, _ = self.backbone()(
-            input_ids, attention_mask, segment_ids=segment_ids, positions=positions,
-            dropout_rng=dropout_rng,
-        )  # fmt: skip
-        return x
+        """The final hidden states [B, T, H] that ``lm_logits`` maps to logits: ``__call__``'s
+        arguments (``segment_ids``, ``positions``, ``dropout_rng``), no cache. The chunked loss
+        (``sft_jax.lm_loss``) starts from them."""
+        return self.backbone()(input_ids, attention_mask, **inputs)[0]

@@ -529,11 +529,11 @@ def dot_product_attention(
 def _cudnn_attention(q: Array, k: Array, v: Array, mask: AttentionMask) -> Array | None:
     """``jax.nn.dot_product_attention``'s cuDNN kernel, or None for shapes it refuses. The dense
     part goes in as a mask (cuDNN adds it as a bias), the causal part as ``is_causal``."""
+    if mask.causal and q.shape[1] != k.shape[1]:
+        return None  # the XLA path's materialize() names the error
     dense = mask.dense
     if dense is not None:
         dense = jnp.broadcast_to(dense, (q.shape[0], 1, q.shape[1], k.shape[1]))
-    if mask.causal and q.shape[1] != k.shape[1]:
-        return None  # the XLA path's materialize() names the error
     try:  # cuDNN checks the shapes while tracing (e.g. ViT's 197 tokens are refused)
         return jax.nn.dot_product_attention(
             q, k, v, mask=dense, is_causal=mask.causal, implementation="cudnn"
