@@ -4,8 +4,8 @@
 task loss (summed over real examples), differentiates only the trainable leaves, accumulates over
 ``accumulation_steps`` micro-batches with ``lax.scan``, and applies the optax update. Metrics are
 global-batch means plus gradient / parameter / update norms (as big_vision's ``update_fn``) and
-``nonfinite``: 1 when the update was skipped because the loss, a gradient or a new parameter was
-NaN/Inf (the step still counts, the state keeps its last good parameters).
+``nonfinite``: 1 when the update was skipped because the loss or a gradient was NaN/Inf (the
+step still counts, the state keeps its last good parameters and optimizer state).
 
 Two ways to run it on several devices, both exact (the loss is normalized by the global batch):
 ``make_train_step`` jits it over a ``(data, fsdp, tensor)`` mesh with sharded state and batch;
@@ -160,29 +160,37 @@ def train_step(
         state.params,
         is_leaf=lambda x: x is None,
     )
-    updates, opt_state = setup.tx.update(full_grads, state.opt_state, state.params)
-    params = _replace_stats(optax.apply_updates(state.params, updates), batch_stats)
     w = jnp.maximum(stats["weight"], 1.0)
-    metrics = {
-        "loss": stats["loss_sum"] / w,
-        "accuracy": stats["correct"] / w,
-        "grad_norm": optax.tree.norm(grads),
-        "param_norm": optax.tree.norm(_without_stats(params, setup.stats)),
-        "update_norm": optax.tree.norm(updates),
-        "learning_rate": setup.lr_schedule(state.step),
-    }
-    # A NaN/Inf loss, gradient or new parameter skips the update: the step (and so the data
-    # position) advances, parameters and optimizer state stay the last good ones. Under pmap the
-    # loss and gradients are already summed over devices (a NaN on one device reaches all), and
-    # the new parameters follow from them, so every device takes the same decision.
-    finite = jnp.isfinite(metrics["loss"] + metrics["grad_norm"] + metrics["param_norm"])
-    metrics["nonfinite"] = 1.0 - finite.astype(jnp.float32)
-    keep = functools.partial(jnp.where, finite)
-    new_state = state.replace(
-        step=state.step + 1,
-        params=jax.tree.map(keep, params, state.params),
-        opt_state=jax.tree.map(keep, opt_state, state.opt_state),
+    loss, grad_norm = stats["loss_sum"] / w, optax.tree.norm(grads)
+    # A NaN/Inf loss or gradient skips the update: the step (and so the data position)
+    # advances, parameters and optimizer state stay the last good ones. The decision comes
+    # before the update, so `lax.cond` either updates the (donated) state in place or passes it
+    # through: no second pass selecting between old and new state. Under pmap the loss and
+    # gradients are already summed over devices (a NaN on one device reaches all), so every
+    # device takes the same branch.
+    finite = jnp.isfinite(loss + grad_norm)
+
+    def update(params, opt_state):
+        updates, opt_state = setup.tx.update(full_grads, opt_state, params)
+        params = _replace_stats(optax.apply_updates(params, updates), batch_stats)
+        return params, opt_state, optax.tree.norm(updates)
+
+    def skip(params, opt_state):
+        return params, opt_state, jnp.zeros((), grad_norm.dtype)
+
+    params, opt_state, update_norm = jax.lax.cond(
+        finite, update, skip, state.params, state.opt_state
     )
+    metrics = {
+        "loss": loss,
+        "accuracy": stats["correct"] / w,
+        "grad_norm": grad_norm,
+        "param_norm": optax.tree.norm(_without_stats(params, setup.stats)),
+        "update_norm": update_norm,
+        "learning_rate": setup.lr_schedule(state.step),
+        "nonfinite": 1.0 - finite.astype(jnp.float32),
+    }
+    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
     return new_state, metrics
 
 

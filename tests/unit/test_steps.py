@@ -89,3 +89,29 @@ def test_dropout_rng_is_deterministic_per_step():
     _, lc = run(*build(dropout=0.0))
     assert la == lb
     assert la != lc
+
+
+def test_nonfinite_loss_skips_the_update_and_keeps_the_optimizer_state():
+    """A NaN loss: the step advances, parameters and optimizer state stay bit-identical."""
+    state, setup, step_fn = build()
+    state, _ = run(state, setup, step_fn, n=2)  # non-trivial moments
+    params = jax.tree.map(np.array, jax.device_get(state.params))
+    params["classifier"]["kernel"][0, 0] = np.nan
+    state = state.replace(params=jax.device_put(params, setup.state_shardings.params))
+    before = jax.device_get((state.params, state.opt_state))
+    batch = sharding.put_batch(toy_batch(seed=5), setup.batch_sharding)
+    state, m = step_fn(state, batch)
+    assert float(m["nonfinite"]) == 1.0 and float(m["update_norm"]) == 0.0
+    assert not np.isfinite(float(m["loss"])) and int(state.step) == 3
+    after = jax.device_get((state.params, state.opt_state))
+    jax.tree.map(np.testing.assert_array_equal, after, before)
+
+
+def test_finite_step_updates_the_donated_state():
+    """A good step reports nonfinite 0 and consumes (donates) the state it was given."""
+    state, setup, step_fn = build()
+    batch = sharding.put_batch(toy_batch(), setup.batch_sharding)
+    old = state.params["classifier"]["kernel"]
+    state, m = step_fn(state, batch)
+    assert float(m["nonfinite"]) == 0.0 and float(m["update_norm"]) > 0.0
+    assert old.is_deleted()
