@@ -85,6 +85,10 @@ def runtime() -> ml_collections.ConfigDict:
     c.num_processes = -1
     c.process_id = -1
     c.compilation_cache_dir = ""  # "" = $SFT_JAX_COMPILATION_CACHE or ~/.cache/sft_jax/xla
+    # auto|reuse|system: keep freed host memory in the process, so XLA CPU's per-step buffer is
+    # not faulted in from the OS every step (sft_jax.cpu_allocator; auto: reuse on CPU-only
+    # installs).
+    c.cpu_allocator = "auto"
     # Kernel choices (speed only; sft_jax.runtime): attention xla|cudnn (GPU, bf16, no attention
     # dropout), dropout threefry|hash (different masks), cpu_matmul xla|onednn.
     c.attention = "xla"

@@ -5,6 +5,7 @@
       [--dtype float32|bfloat16] [--batch_size B] [--seq_len T] [--steps 10] [--warmup 2]
       [--mesh 1,1,1] [--peak_flops F] [--torch] [--out benchmark.json]
       [--attention xla|cudnn] [--dropout threefry|hash] [--cpu_matmul xla|onednn]
+      [--cpu_allocator auto|reuse|system]
       [--policies head_only,bitfit,lora:8,full [--optimizer adamw] [--isolate]]
 
 Prints one row per model (compile s, median step ms, tokens/s, TFLOP/s, MFU, and with --torch
@@ -12,9 +13,12 @@ the PyTorch step time and torch_ms / jax_ms, > 1 meaning JAX is faster) and writ
 to --out. "step ms" waits for each step before the next is issued; "piped ms" issues --steps
 steps back to back and waits once (``benchmark.time_pipelined``: a loop that never waits per
 step, so the host's launch latency overlaps the device's work), with its MFU and, with --torch,
-the PyTorch step timed the same way and its ratio. With --torch every PyTorch run goes first,
+the PyTorch step timed the same way and its ratio (with ``--cpu_allocator reuse``, the
+default on CPU-only installs, JAX's CPU computations run inline, so "piped" equals "step"
+there). With --torch every PyTorch run goes first,
 each in its own spawned process, before JAX initializes the device: the frameworks never share
-a process (their CUDA libraries may differ) nor GPU memory. ``peak_bytes`` of the JAX runs is
+a process (their CUDA libraries may differ) nor GPU memory; they inherit the allocator
+settings (``sft_jax.cpu_allocator``). ``peak_bytes`` of the JAX runs is
 the process's peak so far (JAX cannot reset it): with several models, a running maximum
 (``--isolate`` runs each JAX measurement in its own process instead).
 
@@ -66,6 +70,10 @@ _ATTENTION = flags.DEFINE_enum(
 _CPU_MATMUL = flags.DEFINE_enum(
     "cpu_matmul", "xla", ["xla", "onednn"], "XLA CPU matmul library (runtime.cpu_matmul)."
 )
+_CPU_ALLOCATOR = flags.DEFINE_enum(
+    "cpu_allocator", "auto", ["auto", "reuse", "system"], "Whether freed host memory stays in "
+    "the process (runtime.cpu_allocator; auto: reuse on CPU-only installs)."
+)  # fmt: skip
 _LOSS_CHUNK = flags.DEFINE_integer(
     "loss_chunk", 0, "Causal LM loss in chunks of this many positions (runtime.loss_chunk; 0 = "
     "whole sequence)."
@@ -205,9 +213,11 @@ def main(argv):
     import jax
 
     from sft_jax import benchmark, lm_loss
-    from sft_jax.runtime import set_cpu_matmul
+    from sft_jax.runtime import set_cpu_allocator, set_cpu_matmul
 
-    set_cpu_matmul(_CPU_MATMUL.value)  # before the first JAX computation starts the backend
+    # Both before the first JAX computation starts the backend.
+    allocator = set_cpu_allocator(_CPU_ALLOCATOR.value)
+    set_cpu_matmul(_CPU_MATMUL.value)
     lm_loss.set_loss_chunk(_LOSS_CHUNK.value)
     if _POLICIES.value and _TORCH.value:
         raise app.UsageError("--torch times the all-parameters AdamW step: not with --policies")
@@ -222,7 +232,7 @@ def main(argv):
     run = dict(warmup=_WARMUP.value, steps_=_STEPS.value, seed=_SEED.value)
     kernels = dict(
         attention=_ATTENTION.value, dropout=_DROPOUT.value, cpu_matmul=_CPU_MATMUL.value,
-        loss_chunk=_LOSS_CHUNK.value,
+        loss_chunk=_LOSS_CHUNK.value, cpu_allocator=allocator,
     )  # fmt: skip
     # Before any JAX device use: each torch run has the whole device and exits (see above).
     torch_runs = [benchmark.run_torch(s, **run) for s in specs] if _TORCH.value else None

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import multiprocessing
+import resource
 import statistics
 import time
 from concurrent import futures
@@ -442,6 +443,9 @@ def run_jax(
         ``peak_bytes_in_use`` (None where the device keeps no statistics, e.g. CPU; the process's
         peak so far, see ``run_jax_isolated``); ``compiled_memory`` XLA's analysis of the step;
         ``peak_memory_bytes`` the first of the two that exists, ``peak_memory_source`` which.
+        ``host_page_faults_per_step``: the process's minor page faults per pipelined step (on
+        CPU, memory the step gets from the OS afresh; see ``sft_jax.cpu_allocator``);
+        ``host_max_rss_bytes`` the process's peak resident memory so far (Linux).
     """
     state, step_fn, batch, mesh, trainable = build_step(spec, mesh_shape, seed, policy, optimizer)
     n_params = sum(int(x.size) for x in jax.tree.leaves(state.params))
@@ -463,7 +467,9 @@ def run_jax(
         wait()
 
     first, times = time_calls(call, warmup, steps_)
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     pipelined = time_pipelined(dispatch, wait, steps_)
+    faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / steps_
     ops = None
     if profile_dir is not None:
         from sft_jax import profiling
@@ -481,6 +487,8 @@ def run_jax(
         device=kind, platform=devices[0].platform, num_devices=len(devices),
         num_params=n_params, compilations=_cache_size(step_fn),
         peak_bytes=device_peak, loss=float(holder["metrics"]["loss"]),
+        host_page_faults_per_step=faults,
+        host_max_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         policy=policy, optimizer=optimizer, **sizes, compiled_memory=memory,
         peak_memory_bytes=device_peak if device_peak is not None else estimated,
         peak_memory_source="device" if device_peak is not None else (

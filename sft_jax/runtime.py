@@ -16,6 +16,10 @@ function):
                  positions at a time, so only one chunk's logits exist at once
                  (``sft_jax.lm_loss``; a memory choice, float sums in another order)
 
+Memory: ``cpu_allocator`` "auto" (default) | "reuse" | "system": whether freed host memory stays
+in the process so that XLA CPU's per-step buffer is not faulted in from the OS on every step
+(``sft_jax.cpu_allocator``).
+
 Environment (each overrides the default, config values override the environment):
 
     SFT_JAX_COMPILATION_CACHE   directory of the persistent XLA cache ("" or "off" disables it;
@@ -38,6 +42,7 @@ from typing import Any
 import jax
 
 from sft_jax import lm_loss
+from sft_jax.cpu_allocator import set_cpu_allocator
 from sft_jax.models import layers
 
 log = logging.getLogger(__name__)
@@ -99,20 +104,21 @@ def setup_runtime(runtime_cfg: Any = None) -> dict[str, Any]:
 
     Args:
       runtime_cfg: optional config block with ``distributed`` (bool),
-        ``compilation_cache_dir`` (str) and the kernel choices ``attention``, ``dropout``,
-        ``cpu_matmul``, ``loss_chunk`` (module doc); missing keys fall back to the environment /
-        defaults.
+        ``compilation_cache_dir`` (str), ``cpu_allocator`` and the kernel choices
+        ``attention``, ``dropout``, ``cpu_matmul``, ``loss_chunk`` (module doc); missing keys
+        fall back to the environment / defaults.
 
     Returns:
       What was set up: ``{"distributed": bool, "process": i, "num_processes": n,
-      "compilation_cache_dir": str | None, "attention", "dropout", "cpu_matmul",
-      "loss_chunk"}``.
+      "compilation_cache_dir": str | None, "cpu_allocator": "reuse" | "system", "attention",
+      "dropout", "cpu_matmul", "loss_chunk"}``.
     """
     global _initialized
     get = (lambda k, d: runtime_cfg.get(k, d)) if runtime_cfg is not None else (lambda k, d: d)
     kernels = {k: get(k, d) for k, d in (("attention", "xla"), ("dropout", "threefry"),
                                          ("cpu_matmul", "xla"), ("loss_chunk", 0))}  # fmt: skip
-    set_cpu_matmul(kernels["cpu_matmul"])  # before jax.distributed starts a backend
+    allocator = set_cpu_allocator(get("cpu_allocator", "auto"))  # before any backend starts
+    set_cpu_matmul(kernels["cpu_matmul"])
     layers.set_implementations(kernels["attention"], kernels["dropout"])
     lm_loss.set_loss_chunk(kernels["loss_chunk"])
     distributed = bool(get("distributed", False)) or os.environ.get("SFT_JAX_DISTRIBUTED") == "1"
@@ -131,6 +137,7 @@ def setup_runtime(runtime_cfg: Any = None) -> dict[str, Any]:
         "process": jax.process_index(),
         "num_processes": jax.process_count(),
         "compilation_cache_dir": cache,
+        "cpu_allocator": allocator,
         **kernels,
     }
     log.info("runtime: %s", info)

@@ -91,7 +91,8 @@ def test_time_pipelined_waits_once_after_all_calls():
 def test_tiny_bert_end_to_end():
     r = benchmark.run_jax(benchmark.get_spec("tiny-bert"), warmup=1, steps_=2)
     assert r["step_ms"] > 0 and r["first_call_s"] > 0 and len(r["step_ms_all"]) == 2
-    assert r["compilations"] == 1
+    assert r["compilations"] == 1 and r["host_page_faults_per_step"] >= 0
+    assert r["host_max_rss_bytes"] > 0
     assert r["tokens_per_step"] == 16
     assert r["tokens_per_s"] == pytest.approx(16 / (r["step_ms"] / 1e3))
     assert r["peak_flops"] == 76e9 and 0 < r["mfu"] < 1
