@@ -163,24 +163,21 @@ def train_step(
     w = jnp.maximum(stats["weight"], 1.0)
     loss, grad_norm = stats["loss_sum"] / w, optax.tree.norm(grads)
     # A NaN/Inf loss or gradient skips the update: the step (and so the data position)
-    # advances, parameters and optimizer state stay the last good ones. The decision comes
-    # before the update, so `lax.cond` either updates the (donated) state in place or passes it
-    # through: no second pass selecting between old and new state. Under pmap the loss and
-    # gradients are already summed over devices (a NaN on one device reaches all), so every
-    # device takes the same branch.
+    # advances, parameters and optimizer state stay the last good ones. The decision is known
+    # before the update, so XLA fuses each select into the fusion computing that new leaf
+    # (one pass over the donated state, updated in place); a decision that waited for the new
+    # parameters' norm took a second pass over parameters and optimizer state. A `lax.cond`
+    # would cost the same on CPU and block the host on GPU (XLA copies its predicate to the host).
+    # Under pmap the loss and gradients are already summed over devices (a NaN on one device
+    # reaches all), so every device takes the same decision.
     finite = jnp.isfinite(loss + grad_norm)
 
-    def update(params, opt_state):
-        updates, opt_state = setup.tx.update(full_grads, opt_state, params)
-        params = _replace_stats(optax.apply_updates(params, updates), batch_stats)
-        return params, opt_state, optax.tree.norm(updates)
-
-    def skip(params, opt_state):
-        return params, opt_state, jnp.zeros((), grad_norm.dtype)
-
-    params, opt_state, update_norm = jax.lax.cond(
-        finite, update, skip, state.params, state.opt_state
-    )
+    updates, new_opt_state = setup.tx.update(full_grads, state.opt_state, state.params)
+    new_params = _replace_stats(optax.apply_updates(state.params, updates), batch_stats)
+    keep = functools.partial(jnp.where, finite)
+    params = jax.tree.map(keep, new_params, state.params)
+    opt_state = jax.tree.map(keep, new_opt_state, state.opt_state)
+    update_norm = jnp.where(finite, optax.tree.norm(updates), 0.0)
     metrics = {
         "loss": loss,
         "accuracy": stats["correct"] / w,
