@@ -44,6 +44,7 @@ REUSE_ENV = {
     "JAX_CPU_ENABLE_ASYNC_DISPATCH": "false",
 }
 _ACCELERATOR_PACKAGES = ("jax-cuda", "jax_cuda", "jax-rocm", "jax_rocm", "libtpu")
+_applied = False  # reuse is in effect in this process (a second call keeps it)
 
 
 def _glibc() -> ctypes.CDLL | None:
@@ -79,10 +80,13 @@ def set_cpu_allocator(name: str) -> str:
       ValueError: an unknown name, or ``reuse`` asked for on a system without glibc or after a
         JAX backend started (computations would keep running on a worker thread).
     """
+    global _applied
     if name not in CPU_ALLOCATORS:
         raise ValueError(f"runtime.cpu_allocator={name!r}; use one of {list(CPU_ALLOCATORS)}")
     if name == "system":
         return "system"
+    if _applied:
+        return "reuse"
     libc = _glibc()
     problem = (
         "needs glibc (Linux)" if libc is None
@@ -97,5 +101,6 @@ def set_cpu_allocator(name: str) -> str:
     libc.mallopt(_M_TRIM_THRESHOLD, -1)  # -1: never trim (mallopt(3))
     jax.config.update("jax_cpu_enable_async_dispatch", False)
     os.environ.update(REUSE_ENV)
+    _applied = True
     log.info("cpu_allocator: freed memory stays in the process, CPU computations run inline")
     return "reuse"
