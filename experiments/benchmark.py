@@ -15,12 +15,11 @@ steps back to back and waits once (``benchmark.time_pipelined``: a loop that nev
 step, so the host's launch latency overlaps the device's work), with its MFU and, with --torch,
 the PyTorch step timed the same way and its ratio (with ``--cpu_allocator reuse``, the
 default on CPU-only installs, JAX's CPU computations run inline, so "piped" equals "step"
-there). With --torch every PyTorch run goes first,
-each in its own spawned process, before JAX initializes the device: the frameworks never share
-a process (their CUDA libraries may differ) nor GPU memory; they inherit the allocator
-settings (``sft_jax.cpu_allocator``). ``peak_bytes`` of the JAX runs is
-the process's peak so far (JAX cannot reset it): with several models, a running maximum
-(``--isolate`` runs each JAX measurement in its own process instead).
+there). With --torch every PyTorch run goes first, each in its own spawned process, before JAX
+initializes the device: the frameworks never share a process (their CUDA libraries may differ)
+nor GPU memory; they inherit the allocator settings (``sft_jax.cpu_allocator``).
+``peak_bytes`` of the JAX runs is the process's peak so far (JAX cannot reset it): with several
+models, a running maximum (``--isolate`` runs each JAX measurement in its own process instead).
 
 ``--policies``: every model once per freezing preset, built as the trainer builds it (LoRA
 adapters, parameter groups, ``optim.build_optimizer`` with ``--optimizer``); prints trainable

@@ -66,7 +66,8 @@ def _accelerator_installed() -> bool:
     return any(n.lower().startswith(_ACCELERATOR_PACKAGES) for n in names)
 
 
-def _backends_started() -> bool:
+def backends_started() -> bool:
+    """Whether JAX has started its backends (XLA flags and client options are fixed then)."""
     from jax._src import xla_bridge  # private: no public "are the backends up?" query
 
     return xla_bridge.backends_are_initialized()
@@ -90,7 +91,7 @@ def set_cpu_allocator(name: str) -> str:
     libc = _glibc()
     problem = (
         "needs glibc (Linux)" if libc is None
-        else "must be set before JAX starts a backend" if _backends_started()
+        else "must be set before JAX starts a backend" if backends_started()
         else None
     )  # fmt: skip
     if name == "auto" and (problem or _accelerator_installed()):

@@ -42,7 +42,7 @@ from typing import Any
 import jax
 
 from sft_jax import lm_loss
-from sft_jax.cpu_allocator import set_cpu_allocator
+from sft_jax.cpu_allocator import backends_started, set_cpu_allocator
 from sft_jax.models import layers
 
 log = logging.getLogger(__name__)
@@ -68,9 +68,7 @@ def set_cpu_matmul(name: str) -> None:
     current = os.environ.get("XLA_FLAGS", "")
     if not flags or flags in current:
         return
-    from jax._src import xla_bridge  # private: no public "are the backends up?" query
-
-    if xla_bridge.backends_are_initialized():
+    if backends_started():
         raise ValueError(f"runtime.cpu_matmul={name!r} must be set before JAX starts a backend")
     os.environ["XLA_FLAGS"] = f"{current} {flags}".strip()
 
