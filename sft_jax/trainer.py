@@ -105,6 +105,7 @@ class Trainer:
         self.ckpt_opts = ckpt_lib.CheckpointOptions.from_config(cfg.checkpoint)
         self.mngr = ckpt_lib.make_manager(os.path.join(workdir, "checkpoints"), self.ckpt_opts)
         self.logger = log_lib.MetricsLogger(workdir)
+        self._pending = None  # (step, metrics) of the last step issued, not yet read on the host
 
     def _build_state(self, model) -> None:
         cfg = self.cfg
@@ -232,7 +233,10 @@ class Trainer:
         meter.update(t0=time.time(), count=0, step0=done)
 
     def _check_finite(self, done: int, m: dict, progress: dict) -> None:
-        """Counts skipped (non-finite) updates; too many in a row saves and raises."""
+        """Counts skipped (non-finite) updates; too many in a row saves and raises.
+
+        Runs one step late (see ``_settle``): the state saved on the way out is the current one,
+        which may hold one more (finite) update than step ``done``."""
         if not float(m["nonfinite"]):
             progress["skipped_in_a_row"] = 0
             return
@@ -247,14 +251,29 @@ class Trainer:
             limit,
         )
         if progress["skipped_in_a_row"] > limit:
-            progress["next_batch"] = done
-            ckpt_lib.save(self.mngr, self.runner.canonical(self.state), progress)
+            state = self.runner.canonical(self.state)
+            progress["next_batch"] = int(state.step)
+            ckpt_lib.save(self.mngr, state, progress)
             self.mngr.wait_until_finished()
             raise NonFiniteError(
-                f"{progress['skipped_in_a_row']} non-finite updates in a row (limit "
-                f"train.max_skipped_steps={limit}); saved the last good parameters at step "
-                f"{done} in {self.workdir}. Lower the learning rate or check the data."
+                f"{progress['skipped_in_a_row']} non-finite updates in a row up to step {done} "
+                f"(limit train.max_skipped_steps={limit}); saved the parameters at step "
+                f"{progress['next_batch']} in {self.workdir} (skipped updates leave them "
+                "unchanged). Lower the learning rate or check the data."
             )
+
+    def _settle(self, progress: dict, meter: dict) -> None:
+        """Host-side bookkeeping of the last step issued: the non-finite count and the train log
+        row. ``_train_one`` calls it after issuing the next step, so that reading the metrics
+        (which waits for the step) never leaves the device idle; ``run`` calls it before anything
+        that reads the state (evaluation, checkpoints) and at the end."""
+        if self._pending is None:
+            return
+        done, m = self._pending
+        self._pending = None
+        self._check_finite(done, m, progress)
+        if done % self.cfg.train.log_every_steps == 0 or done == self.total_steps:
+            self._log_train(done, m, meter)
 
     def _train_one(self, step: int, progress: dict, meter: dict) -> int:
         if self.cfg.train.check_data_order and (step % self.steps_per_epoch == 0 or meter["first"]):
@@ -263,15 +282,13 @@ class Trainer:
             )
         meter["first"] = False
         batch = self._batch(step)
+        self.state, m = self.runner(self.state, batch)
+        self._settle(progress, meter)  # the previous step, while this one runs
         meter["unit"] = _unit(batch)
         meter["count"] += _num_units(batch)
-        self.state, m = self.runner(self.state, batch)
-        done = step + 1
-        self._check_finite(done, m, progress)
-        if done % self.cfg.train.log_every_steps == 0 or done == self.total_steps:
-            self._log_train(done, m, meter)
+        self._pending = (step + 1, m)
         self.bar.update(1)
-        return done
+        return step + 1
 
     def run(self, stop_after_step: int | None = None) -> dict:
         """Trains from the latest good checkpoint (or the start) to the end.
@@ -297,18 +314,23 @@ class Trainer:
                     break
                 done = self._train_one(step, progress, meter)
                 preempted = stop.requested or done == stop_after_step
-                if done % self.eval_every == 0 or done == self.total_steps:
+                evaluate = done % self.eval_every == 0 or done == self.total_steps
+                save = preempted or bool(every and done % every == 0)
+                if evaluate or save:
+                    self._settle(progress, meter)
+                if evaluate:
                     last_eval = self.evaluate()
                     meter.update(t0=time.time(), count=0, step0=done)  # throughput: training only
                     if self._after_eval(done, last_eval, progress):
                         log.info("early stopping at step %d", done)
                         break
-                elif preempted or (every and done % every == 0):
+                elif save:
                     progress["next_batch"] = done
                     ckpt_lib.save(self.mngr, self.runner.canonical(self.state), progress)
                 if preempted:
                     log.info("stopped after step %d; run again to resume", done)
                     break
+            self._settle(progress, meter)
         self.bar.close()
         self.mngr.wait_until_finished()
         self.logger.close()

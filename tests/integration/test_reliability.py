@@ -187,13 +187,68 @@ def test_too_many_nan_updates_stop_with_a_checkpoint(setup_dirs, tmp_path):
     cfg = make_config(*setup_dirs, num_steps=8, eval_every_steps=8, max_skipped_steps=1)
     workdir = str(tmp_path / "run")
     trainer = PoisonedTrainer(cfg, workdir)
-    trainer.poisoned = (2, 3)
-    with pytest.raises(NonFiniteError, match="2 non-finite updates in a row"):
+    trainer.poisoned = (2, 3, 4)
+    with pytest.raises(NonFiniteError, match="2 non-finite updates in a row up to step 4"):
         trainer.run()
-    assert restore_run(workdir, "latest").step == 4
+    # The trainer reads step 4's flag once step 5 is issued (one step late); the checkpoint is
+    # the state after step 5, whose update was skipped too.
+    assert restore_run(workdir, "latest").step == 5
     good = [r for r in log_lib.read_metrics(workdir) if r["split"] == "train"][1]
     # The saved parameters are those after step 2, the last good update.
     assert norm(params_of(workdir)) == pytest.approx(good["param_norm"], rel=1e-5)
+
+
+class _Flag:
+    """A metric value that records when the host reads it."""
+
+    def __init__(self, value, step, events):
+        self.value, self.step, self.events = value, step, events
+
+    def _read(self):
+        self.events.append(("read", self.step))
+        return np.asarray(self.value)
+
+    def __float__(self):
+        return float(self._read())
+
+    def __array__(self, dtype=None, copy=None):
+        return self._read()
+
+
+class RecordingRunner:
+    """Wraps the trainer's runner: records each step issued and each host read of its flag."""
+
+    def __init__(self, runner, events):
+        self.runner, self.events = runner, events
+
+    def __getattr__(self, name):
+        return getattr(self.runner, name)
+
+    def __call__(self, state, batch):
+        state, m = self.runner(state, batch)
+        step = sum(e[0] == "issue" for e in self.events) + 1
+        self.events.append(("issue", step))
+        return state, {**m, "nonfinite": _Flag(m["nonfinite"], step, self.events)}
+
+
+def test_trainer_reads_a_step_only_after_issuing_the_next(setup_dirs, tmp_path):
+    """Reading a step's metrics waits for it; the next step is queued first, so the device is
+    never idle while the host does a step's bookkeeping (evaluation and the last step aside)."""
+    cfg = make_config(*setup_dirs, num_steps=5, eval_every_steps=3, log_every_steps=1)
+    trainer = Trainer(cfg, str(tmp_path / "run"))
+    events = []
+    trainer.runner = RecordingRunner(trainer.runner, events)
+    trainer.run()
+    first_read = [events.index(("read", s)) for s in range(1, 6)]
+    issued = [events.index(("issue", s)) for s in range(1, 6)]
+    # Steps 1, 2 and 4 are read after the next one is issued; step 3 before its evaluation,
+    # step 5 (the last) before the final one.
+    for s in (1, 2, 4):
+        assert issued[s] < first_read[s - 1], events
+    assert first_read[2] < issued[3] and first_read[4] > issued[4], events
+    rows = [r for r in log_lib.read_metrics(str(tmp_path / "run")) if r["split"] == "train"]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5]
+    assert all(r["nonfinite"] == 0.0 for r in rows)
 
 
 @pytest.mark.slow
