@@ -3,21 +3,23 @@
 The LM head's float32 logits are the largest activation of a small decoder with a large
 vocabulary (SmolLM2-135M, 4 x 1024 tokens: 4 x 1024 x 49,152 floats = 805 MB, kept for the
 backward pass with their gradient). With ``loss_chunk`` > 0 the task computes the loss from the
-final hidden states ``chunk`` positions at a time under ``jax.checkpoint`` inside a ``scan``:
-only one chunk's logits exist at a time, in both passes, and the backward pass recomputes them.
-The result is the same function (float32 sums in another order), at the price of computing the
-head's matmul twice.
+final hidden states ``chunk`` positions at a time (``chunked_loss_sums``): only one chunk's
+logits exist at a time, and under differentiation each chunk's gradient with respect to the
+head's parameters and the hidden states is computed right there, in the forward pass (a fused
+linear cross-entropy), so nothing is recomputed in the backward pass. The result is the same
+function (float32 sums in another order).
 
 ``loss_chunk`` is a runtime choice like the attention kernel (config ``runtime.loss_chunk``,
 ``set_loss_chunk`` / ``loss_chunk_scope``), read when the step is traced; models that expose
-``hidden_states`` and ``lm_logits`` (Llama family, GPT-2) use it.
-"""
+``hidden_states`` and ``lm_head_fn`` (Llama family, GPT-2) use it."""
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -62,38 +64,111 @@ def token_stats(logits: Array, targets: Array) -> tuple[Array, Array]:
     return losses, hits
 
 
-def chunked_token_stats(
-    lm_logits: Callable[[Array], Array], hidden: Array, targets: Array, chunk: int
-) -> tuple[Array, Array]:
-    """``token_stats(lm_logits(hidden), targets)`` computed ``chunk`` positions at a time.
+def _head_grad(logits: Array, targets: Array, weights: Array) -> tuple[Array, Array, Array]:
+    """Per-token cross-entropy, argmax hits and the gradient of ``sum(weights * losses)`` with
+    respect to the logits: ``weights * (softmax(logits) - onehot(targets))``, all float32."""
+    logits = logits.astype(jnp.float32)
+    lse = jax.nn.logsumexp(logits, axis=-1, keepdims=True)
+    picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)
+    losses = (lse - picked)[..., 0]
+    hits = (jnp.argmax(logits, -1) == targets).astype(jnp.float32)
+    onehot = jax.nn.one_hot(targets, logits.shape[-1], dtype=jnp.float32)
+    return losses, hits, (jnp.exp(logits - lse) - onehot) * weights[..., None]
 
-    Args:
-        lm_logits: The LM head, [B, c, H] -> [B, c, V].
-        hidden: Final hidden states [B, T, H].
-        targets: int [B, T].
-        chunk: Positions per chunk (> 0; at most T is used); T is padded up to a multiple of
-            it and the padding's results dropped.
 
-    Returns:
-        (losses, hits), float32 [B, T].
-    """
-    b, t = targets.shape
+def _chunked(x: Array, n: int, chunk: int) -> Array:
+    """[B, T, ...] -> [n, B, chunk, ...], T padded with zeros to n * chunk."""
+    pad = [(0, 0), (0, n * chunk - x.shape[1])] + [(0, 0)] * (x.ndim - 2)
+    x = jnp.pad(x, pad)
+    return x.reshape((x.shape[0], n, chunk) + x.shape[2:]).swapaxes(0, 1)
+
+
+def _unchunked(x: Array, t: int) -> Array:
+    """[n, B, chunk, ...] -> [B, t, ...] (the padding dropped)."""
+    x = x.swapaxes(0, 1)
+    return x.reshape((x.shape[0], -1) + x.shape[3:])[:, :t]
+
+
+def _scan_chunks(head, params, hidden, targets, weights, chunk: int, grads: bool):
+    """The chunk loop behind ``chunked_loss_sums``: per-token losses and hits [B, T], and with
+    ``grads`` the gradient of ``sum(weights * losses)`` with respect to ``params`` (float32,
+    summed over chunks) and ``hidden`` ([B, T, H], its dtype)."""
+    t = targets.shape[1]
     chunk = min(chunk, t)
     n = -(-t // chunk)
-    pad = n * chunk - t
-    h = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0))).reshape(b, n, chunk, hidden.shape[-1])
-    y = jnp.pad(targets, ((0, 0), (0, pad))).reshape(b, n, chunk)
+    xs = tuple(_chunked(x, n, chunk) for x in (hidden, targets, weights))
 
-    @jax.checkpoint
-    def one(h_c: Array, y_c: Array) -> tuple[Array, Array]:
-        return token_stats(lm_logits(h_c), y_c)
+    def stats(carry, x):
+        h_c, y_c, _ = x
+        losses, hits = token_stats(head(params, h_c), y_c)
+        return carry, (losses, hits)
 
-    def body(carry: None, xs: tuple[Array, Array]) -> tuple[None, tuple[Array, Array]]:
-        return carry, one(*xs)
+    def stats_and_grads(acc, x):
+        h_c, y_c, w_c = x
+        logits, vjp = jax.vjp(head, params, h_c)
+        losses, hits, g = _head_grad(logits, y_c, w_c)
+        d_params, d_h = vjp(g)
+        acc = jax.tree.map(lambda a, d: a + d.astype(jnp.float32), acc, d_params)
+        return acc, (losses, hits, d_h)
 
-    _, (losses, hits) = jax.lax.scan(body, None, (h.swapaxes(0, 1), y.swapaxes(0, 1)))
+    if not grads:
+        _, out = jax.lax.scan(stats, None, xs)
+        return tuple(_unchunked(o, t) for o in out), None
+    acc0 = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+    d_params, (losses, hits, d_h) = jax.lax.scan(stats_and_grads, acc0, xs)
+    return (_unchunked(losses, t), _unchunked(hits, t)), (d_params, _unchunked(d_h, t))
 
-    def back(a: Array) -> Array:  # [n, B, c] -> [B, T]
-        return a.swapaxes(0, 1).reshape(b, n * chunk)[:, :t]
 
-    return back(losses), back(hits)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 5))
+def chunked_loss_sums(
+    head: Callable[[Any, Array], Array],
+    params: Any,
+    hidden: Array,
+    targets: Array,
+    weights: Array,
+    chunk: int,
+) -> tuple[Array, Array]:
+    """``sum(weights * losses)`` and ``sum(weights * hits)`` of ``head(params, hidden)``'s
+    cross-entropy against ``targets``, computed ``chunk`` positions at a time.
+
+    Under differentiation each chunk's logits exist only inside its loop iteration: the forward
+    pass computes the chunk's gradient with respect to the head's parameters and the hidden
+    states at once (the loss is a sum, so its cotangent is one scalar that the backward pass
+    multiplies in). No logits are kept for the backward pass and none are recomputed: the same
+    three head matmuls per token as the whole-sequence loss.
+
+    Args:
+        head: Pure LM head, ``(params, [B, c, H]) -> float32 logits [B, c, V]``.
+        params: Its parameters (a pytree; gradients are accumulated in float32).
+        hidden: Final hidden states [B, T, H].
+        targets: int [B, T].
+        weights: float32 [B, T] per-token loss weights (the target mask).
+        chunk: Positions per chunk (> 0; at most T is used); T is padded up to a multiple of
+            it, with zero weight.
+
+    Returns:
+        (loss_sum, correct), float32 scalars.
+    """
+    (losses, hits), _ = _scan_chunks(head, params, hidden, targets, weights, chunk, False)
+    return jnp.sum(losses * weights), jnp.sum(hits * weights)
+
+
+def _sums_fwd(head, params, hidden, targets, weights, chunk):
+    (losses, hits), (d_params, d_h) = _scan_chunks(
+        head, params, hidden, targets, weights, chunk, True
+    )
+    sums = (jnp.sum(losses * weights), jnp.sum(hits * weights))
+    d_params = jax.tree.map(lambda d, p: d.astype(p.dtype), d_params, params)
+    return sums, (d_params, d_h, losses, hits)
+
+
+def _sums_bwd(head, chunk, residuals, cotangents):
+    del head, chunk
+    d_params, d_h, losses, hits = residuals
+    g_loss, g_correct = cotangents  # the hits are piecewise constant in params and hidden
+    d_params = jax.tree.map(lambda d: (d * g_loss).astype(d.dtype), d_params)
+    d_weights = g_loss * losses + g_correct * hits
+    return d_params, (d_h * g_loss).astype(d_h.dtype), None, d_weights
+
+
+chunked_loss_sums.defvjp(_sums_fwd, _sums_bwd)

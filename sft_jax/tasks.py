@@ -100,23 +100,21 @@ class CausalLMTask:
     def _sums(self, model: Any, batch: dict, dropout_rng: jax.Array | None) -> dict:
         """Loss, target-token count and correct argmax predictions, summed over target tokens;
         in chunks of ``lm_loss.loss_chunk()`` positions where it is set and the model exposes
-        ``hidden_states`` / ``lm_logits``."""
+        ``hidden_states`` / ``lm_head_fn``."""
         chunk = lm_loss.loss_chunk()
-        if chunk and hasattr(model, "lm_logits"):
+        w = batch["target_mask"].astype(jnp.float32)  # [B, T]
+        if chunk and hasattr(model, "lm_head_fn"):
             with layers.dropout_scope(dropout_rng):  # also around the head (LoRA adapters)
                 hidden = model.hidden_states(**self._inputs(batch), dropout_rng=dropout_rng)
-                losses, hits = lm_loss.chunked_token_stats(
-                    model.lm_logits, hidden, batch["targets"], chunk
+                head, params = model.lm_head_fn()
+                loss_sum, correct = lm_loss.chunked_loss_sums(
+                    head, params, hidden, batch["targets"], w, chunk
                 )
         else:
             logits = self.logits(model, batch, dropout_rng)
             losses, hits = lm_loss.token_stats(logits, batch["targets"])
-        w = batch["target_mask"].astype(jnp.float32)  # [B, T]
-        return {
-            "loss_sum": jnp.sum(losses * w),
-            "weight": jnp.sum(w),
-            "correct": jnp.sum(hits * w),
-        }
+            loss_sum, correct = jnp.sum(losses * w), jnp.sum(hits * w)
+        return {"loss_sum": loss_sum, "weight": jnp.sum(w), "correct": correct}
 
     def loss_sums(
         self, model: Any, batch: dict, dropout_rng: jax.Array | None

@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from sft_jax.models.layers import Array, AttentionMask, make_attention_mask
 
@@ -202,14 +204,32 @@ class CausalLM:
     """``__call__`` and ``hidden_states`` of the decoder LMs (mixed into ``LlamaForCausalLM`` and
     ``GPT2LMHeadModel`` before ``nnx.Module``). A subclass provides ``backbone()`` (its block
     stack: ``(input_ids, attention_mask, *, segment_ids, positions, dropout_rng, cache) ->
-    (final hidden states [B, T, H], new cache or None)``) and ``lm_logits(x)`` (its LM head,
-    [..., H] -> float32 [..., vocab])."""
+    (final hidden states [B, T, H], new cache or None)``) and ``head_parts()`` (its LM head)."""
 
     def backbone(self) -> Any:
         raise NotImplementedError
 
-    def lm_logits(self, x: Array) -> Array:
+    def head_parts(self) -> tuple[Any, Callable[[Any, Array], Array]]:
+        """The module that holds the LM head's weights and ``apply(module, x)``, its map from
+        hidden states [..., H] to logits [..., vocab]."""
         raise NotImplementedError
+
+    def lm_logits(self, x: Array) -> Array:
+        """The LM head: hidden states [..., H] -> float32 logits [..., vocab]."""
+        module, apply = self.head_parts()
+        return apply(module, x).astype(jnp.float32)
+
+    def lm_head_fn(self) -> tuple[Callable[[Any, Array], Array], Any]:
+        """The LM head as a pure function of its parameters: ``(head, params)`` with
+        ``head(params, x) == lm_logits(x)``, for the chunked loss (``sft_jax.lm_loss``), which
+        differentiates it with respect to ``params`` itself."""
+        module, apply = self.head_parts()
+        graphdef, params, rest = nnx.split(module, nnx.Param, ...)
+
+        def head(p: Any, x: Array) -> Array:
+            return apply(nnx.merge(graphdef, p, rest), x).astype(jnp.float32)
+
+        return head, params
 
     def __call__(
         self,

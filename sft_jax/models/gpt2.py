@@ -211,6 +211,6 @@ class GPT2LMHeadModel(decoder.CausalLM, nnx.Module):
         """The block stack (``decoder.CausalLM``)."""
         return self.transformer
 
-    def lm_logits(self, x: Array) -> Array:
-        """The tied LM head: hidden states [..., E] -> float32 logits [..., vocab]."""
-        return self.transformer.wte.attend(x).astype(jnp.float32)
+    def head_parts(self) -> tuple[Any, Any]:
+        """The tied LM head (``decoder.CausalLM``): the token embedding table."""
+        return self.transformer.wte, lambda wte, x: wte.attend(x)

@@ -293,7 +293,8 @@ class LlamaForCausalLM(decoder.CausalLM, nnx.Module):
         """The block stack (``decoder.CausalLM``)."""
         return self.model
 
-    def lm_logits(self, x: Array) -> Array:
-        """The LM head: hidden states [..., H] -> float32 logits [..., vocab]."""
-        head = self.model.embed_tokens.attend if self.lm_head is None else self.lm_head
-        return head(x).astype(jnp.float32)
+    def head_parts(self) -> tuple[Any, Any]:
+        """The LM head (``decoder.CausalLM``): the untied ``lm_head``, or the embedding table."""
+        if self.lm_head is None:
+            return self.model.embed_tokens, lambda embed, x: embed.attend(x)
+        return self.lm_head, lambda dense, x: dense(x)

@@ -1,4 +1,5 @@
-"""Chunked causal-LM loss: the same sums, losses and gradients as the whole-sequence loss."""
+"""Chunked causal-LM loss (fused linear cross-entropy): the same sums and gradients as the
+whole-sequence loss."""
 
 import jax
 import jax.numpy as jnp
@@ -19,31 +20,48 @@ def test_token_stats_exact_values():
 
 
 @pytest.mark.parametrize("chunk", [1, 3, 4, 16])  # T = 7: padded chunks, one chunk, chunk > T
-def test_chunked_token_stats_equal_the_whole(chunk):
-    kh, kw, kt = jax.random.split(jax.random.key(0), 3)
+def test_chunked_loss_sums_equal_the_whole_with_gradients(chunk):
+    kh, kw, kb, kt, km = jax.random.split(jax.random.key(0), 5)
     hidden = jax.random.normal(kh, (2, 7, 5))
-    w = jax.random.normal(kw, (5, 11))
+    params = {"w": jax.random.normal(kw, (5, 11)), "b": jax.random.normal(kb, (11,))}
     targets = jax.random.randint(kt, (2, 7), 0, 11)
+    weights = jax.random.bernoulli(km, 0.6, (2, 7)).astype(jnp.float32)
 
-    def total(h, w_, chunked):
-        def head(x):
-            return x @ w_
+    def head(p, x):
+        return x @ p["w"] + p["b"]
 
-        if chunked:
-            losses, _ = lm_loss.chunked_token_stats(head, h, targets, chunk)
-        else:
-            losses, _ = lm_loss.token_stats(head(h), targets)
-        return losses.sum()
+    def whole(p, h, w):
+        losses, hits = lm_loss.token_stats(head(p, h), targets)
+        return jnp.sum(losses * w), jnp.sum(hits * w)
 
-    whole = lm_loss.token_stats(hidden @ w, targets)
-    parts = lm_loss.chunked_token_stats(lambda x: x @ w, hidden, targets, chunk)
-    assert parts[0].shape == parts[1].shape == (2, 7)
-    np.testing.assert_allclose(parts[0], whole[0], rtol=1e-6)
-    np.testing.assert_array_equal(parts[1], whole[1])
-    g_whole = jax.grad(total, argnums=(0, 1))(hidden, w, False)
-    g_parts = jax.grad(total, argnums=(0, 1))(hidden, w, True)
-    for a, b in zip(g_parts, g_whole):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    def parts(p, h, w):
+        return lm_loss.chunked_loss_sums(head, p, h, targets, w, chunk)
+
+    np.testing.assert_allclose(parts(params, hidden, weights), whole(params, hidden, weights),
+                               rtol=1e-6)  # fmt: skip
+    # Any cotangents of (loss_sum, correct): the correct count has none but through the weights.
+    for fn_a, fn_b in ((parts, whole), (jax.jit(parts), whole)):
+        _, vjp_a = jax.vjp(fn_a, params, hidden, weights)
+        _, vjp_b = jax.vjp(fn_b, params, hidden, weights)
+        cot = (jnp.float32(0.7), jnp.float32(-1.3))
+        for a, b in zip(jax.tree.leaves(vjp_a(cot)), jax.tree.leaves(vjp_b(cot))):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_chunked_loss_gradient_exact_values():
+    """One position, two classes: d loss / d logits = softmax - onehot, by hand."""
+    params = {"w": jnp.eye(2)}
+    hidden = jnp.log(jnp.asarray([[[0.25, 0.75]]]))  # logits = hidden: softmax (0.25, 0.75)
+    targets, weights = jnp.asarray([[0]]), jnp.asarray([[2.0]])
+
+    def loss(p, h):
+        return lm_loss.chunked_loss_sums(lambda q, x: x @ q["w"], p, h, targets, weights, 1)[0]
+
+    value, (g_p, g_h) = jax.value_and_grad(loss, argnums=(0, 1))(params, hidden)
+    np.testing.assert_allclose(value, -2.0 * np.log(0.25), rtol=1e-6)
+    np.testing.assert_allclose(g_h, [[[2.0 * (0.25 - 1.0), 2.0 * 0.75]]], rtol=1e-6)
+    np.testing.assert_allclose(g_p["w"], np.outer(np.asarray(hidden[0, 0]), [-1.5, 1.5]),
+                               rtol=1e-6)  # fmt: skip
 
 
 def test_bad_chunk_is_refused():
