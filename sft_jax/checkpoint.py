@@ -2,7 +2,9 @@
 
 Each checkpoint step holds three items:
   ``params``    the model parameters (pure dict), restorable alone for evaluation/export;
-  ``train``     step, optimizer state and RNG (only training needs them);
+                for Schedule-Free the averaged point that evaluation uses;
+  ``train``     step, optimizer state and RNG (only training needs them); for Schedule-Free
+                also ``params``, the trained (interpolated) point training resumes from;
   ``progress``  JSON: the next data batch index, epoch, early-stopping bookkeeping.
 Writes are atomic (Orbax finalizes a temporary directory by rename), optionally asynchronous.
 """
@@ -65,15 +67,27 @@ def make_manager(directory: str, opts: CheckpointOptions) -> ocp.CheckpointManag
 
 
 def save(
-    mngr: ocp.CheckpointManager, state: TrainState, progress: dict, metrics: dict | None = None
+    mngr: ocp.CheckpointManager,
+    state: TrainState,
+    progress: dict,
+    metrics: dict | None = None,
+    eval_params: Any | None = None,
 ) -> None:
-    """Saves ``state`` at ``state.step`` (``metrics`` ranks it for best-k)."""
+    """Saves ``state`` at ``state.step`` (``metrics`` ranks it for best-k).
+
+    ``eval_params``: the parameters evaluation and export should use when they are not the
+    trained ones (``optimizers.eval_params``: Schedule-Free's average); they become the
+    ``params`` item and ``state.params`` go into ``train``.
+    """
     step = int(state.step)
     train = {"step": state.step, "opt_state": state.opt_state, "rng": state.rng}
+    params = state.params
+    if eval_params is not None:
+        train["params"], params = state.params, eval_params
     mngr.save(
         step,
         args=ocp.args.Composite(
-            params=ocp.args.StandardSave(state.params),
+            params=ocp.args.StandardSave(params),
             train=ocp.args.StandardSave(train),
             progress=ocp.args.JsonSave(progress),
         ),
@@ -83,23 +97,23 @@ def save(
 
 
 def restore_train_state(
-    mngr: ocp.CheckpointManager, step: int, like: TrainState
+    mngr: ocp.CheckpointManager, step: int, like: TrainState, eval_params: bool = False
 ) -> tuple[TrainState, dict]:
-    """Restores the full state onto ``like``'s shapes and shardings (no extra allocation)."""
+    """Restores the full state onto ``like``'s shapes and shardings (no extra allocation).
+    ``eval_params``: the checkpoint was saved with them (the trained parameters are in
+    ``train``), as ``save(..., eval_params=...)`` does."""
     target = abstract_of(like)
     train_target = {"step": target.step, "opt_state": target.opt_state, "rng": target.rng}
-    out = mngr.restore(
-        step,
-        args=ocp.args.Composite(
-            params=ocp.args.StandardRestore(target.params),
-            train=ocp.args.StandardRestore(train_target),
-            progress=ocp.args.JsonRestore(),
-        ),
-    )
+    items = {"train": ocp.args.StandardRestore(train_target), "progress": ocp.args.JsonRestore()}
+    if eval_params:
+        train_target["params"] = target.params
+    else:
+        items["params"] = ocp.args.StandardRestore(target.params)
+    out = mngr.restore(step, args=ocp.args.Composite(**items))
     train = out["train"]
-    state = TrainState(
-        step=train["step"], params=out["params"], opt_state=train["opt_state"], rng=train["rng"]
-    )
+    params = train["params"] if eval_params else out["params"]
+    state = TrainState(step=train["step"], params=params, opt_state=train["opt_state"],
+                       rng=train["rng"])  # fmt: skip
     return state, out["progress"]
 
 

@@ -222,14 +222,20 @@ def lora_rank(policy: Any) -> int | None:
 BATCH_NORM_MODES = ("auto", "train", "frozen")
 
 
-def configure_batch_norm(model: Any, trainable: Any, mode: str) -> int:
+def configure_batch_norm(
+    model: Any, trainable: Any, mode: str, unfreeze_step: Any | None = None
+) -> int:
     """Sets each BatchNorm's static ``frozen`` flag; returns how many are frozen.
 
     ``"auto"``: frozen (inference mode: running statistics, never updated) where the layer's
     scale is frozen by the policy, so a frozen base behaves as at inference while the layers
-    being fine-tuned normalize with batch statistics (Keras' and timm's usual practice).
-    ``"train"``: every BatchNorm uses batch statistics in training. ``"frozen"``: none does.
-    Call before splitting the model: the flag is part of the graph definition.
+    being fine-tuned normalize with batch statistics (Keras' and timm's usual practice). Under
+    gradual unfreezing (``unfreeze_step``, the int tree of ``ParamGroups``) a layer unfrozen
+    after step 0 stays in inference mode throughout: its scale and bias train once unfrozen,
+    but its statistics never drift while it is still frozen (and, as Keras advises for
+    fine-tuning, not after either). ``"train"``: every BatchNorm uses batch statistics in
+    training. ``"frozen"``: none does. Call before splitting the model: the flag is part of the
+    graph definition.
     """
     from flax import nnx
 
@@ -238,10 +244,12 @@ def configure_batch_norm(model: Any, trainable: Any, mode: str) -> int:
     if mode not in BATCH_NORM_MODES:
         raise ValueError(f"model.batch_norm={mode!r}; use one of {BATCH_NORM_MODES}")
     flat = tree_util.flatten_to_dict(trainable)
+    later = tree_util.flatten_to_dict(unfreeze_step) if unfreeze_step is not None else {}
     frozen = 0
     for path, module in nnx.iter_graph(model):
         if isinstance(module, BatchNorm):
             scale = "/".join(str(p) for p in path) + "/scale"
-            module.frozen = mode == "frozen" or (mode == "auto" and not flat.get(scale, False))
+            trains_from_start = flat.get(scale, False) and not later.get(scale, 0)
+            module.frozen = mode == "frozen" or (mode == "auto" and not trains_from_start)
             frozen += module.frozen
     return frozen

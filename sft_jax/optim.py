@@ -31,6 +31,7 @@ from sft_jax.optimizers import (  # noqa: F401  (re-exported)
     check_name,
     decay_mask,
     eval_params,
+    has_eval_params,
     start_at,
     zero_until,
 )
@@ -66,11 +67,17 @@ def _wsd(cfg: ml_collections.ConfigDict, total_steps: int, warmup: int) -> optax
 
 def schedule(cfg: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
     """Warmup (linear from 0) then ``constant``, ``linear`` decay to 0, ``cosine`` decay, or
-    ``wsd`` (constant, then decay over the last ``decay_ratio`` of the steps)."""
+    ``wsd`` (constant, then decay over the last ``decay_ratio`` of the steps).
+
+    The warmup lasts ``warmup_steps`` when that is positive, else ``warmup_ratio`` of the run
+    (as in Hugging Face's ``TrainingArguments``: set steps win over the default ratio)."""
     peak = cfg.learning_rate
-    warmup = cfg.warmup_steps if cfg.warmup_steps >= 0 else 0
-    if cfg.warmup_ratio > 0:
-        warmup = int(round(cfg.warmup_ratio * total_steps))
+    if cfg.warmup_steps < 0 or cfg.warmup_ratio < 0:
+        raise ValueError(
+            f"optimizer.warmup_steps={cfg.warmup_steps}, optimizer.warmup_ratio="
+            f"{cfg.warmup_ratio}: neither may be negative"
+        )
+    warmup = cfg.warmup_steps or int(round(cfg.warmup_ratio * total_steps))
     warmup = min(warmup, total_steps)
     decay_steps = max(total_steps - warmup, 1)
     if cfg.schedule == "constant":

@@ -200,8 +200,37 @@ def zero_until(steps: Any) -> optax.GradientTransformation:
     return optax.GradientTransformation(init, update)
 
 
+_CLOCKS = (optax.ScaleByScheduleState, _CountState, _GateState)
+
+
+def clock_mask(opt_state: Any) -> Any:
+    """True on the optimizer-state leaves that count steps for a schedule or a gate (learning-
+    rate schedules, scheduled weight decay, gradual-unfreezing gates), False on the rest
+    (moments, and the counts behind Adam-style bias correction).
+
+    A skipped (non-finite) update keeps the False leaves and advances the True ones, as a
+    PyTorch loop that skips ``optimizer.step()`` but still calls ``scheduler.step()``: the
+    schedule stays in step with the data position and the logged learning rate.
+    """
+
+    def mark(x: Any) -> Any:
+        if isinstance(x, _GateState):
+            return _GateState(True, clock_mask(x.inner))
+        if isinstance(x, _CLOCKS):
+            return jax.tree.map(lambda _: True, x)
+        return False
+
+    return jax.tree.map(mark, opt_state, is_leaf=lambda x: isinstance(x, _CLOCKS))
+
+
 def _is_sf(x: Any) -> bool:
     return isinstance(x, ScheduleFreeState)
+
+
+def has_eval_params(cfg: ml_collections.ConfigDict) -> bool:
+    """Whether the optimizer evaluates at another point than the one it trains
+    (``eval_params``): Schedule-Free."""
+    return cfg.name == "schedule_free_adamw"
 
 
 def eval_params(cfg: ml_collections.ConfigDict, opt_state: Any, params: Any) -> Any:
@@ -211,7 +240,7 @@ def eval_params(cfg: ml_collections.ConfigDict, opt_state: Any, params: Any) -> 
     ``x = (y - (1 - b1) z) / b1`` is what generalizes (``optax.contrib.schedule_free_eval_params``
     per parameter group; frozen parameters unchanged). Every other optimizer: ``params`` itself.
     """
-    if cfg.name != "schedule_free_adamw":
+    if not has_eval_params(cfg):
         return params
     masked = lambda x: isinstance(x, optax.MaskedNode)
     for state in jax.tree.leaves(opt_state, is_leaf=_is_sf):

@@ -38,10 +38,11 @@ def _quarantine(mngr: ocp.CheckpointManager, step: int) -> str:
 
 
 def restore_latest(
-    mngr: ocp.CheckpointManager, like: TrainState
+    mngr: ocp.CheckpointManager, like: TrainState, eval_params: bool = False
 ) -> tuple[TrainState, dict, int] | None:
     """``(state, progress, step)`` of the newest checkpoint that restores, or None if none
     exists. Checkpoints that fail are moved aside (and logged) before trying older ones.
+    ``eval_params``: as in ``checkpoint.restore_train_state``.
 
     Raises:
       RuntimeError: checkpoints exist but none restores.
@@ -49,7 +50,7 @@ def restore_latest(
     steps = sorted(mngr.all_steps(), reverse=True)
     for step in steps:
         try:
-            state, progress = ckpt_lib.restore_train_state(mngr, step, like)
+            state, progress = ckpt_lib.restore_train_state(mngr, step, like, eval_params)
             return state, progress, step
         except Exception as e:  # noqa: BLE001 (Orbax raises many kinds for damaged files)
             moved = _quarantine(mngr, step)

@@ -5,7 +5,8 @@ task loss (summed over real examples), differentiates only the trainable leaves,
 ``accumulation_steps`` micro-batches with ``lax.scan``, and applies the optax update. Metrics are
 global-batch means plus gradient / parameter / update norms (as big_vision's ``update_fn``) and
 ``nonfinite``: 1 when the update was skipped because the loss or a gradient was NaN/Inf (the
-step still counts, the state keeps its last good parameters and optimizer state).
+step still counts, the state keeps its last good parameters and optimizer moments; the
+learning-rate schedule moves on with the step).
 
 Two ways to run it on several devices, both exact (the loss is normalized by the global batch):
 ``make_train_step`` jits it over a ``(data, fsdp, tensor)`` mesh with sharded state and batch;
@@ -23,7 +24,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from sft_jax import tree_util
+from sft_jax import optimizers, tree_util
 from sft_jax.sharding import PMAP_AXIS
 from sft_jax.train_state import StepSetup, TrainState
 
@@ -176,7 +177,13 @@ def train_step(
     new_params = _replace_stats(optax.apply_updates(state.params, updates), batch_stats)
     keep = functools.partial(jnp.where, finite)
     params = jax.tree.map(keep, new_params, state.params)
-    opt_state = jax.tree.map(keep, new_opt_state, state.opt_state)
+    # Schedule and gate counters advance anyway (``optimizers.clock_mask``).
+    opt_state = jax.tree.map(
+        lambda clock, n, o: n if clock else keep(n, o),
+        optimizers.clock_mask(state.opt_state),
+        new_opt_state,
+        state.opt_state,
+    )
     update_norm = jnp.where(finite, optax.tree.norm(updates), 0.0)
     metrics = {
         "loss": loss,

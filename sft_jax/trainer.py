@@ -116,7 +116,9 @@ class Trainer:
         stats = stats_mask(model)
         self.groups = freezing.groups_from_config(cfg.freeze, params, model, never=stats)
         self.trainable = self.groups.trainable
-        freezing.configure_batch_norm(model, self.trainable, cfg.model.get("batch_norm", "auto"))
+        freezing.configure_batch_norm(
+            model, self.trainable, cfg.model.get("batch_norm", "auto"), self.groups.unfreeze_step
+        )
         graphdef, _ = split_model(model)  # after configure_batch_norm: its flags are static
         self.learned = stats if stats is None else jax.tree.map(lambda m: not m, stats)
         tx, lr = optim.build_optimizer(cfg.optimizer, self.groups, self.total_steps)
@@ -156,7 +158,9 @@ class Trainer:
 
     def _resume(self) -> dict:
         progress = {"next_batch": 0, "best": None, "evals_since_best": 0, "stopped_early": False}
-        restored = resume_lib.restore_latest(self.mngr, self.runner.canonical(self.state))
+        restored = resume_lib.restore_latest(
+            self.mngr, self.runner.canonical(self.state), optim.has_eval_params(self.cfg.optimizer)
+        )
         if restored is None:  # a fresh start; drop rows of an attempt that saved no checkpoint
             log_lib.truncate_after(self.workdir, 0)
             return progress
@@ -172,6 +176,15 @@ class Trainer:
         log_lib.truncate_after(self.workdir, step)
         log.info("resumed from step %d in %s", step, self.workdir)
         return progress
+
+    def _save(self, progress: dict, metrics: dict | None = None) -> None:
+        """Checkpoints the current state; Schedule-Free's averaged parameters (what evaluation
+        scores) go in as the checkpoint's parameters, so that evaluation and export see them."""
+        state = self.runner.canonical(self.state)
+        averaged = None
+        if optim.has_eval_params(self.cfg.optimizer):
+            averaged = optim.eval_params(self.cfg.optimizer, state.opt_state, state.params)
+        ckpt_lib.save(self.mngr, state, progress, metrics, eval_params=averaged)
 
     def evaluate(self) -> dict:
         state = self.runner.canonical(self.state)
@@ -199,7 +212,7 @@ class Trainer:
         patience = self.cfg.train.early_stopping_patience
         progress["stopped_early"] = bool(patience and progress["evals_since_best"] >= patience)
         progress["next_batch"] = step
-        ckpt_lib.save(self.mngr, self.runner.canonical(self.state), progress, metrics={name: value})
+        self._save(progress, metrics={name: value})
         shown = {k: v for k, v in metrics.items() if isinstance(v, float)}
         log.info("step %d validation %s", step, " ".join(f"{k}={v:.4f}" for k, v in shown.items()))
         return progress["stopped_early"]
@@ -251,9 +264,8 @@ class Trainer:
             limit,
         )
         if progress["skipped_in_a_row"] > limit:
-            state = self.runner.canonical(self.state)
-            progress["next_batch"] = int(state.step)
-            ckpt_lib.save(self.mngr, state, progress)
+            progress["next_batch"] = int(self.runner.canonical(self.state).step)
+            self._save(progress)
             self.mngr.wait_until_finished()
             raise NonFiniteError(
                 f"{progress['skipped_in_a_row']} non-finite updates in a row up to step {done} "
@@ -326,7 +338,7 @@ class Trainer:
                         break
                 elif save:
                     progress["next_batch"] = done
-                    ckpt_lib.save(self.mngr, self.runner.canonical(self.state), progress)
+                    self._save(progress)
                 if preempted:
                     log.info("stopped after step %d; run again to resume", done)
                     break

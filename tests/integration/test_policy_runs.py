@@ -84,3 +84,21 @@ def test_gradual_unfreezing_resumes_exactly(setup_dirs, tmp_path):
     part = str(tmp_path / "part")
     Trainer(cfg, part).run(stop_after_step=3)
     assert Trainer(cfg, part).run() == full
+
+
+@pytest.mark.slow
+def test_schedule_free_checkpoint_holds_the_evaluated_average_and_resumes(setup_dirs, tmp_path):
+    """Schedule-Free validates at its averaged point: the checkpoint's parameters (what
+    evaluation and export restore) are that point, and resuming continues the trained one."""
+    from sft_jax.eval_run import evaluate_model
+
+    cfg = configure(setup_dirs, optimizer__name="schedule_free_adamw",
+                    optimizer__schedule="constant", optimizer__learning_rate=1e-2)  # fmt: skip
+    full = Trainer(cfg, str(tmp_path / "full")).run()
+    run = restore_run(str(tmp_path / "full"), "latest")
+    again = evaluate_model(run.cfg, run.model, "validation", label_names=run.info["label_names"])
+    for key in ("loss", "accuracy", "macro_f1"):
+        assert again[key] == pytest.approx(full[key], rel=1e-5, abs=1e-7), key
+    part = str(tmp_path / "part")
+    Trainer(cfg, part).run(stop_after_step=3)
+    assert Trainer(cfg, part).run() == full

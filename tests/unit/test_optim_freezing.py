@@ -47,6 +47,17 @@ def test_linear_warmup_then_linear_decay_exact():
     )
 
 
+def test_warmup_steps_win_over_the_default_ratio():
+    cfg = opt_cfg(learning_rate=1.0, warmup_steps=4, schedule="constant")
+    assert cfg.warmup_ratio == 0.1  # the config default, ignored once steps are set
+    lr = optim.schedule(cfg, total_steps=10)
+    np.testing.assert_allclose([float(lr(s)) for s in range(6)], [0.0, 0.25, 0.5, 0.75, 1.0, 1.0])
+    by_ratio = optim.schedule(opt_cfg(learning_rate=1.0, schedule="constant"), total_steps=10)
+    np.testing.assert_allclose([float(by_ratio(s)) for s in range(3)], [0.0, 1.0, 1.0])
+    with pytest.raises(ValueError, match="optimizer.warmup_steps=-1"):
+        optim.schedule(opt_cfg(warmup_steps=-1), total_steps=10)
+
+
 def test_head_only_freezes_encoder_without_optimizer_state():
     mask = freezing.trainable_mask(PARAMS, "head_only")
     assert (

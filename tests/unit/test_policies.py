@@ -191,7 +191,9 @@ def test_gradual_unfreezing_in_the_train_step():
     g = freezing.param_groups(
         params, f"gradual_unfreeze:{k}", structure=model.layer_structure, never=stats
     )
-    freezing.configure_batch_norm(model, g.trainable, "auto")
+    # Layers unfrozen later keep inference-mode BatchNorm (statistics never drift).
+    frozen_bn = freezing.configure_batch_norm(model, g.trainable, "auto", g.unfreeze_step)
+    assert frozen_bn == 3 and model.backbone.stem.bn.frozen
     graphdef, _ = split_model(model)
     tx, lr_fn = optim.build_optimizer(opt_cfg(learning_rate=lr, weight_decay=0.0), g, 100)
     mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
@@ -211,7 +213,8 @@ def test_gradual_unfreezing_in_the_train_step():
         for _, mu in optax.tree_utils.tree_get_all_with_path(state.opt_state, "mu"):
             mus.update(flat(mu))
         for path, s in first.items():
-            if never[path]:
+            if never[path]:  # running statistics: all in inference-mode layers here
+                np.testing.assert_array_equal(now[path], start[path])
                 continue
             assert (not np.array_equal(now[path], start[path])) == (u >= s), (u, path)
             assert bool(np.any(np.asarray(mus[path]))) == (u >= s), (u, path)

@@ -5,20 +5,21 @@ import numpy as np
 from flax import nnx
 
 from configs import text_cls
-from sft_jax import freezing, optim, sharding, steps
+from sft_jax import freezing, optim, optimizers, sharding, steps
 from sft_jax.tasks import ClassificationTask
 from sft_jax.train_state import StepSetup, create_train_state, shardings_of
 from tests.toy import ToyClassifier, toy_batch
 
 
-def build(policy="full", mesh_shape=(1, 1, 1), devices=None, accumulation=1, lr=0.05, dropout=0.1):
+def build(policy="full", mesh_shape=(1, 1, 1), devices=None, accumulation=1, lr=0.05, dropout=0.1,
+          total_steps=100, **opt):  # fmt: skip
     cfg = text_cls.get_config().optimizer
     cfg.unlock()
-    cfg.update(learning_rate=lr, warmup_ratio=0.0, schedule="constant")
+    cfg.update({"learning_rate": lr, "warmup_ratio": 0.0, "schedule": "constant", **opt})
     model = ToyClassifier(dropout=dropout)
     graphdef, params = nnx.split(model, nnx.Param)
     mask = freezing.trainable_mask(params.to_pure_dict(), policy)
-    tx, lr_fn = optim.build_optimizer(cfg, mask, total_steps=100)
+    tx, lr_fn = optim.build_optimizer(cfg, mask, total_steps=total_steps)
     mesh = sharding.make_mesh(mesh_shape, devices or jax.devices()[: int(np.prod(mesh_shape))])
     state = create_train_state(model, tx, mesh, seed=0)
     setup = StepSetup(
@@ -91,20 +92,49 @@ def test_dropout_rng_is_deterministic_per_step():
     assert la != lc
 
 
+def set_weight(state, setup, value):
+    """``state`` with ``classifier/kernel[0, 0] = value`` (NaN: the next step's loss is NaN)."""
+    params = jax.tree.map(np.array, jax.device_get(state.params))
+    params["classifier"]["kernel"][0, 0] = value
+    return state.replace(params=jax.device_put(params, setup.state_shardings.params))
+
+
 def test_nonfinite_loss_skips_the_update_and_keeps_the_optimizer_state():
-    """A NaN loss: the step advances, parameters and optimizer state stay bit-identical."""
+    """A NaN loss: the step advances, parameters and optimizer moments stay bit-identical; only
+    the schedule's counters move on."""
     state, setup, step_fn = build()
     state, _ = run(state, setup, step_fn, n=2)  # non-trivial moments
-    params = jax.tree.map(np.array, jax.device_get(state.params))
-    params["classifier"]["kernel"][0, 0] = np.nan
-    state = state.replace(params=jax.device_put(params, setup.state_shardings.params))
+    state = set_weight(state, setup, np.nan)
     before = jax.device_get((state.params, state.opt_state))
+    clocks = optimizers.clock_mask(state.opt_state)
     batch = sharding.put_batch(toy_batch(seed=5), setup.batch_sharding)
     state, m = step_fn(state, batch)
     assert float(m["nonfinite"]) == 1.0 and float(m["update_norm"]) == 0.0
     assert not np.isfinite(float(m["loss"])) and int(state.step) == 3
     after = jax.device_get((state.params, state.opt_state))
-    jax.tree.map(np.testing.assert_array_equal, after, before)
+    jax.tree.map(np.testing.assert_array_equal, after[0], before[0])
+    n_clocks = 0
+    for clock, a, b in zip(*(jax.tree.leaves(t) for t in (clocks, after[1], before[1]))):
+        n_clocks += clock
+        np.testing.assert_array_equal(a, b + 1 if clock else b)
+    assert n_clocks == 1  # the count of AdamW's learning-rate schedule
+
+
+def test_schedule_stays_with_the_step_after_a_skipped_update():
+    """SGD (no momentum, no clipping), linear decay over 4 steps, NaN at step 1: the update of
+    step 2 uses the rate of step 2, the one logged, as when the schedule follows the steps."""
+    state, setup, step_fn = build(lr=1.0, dropout=0.0, total_steps=4, name="sgd", momentum=0.0,
+                                  schedule="linear", grad_clip_norm=0.0)  # fmt: skip
+    rates, logged = [], []
+    for i in range(4):
+        state = set_weight(state, setup, np.nan if i == 1 else 0.1)
+        batch = sharding.put_batch(toy_batch(seed=i), setup.batch_sharding)
+        state, m = step_fn(state, batch)
+        logged.append(float(m["learning_rate"]))
+        if float(m["nonfinite"]) == 0.0:
+            rates.append(float(m["update_norm"]) / float(m["grad_norm"]))
+    np.testing.assert_allclose(logged, [1.0, 0.75, 0.5, 0.25], rtol=1e-6)
+    np.testing.assert_allclose(rates, [1.0, 0.5, 0.25], rtol=1e-5)
 
 
 def test_finite_step_updates_the_donated_state():
