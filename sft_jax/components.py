@@ -79,11 +79,15 @@ def label_names(data: Any) -> list[str]:
     return list(getattr(data, "label_names", []))
 
 
-def _check_split(data: Any, split: str) -> None:
+def _check_split(data: Any, split: str, image: bool = False) -> None:
+    """Raises naming the config keys that give a missing split: ``data.validation_dir`` /
+    ``data.test_dir`` for image folders (``image``), ``data.validation_file`` /
+    ``data.test_file`` for text and chat files."""
     if split not in data.sources:
+        kind, suffix = ("image folders", "dir") if image else ("files", "file")
         raise ValueError(
-            f"split {split!r} is not in the dataset (has {sorted(data.sources)}); "
-            "for your own files set data.validation_file / data.test_file"
+            f"split {split!r} is not in the dataset (has {sorted(data.sources)}); for your own "
+            f"{kind} set data.validation_{suffix} / data.test_{suffix}"
         )
 
 
@@ -96,7 +100,7 @@ def batches(cfg: ml_collections.ConfigDict, data: Any, processor: Any, split: st
     nothing, shuffled with a fixed seed so that a partial evaluation
     (``train.max_eval_batches``) sees every class even when the source file is sorted by label
     (the shipped tweet corpus is)."""
-    _check_split(data, split)
+    _check_split(data, split, image=is_image(cfg))
     tokenizer = processor
     if is_image(cfg):
         return _image_batches(cfg, data, processor, split, train)

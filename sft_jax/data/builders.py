@@ -313,17 +313,20 @@ def _builder_from_config(
     raise ValueError(f"Unknown data.name {data_cfg.name!r}; expected 'tweet_sentiment' or 'files'")
 
 
-def prepare_sources(builder: tfds.core.DatasetBuilder) -> dict[str, RandomAccessDataSource]:
+def prepare_sources(
+    builder: tfds.core.DatasetBuilder, validation_key: str = "data.validation_file"
+) -> dict[str, RandomAccessDataSource]:
     """Prepares ``builder`` once (no network) and opens its splits as random access sources;
-    warns when there is no validation split."""
+    warns when there is no validation split, naming ``validation_key``, the config key that
+    gives one (``data.validation_dir`` for image folders)."""
     builder.download_and_prepare(download_config=tfds.download.DownloadConfig(**_NO_GCS))
     sources = {str(name): src for name, src in builder.as_data_source().items()}
     if "validation" not in sources:
         _LOG.warning(
-            "Dataset %s has no validation split (splits: %s); pass data.validation_file to "
-            "evaluate during training.",
+            "Dataset %s has no validation split (splits: %s); pass %s to evaluate during training.",
             builder.info.full_name,
             sorted(sources),
+            validation_key,
         )
     return sources
 

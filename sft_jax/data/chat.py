@@ -186,7 +186,8 @@ def encode_chat(
     Args:
       messages: a conversation (see `validate_messages`; checked here with where="messages").
       tokenizer: a transformers fast tokenizer with a `chat_template`.
-      max_length: if set, keep only the first `max_length` tokens.
+      max_length: if set, keep only the first `max_length` tokens; this can cut every
+        assistant token, leaving `loss_mask` all 0 (`lm.chat_lm_rows` drops those).
 
     Returns:
       The `ChatEncoded` ids, loss mask and truncation flag.

@@ -12,6 +12,7 @@ import hashlib
 import io
 import json
 import pathlib
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -88,21 +89,58 @@ def jsonl_objects(path: pathlib.Path, text: str):
         yield line, obj
 
 
-def _csv_rows(path: pathlib.Path, text: str, fields: Fields):
+# Characters per CSV field. The csv module's default (131,072) rejects long documents; this
+# bound only stops a runaway unterminated quote from growing without end.
+CSV_FIELD_LIMIT = 2**31 - 1
+
+
+def _csv_lines(path: pathlib.Path, text: str) -> list[tuple[int, list[str]]]:
+    """``(first physical line, row)`` of every CSV row ([] for a blank line), header included.
+
+    Raises:
+      DataFileError: naming the line of the row the csv module cannot parse.
+    """
     reader = csv.reader(io.StringIO(text, newline=""))
-    header = next(reader, None) or []
+    rows, start = [], 1
+    # The limit is process-wide: raise it for this read only and put it back.
+    previous = csv.field_size_limit(CSV_FIELD_LIMIT)
+    try:
+        for row in reader:
+            rows.append((start, row))
+            start = reader.line_num + 1  # fields may span lines
+    except csv.Error as e:
+        raise DataFileError(path, start, None, f"cannot parse the CSV row ({e})") from None
+    finally:
+        csv.field_size_limit(previous)
+    return rows
+
+
+def _check_header(path: pathlib.Path, header: list[str], fields: Fields) -> None:
     for name in fields.names():
-        if name not in header:
+        count = header.count(name)
+        if count == 0:
             raise DataFileError(path, 1, name, f"no such column in the header {header}")
-    start = reader.line_num + 1  # first physical line of the next row (fields may span lines)
-    for row in reader:
+        if count > 1:
+            raise DataFileError(
+                path,
+                1,
+                name,
+                f"column appears {count} times in the header {header}; give each column its own "
+                "name",
+            )
+
+
+def _csv_rows(path: pathlib.Path, text: str, fields: Fields):
+    lines = _csv_lines(path, text)
+    header = lines[0][1] if lines else []
+    _check_header(path, header, fields)
+    for start, row in lines[1:]:
         if row:  # blank lines are skipped
             if len(row) != len(header):
                 raise DataFileError(
                     path, start, None, f"{len(row)} columns, header has {len(header)}"
                 )
             yield start, dict(zip(header, row))
-        start = reader.line_num + 1
 
 
 def _jsonl_rows(path: pathlib.Path, text: str, fields: Fields):
@@ -125,20 +163,40 @@ def _read_examples(path: pathlib.Path, text: str, fields: Fields) -> list[dict[s
                 if not isinstance(value, str) or not value.strip():
                     raise DataFileError(path, line, name, f"empty or non-string text {value!r}")
                 ex[key] = value
-        label = row[fields.label]
-        if label is None or isinstance(label, (dict, list)) or not str(label).strip():
-            raise DataFileError(path, line, fields.label, f"missing or invalid label {label!r}")
-        ex["label"] = str(label).strip()
+        ex["label"] = _label_text(path, line, fields.label, row[fields.label])
         examples.append(ex)
     if not examples:
         raise DataFileError(path, None, None, "the file holds no examples")
     return examples
 
 
+def _label_text(path: pathlib.Path, line: int, field: str, value: Any) -> str:
+    """A label as its class name: a string (stripped), an integer, or an integral float (1.0,
+    as pandas writes integer columns with gaps) as the integer, so 1 and 1.0 are one class.
+
+    Raises:
+      DataFileError: naming file, line and field for anything else (null, true / false, 1.5,
+        lists, objects, blank strings).
+    """
+    if isinstance(value, str) and value.strip():
+        return value.strip()
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    raise DataFileError(
+        path, line, field, f"missing or invalid label {value!r} (expected a string or an integer)"
+    )
+
+
+_INTEGER = re.compile(r"-?[0-9]+")  # ASCII digits only: str.isdigit() accepts "²", int() not
+
+
 def _sorted_labels(labels: set[str]) -> list[str]:
-    """Sorted label names; numerically when all are integers ("2" before "10")."""
-    if all(lab.lstrip("-").isdigit() for lab in labels):
-        return sorted(labels, key=int)
+    """Sorted label names; numerically when all are integers ("2" before "10", ties such as
+    "01" / "1" by text so the order never depends on set order)."""
+    if all(_INTEGER.fullmatch(lab) for lab in labels):
+        return sorted(labels, key=lambda lab: (int(lab), lab))
     return sorted(labels)
 
 

@@ -42,11 +42,26 @@ def _is_hidden(rel: pathlib.PurePath) -> bool:
     return any(part.startswith(".") for part in rel.parts)
 
 
+def _walk(class_dir: pathlib.Path) -> Iterator[tuple[str, list[str]]]:
+    """``(folder, file names)`` under `class_dir`, hidden entries skipped, following linked
+    sub-folders; a folder reached again (a link loop, or two links to one folder) is listed
+    once and logged."""
+    seen: set[str] = set()
+    for root, dirs, names in os.walk(class_dir, followlinks=True):
+        real = os.path.realpath(root)
+        if real in seen:
+            _LOG.warning("%s: skipped, the same folder as %s was already listed", root, real)
+            dirs[:] = []
+            continue
+        seen.add(real)
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        yield root, names
+
+
 def _class_files(class_dir: pathlib.Path) -> tuple[list[str], int]:
     """(sorted image paths relative to `class_dir`, number of non-image files ignored)."""
     images, other = [], 0
-    for root, dirs, names in os.walk(class_dir):
-        dirs[:] = [d for d in dirs if not d.startswith(".")]
+    for root, names in _walk(class_dir):
         for name in names:
             rel = pathlib.Path(root, name).relative_to(class_dir)
             if _is_hidden(rel):
@@ -62,7 +77,8 @@ def scan_image_folder(root: str | pathlib.Path, what: str = "train_dir") -> list
     """Lists a folder of class sub-folders (hidden ones, like `.ipynb_checkpoints`, skipped).
 
     Args:
-      root: the folder; each sub-folder is a class, holding images at any depth.
+      root: the folder; each sub-folder is a class, holding images at any depth (linked
+        sub-folders are followed; a folder reached twice, as by a link loop, is listed once).
       what: the config key of `root`, for messages.
 
     Returns:
@@ -165,6 +181,36 @@ def _check_same_classes(dirs: Mapping[str, pathlib.Path], items: Mapping[str, li
     return names["train"]
 
 
+def _warn_classes_not_held_out(
+    root: pathlib.Path, train: list, parts: Mapping[str, list[int]]
+) -> None:
+    """Warns naming the classes (with their image counts) that give the splits held out of
+    train_dir no image: `round(n * IMAGE_FOLDER_HELD_OUT)` is 0 for fewer than 6 images."""
+    held_out = [k for k in parts if k != "train"]
+    counts = collections.Counter(label for _, (_, label) in train)
+    present = {k: {train[p][1][1] for p in parts[k]} for k in held_out}
+    short = [
+        f"{c} ({n} images)"
+        for c, n in sorted(counts.items())
+        if any(c not in present[k] for k in held_out)
+    ]
+    if not short:
+        return
+    more = f" and {len(short) - _SHOW_SKIPPED} more" if len(short) > _SHOW_SKIPPED else ""
+    _LOG.warning(
+        "%s: %d of %d classes have too few images to hold out %.0f%% of each for the %s "
+        "split, so they have no image there: %s%s; pass %s to evaluate on images of your own",
+        root,
+        len(short),
+        len(counts),
+        100 * IMAGE_FOLDER_HELD_OUT,
+        " / ".join(held_out),
+        ", ".join(short[:_SHOW_SKIPPED]),
+        more,
+        " / ".join(f"data.{k}_dir" for k in held_out),
+    )
+
+
 class ImageFolder(tfds.core.GeneratorBasedBuilder):
     """A user's image folders (`root/<class>/**/<image>`), one sub-folder per class.
 
@@ -172,11 +218,12 @@ class ImageFolder(tfds.core.GeneratorBasedBuilder):
     when it prepares. Label names are the sorted class folder names. A split without a folder
     (`validation_dir` / `test_dir` not given) is split off train: `IMAGE_FOLDER_HELD_OUT` of
     each class by the fixed seeded `stratified_split` (by listing position, decided before
-    decoding). How images are stored: see the module docstring (exact pixels, original size).
-    Files Pillow cannot decode (truncated, not an image) are skipped: one warning
-    per split names the first few and the count, and `info.metadata["skipped"]` keeps the
-    list. The config name hashes every file's path, size and modification time, so changed
-    folders prepare into a fresh directory.
+    decoding), rounded: a class of fewer than 6 images gives none, and a warning names it.
+    How images are stored: see the module docstring (exact pixels, original size). Files
+    Pillow cannot decode (truncated, not an image) are skipped: one warning per split names
+    the first few and the count, and `info.metadata["skipped"]` keeps the list. The config
+    name hashes every file's path, size and modification time, so changed folders prepare
+    into a fresh directory.
     """
 
     name = "image_folders"  # not "image_folder": tfds' own ImageFolder uses that name
@@ -235,6 +282,7 @@ class ImageFolder(tfds.core.GeneratorBasedBuilder):
         )
         labels = [self.label_names.index(label) for _, (_, label) in train]
         parts = stratified_split(labels, IMAGE_FOLDER_SPLIT_SEED, fractions)
+        _warn_classes_not_held_out(self.dirs["train"], train, parts)
         todo = {k: (self.dirs["train"], [train[p] for p in v]) for k, v in parts.items() if v}
         for split in self.dirs.keys() - {"train"}:
             todo[split] = (self.dirs[split], list(enumerate(self.items[split])))

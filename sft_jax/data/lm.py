@@ -3,7 +3,9 @@
 `chat_lm_rows` tokenizes every conversation of a source once (`chat.encode_chat`: the
 tokenizer's chat template, loss on assistant content and end-of-turn tokens), orders them with a
 fixed seed and packs them into rows of `seq_len` tokens (`chat.pack`), or pads one conversation
-per row (`chat.pad_row`). `chat_lm_dataset` turns rows into a `grain.MapDataset` of batches:
+per row (`chat.pad_row`). A conversation cut so short that none of its assistant tokens is left
+is dropped (counted in `Rows.num_dropped`, with a warning). `chat_lm_dataset` turns rows into
+a `grain.MapDataset` of batches:
 
     input_ids    int32 [B, T]  token ids (`pad_id` on padding)
     targets      int32 [B, T]  the token each position predicts (`chat.shift_targets`)
@@ -42,10 +44,12 @@ class Rows:
     Attributes:
       rows: dicts of int32 [seq_len] arrays (`chat.ROW_KEYS`).
       num_conversations: conversations in the source.
-      num_truncated: conversations cut to fit `seq_len`.
+      num_truncated: conversations cut to fit `seq_len` (the dropped ones included).
       num_tokens: real (non-padding) tokens over all rows.
       num_loss_tokens: tokens carrying loss over all rows.
       pad_id: the id on padding positions.
+      num_dropped: conversations cut so short that no token carrying loss was left; they are
+        in no row (they would cost compute and train nothing).
     """
 
     rows: list[dict[str, np.ndarray]]
@@ -54,6 +58,7 @@ class Rows:
     num_tokens: int
     num_loss_tokens: int
     pad_id: int
+    num_dropped: int = 0
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -102,6 +107,22 @@ def pad_token_id(tokenizer: Any) -> int:
     return 0
 
 
+def _keep_with_loss(encoded: list[chat.ChatEncoded], seq_len: int) -> list[chat.ChatEncoded]:
+    """The conversations that still carry loss after truncation, in order.
+
+    Raises:
+      ValueError: naming data.max_length when truncation left none of them any loss.
+    """
+    kept = [e for e in encoded if not e.truncated or e.loss_mask.any()]
+    if encoded and not kept:
+        raise ValueError(
+            f"all {len(encoded)} conversations have no assistant token within the first "
+            f"data.max_length={seq_len} tokens, so nothing is left to train on; raise "
+            "data.max_length"
+        )
+    return kept
+
+
 def chat_lm_rows(
     source: Sequence[dict],
     tokenizer: Any,
@@ -116,13 +137,17 @@ def chat_lm_rows(
     Args:
       source: records with `messages` (see `sft_jax.data.chat_builders`).
       tokenizer: a transformers tokenizer with a chat template.
-      seq_len: row length; longer conversations are cut from the right (and counted).
+      seq_len: row length; longer conversations are cut from the right (and counted), and
+        those left with no assistant token are dropped (and counted).
       pack: several conversations per row (first-fit) instead of one per row.
       seed: order of conversations before packing (with `shuffle`).
       shuffle: permute conversations before packing (training) or keep source order.
 
     Returns:
-      The rows and counts (logged as well; a warning when conversations were cut).
+      The rows and counts (logged as well; warnings when conversations were cut or dropped).
+
+    Raises:
+      ValueError: if every conversation was dropped.
     """
     order = np.arange(len(source))
     if shuffle:
@@ -131,10 +156,11 @@ def chat_lm_rows(
     encoded = [
         chat.encode_chat(source[int(i)]["messages"], tokenizer, max_length=seq_len) for i in order
     ]
+    kept = _keep_with_loss(encoded, seq_len)
     if pack:
-        rows = chat.pack(encoded, seq_len, pad_id=pad_id).rows
+        rows = chat.pack(kept, seq_len, pad_id=pad_id).rows
     else:
-        rows = [chat.pad_row(e, seq_len, pad_id=pad_id) for e in encoded]
+        rows = [chat.pad_row(e, seq_len, pad_id=pad_id) for e in kept]
     out = Rows(
         rows=rows,
         num_conversations=len(encoded),
@@ -142,14 +168,21 @@ def chat_lm_rows(
         num_tokens=int(sum(int((r["segment_ids"] > 0).sum()) for r in rows)),
         num_loss_tokens=int(sum(int(r["loss_mask"].sum()) for r in rows)),
         pad_id=pad_id,
+        num_dropped=len(encoded) - len(kept),
     )
+    _log_rows(out, seq_len)
+    return out
+
+
+def _log_rows(out: Rows, seq_len: int) -> None:
     log.info(
-        "%d conversations -> %d rows of %d tokens (%.0f%% filled, %d cut to fit)",
+        "%d conversations -> %d rows of %d tokens (%.0f%% filled, %d cut to fit, %d dropped)",
         out.num_conversations,
-        len(rows),
+        len(out.rows),
         seq_len,
-        100.0 * out.num_tokens / max(len(rows) * seq_len, 1),
+        100.0 * out.num_tokens / max(len(out.rows) * seq_len, 1),
         out.num_truncated,
+        out.num_dropped,
     )
     if out.num_truncated:
         log.warning(
@@ -159,7 +192,14 @@ def chat_lm_rows(
             out.num_conversations,
             seq_len,
         )
-    return out
+    if out.num_dropped:
+        log.warning(
+            "%d of %d conversations have no assistant token within the first data.max_length=%d "
+            "tokens (the cut removed every token that carries loss) and were dropped",
+            out.num_dropped,
+            out.num_conversations,
+            seq_len,
+        )
 
 
 def _collate(rows: Sequence[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:

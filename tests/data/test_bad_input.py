@@ -2,17 +2,19 @@
 are not scalars, sequences longer than data.max_length or than the model's positions, and a
 tokenizer with more ids than the model has embedding rows."""
 
+import csv
 import json
 import logging
 import pathlib
+import re
 
 import numpy as np
 import pytest
 import tokenizers
 from tokenizers import models, normalizers, pre_tokenizers, processors
 
-from sft_jax.data import builders, chat_builders, lm, text
-from sft_jax.data.files import DataFileError
+from sft_jax.data import builders, chat_builders, files, lm, text
+from sft_jax.data.files import DataFileError, Fields
 from sft_jax.data.limits import (
     ModelLimits,
     check_max_length,
@@ -100,6 +102,79 @@ def test_roles_out_of_order_later_in_the_file_name_the_line(tmp_path):
     ):
         _load("chat", path, tmp_path / "data")
     assert not (tmp_path / "data").exists()
+
+
+# ---------------------------------------------------------------------------- CSV and labels
+
+
+def _read(path: pathlib.Path, content: str, fields: Fields = Fields("text", "label")):
+    path.write_text(content, encoding="utf-8")
+    return files.read_splits({"train": path}, fields)
+
+
+def test_csv_field_longer_than_the_csv_module_default_is_read(tmp_path):
+    limit = csv.field_size_limit()
+    long = "x" * 200_000  # the csv module's default limit is 131,072 characters
+    examples, labels, _ = _read(tmp_path / "train.csv", f"text,label\n{long},pos\nok,neg\n")
+    assert [(ex["line"], len(ex["text"]), ex["label"]) for ex in examples["train"]] == [
+        (2, 200_000, "pos"),
+        (3, 2, "neg"),
+    ]
+    assert labels == ["neg", "pos"] and csv.field_size_limit() == limit  # limit put back
+
+
+def test_csv_row_the_csv_module_rejects_names_file_and_line(tmp_path, monkeypatch):
+    limit = csv.field_size_limit()
+    monkeypatch.setattr(files, "CSV_FIELD_LIMIT", 10)
+    with pytest.raises(
+        DataFileError,
+        match=r"^\S*train\.csv, line 3: cannot parse the CSV row \(field larger than field limit "
+        r"\(10\)\)$",
+    ):
+        _read(tmp_path / "train.csv", 'text,label\nshort,pos\n"eleven\nchars",neg\n')
+    assert csv.field_size_limit() == limit  # put back after the error too
+
+
+def test_requested_csv_column_named_twice_is_an_error(tmp_path):
+    with pytest.raises(
+        DataFileError,
+        match=r"^\S*train\.csv, line 1, field 'text': column appears 2 times in the header "
+        r"\['text', 'label', 'text'\]; give each column its own name$",
+    ):
+        _read(tmp_path / "train.csv", "text,label,text\na,pos,b\nc,neg,d\n")
+    # A repeated column that is not read is harmless.
+    examples, _, _ = _read(tmp_path / "ok.csv", "note,text,label,note\n1,a,pos,2\n")
+    assert examples["train"] == [{"id": 0, "line": 2, "text": "a", "label": "pos"}]
+
+
+def test_jsonl_labels_of_one_integer_are_one_class(tmp_path):
+    rows = [1, 1.0, "1", " 2 ", 10, -3.0, "x"]
+    content = "".join(json.dumps({"text": "t", "label": lab}) + "\n" for lab in rows)
+    examples, labels, _ = _read(tmp_path / "train.jsonl", content)
+    assert [ex["label"] for ex in examples["train"]] == ["1", "1", "1", "2", "10", "-3", "x"]
+    assert labels == ["-3", "1", "10", "2", "x"]  # not all integers: sorted as text
+
+
+@pytest.mark.parametrize(
+    "label, shown", [("true", "True"), ("1.5", "1.5"), ("null", "None"), ('{"a": 1}', "{'a': 1}")]
+)
+def test_jsonl_label_that_is_not_a_string_or_integer_is_named(tmp_path, label, shown):
+    content = '{"text": "a", "label": 1}\n{"text": "b", "label": %s}\n' % label
+    with pytest.raises(
+        DataFileError,
+        match=r"^\S*train\.jsonl, line 2, field 'label': missing or invalid label "
+        + re.escape(shown)
+        + r" \(expected a string or an integer\)$",
+    ):
+        _read(tmp_path / "train.jsonl", content)
+
+
+def test_label_order_numeric_only_for_ascii_integers(tmp_path):
+    # "²".isdigit() is True but int("²") fails: such labels sort as text, without a crash.
+    _, labels, _ = _read(tmp_path / "a.csv", "text,label\na,\u00b2\nb,10\nc,2\n")
+    assert labels == ["10", "2", "\u00b2"]
+    _, labels, _ = _read(tmp_path / "b.csv", "text,label\na,10\nb,2\nc,-1\nd,01\ne,1\n")
+    assert labels == ["-1", "01", "1", "2", "10"]  # ties ("01", "1") by text: a fixed order
 
 
 # ---------------------------------------------------------------------------- long sequences
@@ -191,16 +266,43 @@ def test_bucket_values_that_are_not_integers_name_the_key():
 def test_chat_truncation_warns_with_the_count(caplog):
     tok = tiny_chat_tokenizer()
     short = {"messages": CONV[1:3]}  # "<user> hi <end> <assistant> hello there <end>": 7 tokens
+    # CONV's first 9 tokens end with "<assistant> hello": cut, but one token still carries loss.
     with caplog.at_level(logging.WARNING, logger="sft_jax.data.lm"):
         rows = lm.chat_lm_rows(
-            [short, {"messages": CONV}, short], tok, seq_len=8, pack=False, seed=0, shuffle=False
+            [short, {"messages": CONV}, short], tok, seq_len=9, pack=False, seed=0, shuffle=False
         )
-    assert rows.num_truncated == 1
+    assert (rows.num_truncated, rows.num_dropped, len(rows)) == (1, 0, 3)
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert warnings == [
-        "1 of 3 conversations are longer than data.max_length=8 tokens and were cut from the "
+        "1 of 3 conversations are longer than data.max_length=9 tokens and were cut from the "
         "right to fit"
     ]
+
+
+def test_chat_conversations_cut_to_no_loss_are_dropped_with_the_count(caplog):
+    tok = tiny_chat_tokenizer()
+    short = {"messages": CONV[1:3]}  # 7 tokens, 3 with loss ("hello there <end>")
+    long = {"messages": CONV}  # its first 8 tokens end at "<assistant>": no loss left
+    with caplog.at_level(logging.WARNING, logger="sft_jax.data.lm"):
+        rows = lm.chat_lm_rows(
+            [short, long, short, long], tok, seq_len=8, pack=False, seed=0, shuffle=False
+        )
+    assert (rows.num_conversations, rows.num_truncated, rows.num_dropped) == (4, 2, 2)
+    assert (len(rows), rows.num_tokens, rows.num_loss_tokens) == (2, 14, 6)
+    assert [int(r["loss_mask"].sum()) for r in rows.rows] == [3, 3]
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warnings == [
+        "2 of 4 conversations are longer than data.max_length=8 tokens and were cut from the "
+        "right to fit",
+        "2 of 4 conversations have no assistant token within the first data.max_length=8 tokens "
+        "(the cut removed every token that carries loss) and were dropped",
+    ]
+    with pytest.raises(
+        ValueError,
+        match=r"^all 2 conversations have no assistant token within the first "
+        r"data.max_length=8 tokens, so nothing is left to train on; raise data.max_length$",
+    ):
+        lm.chat_lm_rows([long, long], tok, seq_len=8, pack=True, seed=0, shuffle=False)
 
 
 # ---------------------------------------------------------------------------- tokenizer vs model

@@ -38,10 +38,21 @@ def test_packing_counts_conversations_cut_to_fit(tok):
 
 
 def test_unpacked_rows_one_conversation_each_and_truncation(tok):
-    rows = lm.chat_lm_rows(source(1, 2), tok, seq_len=8, pack=False, seed=0, shuffle=False)
-    assert len(rows) == 3 and rows.num_truncated == 1  # CONV cut to 8 tokens
-    np.testing.assert_array_equal(rows.rows[0]["segment_ids"], [1] * 8)
-    np.testing.assert_array_equal(rows.rows[2]["segment_ids"], [1] * 6 + [0] * 2)
+    rows = lm.chat_lm_rows(source(1, 2), tok, seq_len=9, pack=False, seed=0, shuffle=False)
+    assert len(rows) == 3 and rows.num_truncated == 1  # CONV cut to 9 tokens
+    np.testing.assert_array_equal(rows.rows[0]["segment_ids"], [1] * 9)
+    np.testing.assert_array_equal(rows.rows[0]["loss_mask"], [0] * 8 + [1])  # "hello" is left
+    np.testing.assert_array_equal(rows.rows[2]["segment_ids"], [1] * 6 + [0] * 3)
+
+
+def test_packing_drops_conversations_cut_to_no_loss(tok):
+    # CONV's first 8 tokens end at "<assistant>": no loss left, so it takes no room in a row.
+    rows = lm.chat_lm_rows(source(1, 2), tok, seq_len=8, pack=True, seed=0, shuffle=False)
+    assert (rows.num_conversations, rows.num_truncated, rows.num_dropped) == (3, 1, 1)
+    assert (len(rows), rows.num_tokens, rows.num_loss_tokens) == (2, 12, 4)
+    for r in rows.rows:  # one SHORT per row: two do not fit in 8 tokens
+        np.testing.assert_array_equal(r["input_ids"], [4, 12, 2, 5, 11, 2, 1, 1])
+        np.testing.assert_array_equal(r["loss_mask"], [0, 0, 0, 0, 1, 1, 0, 0])
 
 
 def test_eval_batches_fill_last_batch_with_empty_rows(tok):
