@@ -17,6 +17,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from sft_jax.models.decoder import KVCache
@@ -63,14 +64,16 @@ def sample_logits(
         logits: Next-token logits.
         rng: PRNG key (unused when greedy).
         temperature: 0 is greedy (argmax); otherwise logits are divided by it and sampled.
-        top_k: Keep only the k most likely tokens (0 = all).
+        top_k: Keep only the k most likely tokens (0 = all; more than V means all, as in
+            transformers).
         top_p: Keep the smallest set of most likely tokens whose probability reaches top_p.
     """
     if temperature == 0.0:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
     logits = logits.astype(jnp.float32) / temperature
     if top_k > 0:
-        kth = jax.lax.top_k(logits, top_k)[0][:, -1:]  # [B, 1]
+        k = min(top_k, logits.shape[-1])  # lax.top_k fails on k > V
+        kth = jax.lax.top_k(logits, k)[0][:, -1:]  # [B, 1]
         logits = jnp.where(logits < kth, -jnp.inf, logits)
     if top_p < 1.0:
         desc = -jnp.sort(-logits, axis=-1)  # [B, V], most likely first
@@ -132,6 +135,24 @@ def _check_length(model: nnx.Module, prompt_len: int, max_new_tokens: int) -> No
         )
 
 
+def _check_prompt_ids(model: nnx.Module, ids: Array, mask: Array) -> None:
+    """On the host: every real prompt token (mask 1) must be a row of the embedding table.
+
+    An id outside it would be clipped to a wrong row (``layers.Embed``) and decode garbage
+    silently. Masked padding may hold any id.
+    """
+    vocab = getattr(model.config, "vocab_size", None)
+    ids, real = np.asarray(ids), np.asarray(mask).astype(bool)
+    outside = ids < 0 if vocab is None else (ids < 0) | (ids >= vocab)
+    bad = real & outside
+    if bad.any():
+        row, col = (int(i) for i in np.argwhere(bad)[0])
+        raise ValueError(
+            f"prompt_ids[{row}, {col}] = {int(ids[row, col])} is not a token id of this model "
+            f"(vocab_size={vocab}); {int(bad.sum())} real prompt token(s) are out of range"
+        )
+
+
 def _settings(model, max_new_tokens, stop_ids, temperature, top_k, top_p, pad_id, rng):
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -179,11 +200,16 @@ def generate(
 
     Returns:
         ``Generation(tokens [B, N], lengths [B])``.
+
+    Raises:
+        ValueError: Bad settings, a prompt too long for learned positions, or a real prompt
+            token that is not below the model's ``vocab_size`` (its position and id named).
     """
     s = _settings(model, max_new_tokens, stop_ids, temperature, top_k, top_p, pad_id, rng)
     prompt_ids = jnp.asarray(prompt_ids, jnp.int32)
     _check_length(model, prompt_ids.shape[1], s.max_new_tokens)
     mask = jnp.ones_like(prompt_ids) if prompt_mask is None else jnp.asarray(prompt_mask, jnp.int32)
+    _check_prompt_ids(model, prompt_ids, mask)
     graphdef, state = nnx.split(model)
     rng = jax.random.key(0) if rng is None else rng
     return _generate_cached(graphdef, state, prompt_ids, mask, rng, s)
@@ -206,6 +232,7 @@ def generate_without_cache(
     b, t = ids.shape
     _check_length(model, t, s.max_new_tokens)
     mask = jnp.ones_like(ids) if prompt_mask is None else jnp.asarray(prompt_mask, jnp.int32)
+    _check_prompt_ids(model, ids, mask)
     ids = jnp.pad(ids, ((0, 0), (0, s.max_new_tokens)), constant_values=s.pad_id)
     mask = jnp.pad(mask, ((0, 0), (0, s.max_new_tokens)))
     graphdef, state = nnx.split(model)

@@ -161,3 +161,26 @@ def test_smollm2_greedy_matches_transformers(tmp_path):
     uncached = generate_without_cache(ours, ids, mask, max_new_tokens=16,
                                       stop_ids=[tok.eos_token_id], pad_id=PAD)  # fmt: skip
     np.testing.assert_array_equal(uncached.tokens, want)
+
+
+def test_sample_logits_clamps_top_k_to_the_vocabulary():
+    """transformers clamps top_k to V; lax.top_k would fail on k > V."""
+    logits = jnp.log(jnp.asarray([[0.5, 0.3, 0.15, 0.05]] * 512))
+    key = jax.random.key(0)
+    big = sample_logits(logits, key, temperature=1.0, top_k=50)
+    np.testing.assert_array_equal(big, sample_logits(logits, key, temperature=1.0))
+
+
+def test_out_of_range_prompt_ids_are_named(tiny):
+    model, ids, mask = tiny
+    vocab = CASES["mha_untied"]["vocab_size"]
+    bad = ids.copy()
+    bad[1, 4] = vocab
+    for decode in (generate, generate_without_cache):
+        with pytest.raises(ValueError, match=rf"prompt_ids\[1, 4\] = {vocab} .*vocab_size={vocab}"):
+            decode(model, bad, mask, max_new_tokens=2)
+    padded = np.where(mask == 1, ids, vocab)  # masked padding may hold any id
+    np.testing.assert_array_equal(
+        generate(model, padded, mask, max_new_tokens=N).tokens,
+        generate(model, ids, mask, max_new_tokens=N).tokens,
+    )

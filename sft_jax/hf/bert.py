@@ -90,8 +90,33 @@ def _load_into(
     assign_params(model, {p[len(our_prefix) :]: v for p, v in loaded.items()})
 
 
+# Older Google BERT checkpoints (e.g. bert-base-uncased) name LayerNorm tensors gamma/beta;
+# transformers renames them on load, and so do we. Exports always write weight/bias.
+_LEGACY_LAYER_NORM = {
+    ".LayerNorm.gamma": ".LayerNorm.weight",
+    ".LayerNorm.beta": ".LayerNorm.bias",
+}
+
+
+def rename_legacy_layer_norm(tensors: dict[str, np.ndarray], source: Path) -> dict[str, np.ndarray]:
+    """Renames ``*.LayerNorm.gamma``/``*.LayerNorm.beta`` to ``*.LayerNorm.weight``/``.bias``.
+
+    Raises:
+        ValueError: A checkpoint holds both spellings of one tensor (both keys are named).
+    """
+    renamed: dict[str, np.ndarray] = {}
+    for key, value in tensors.items():
+        old = next((o for o in _LEGACY_LAYER_NORM if key.endswith(o)), None)
+        new = key if old is None else key[: -len(old)] + _LEGACY_LAYER_NORM[old]
+        if old is not None and new in tensors:
+            raise ValueError(f"{source} holds both {key!r} and {new!r}: the same tensor twice")
+        renamed[new] = value
+    return renamed
+
+
 def _read_tensors(model_dir: str | Path) -> tuple[dict[str, np.ndarray], Path]:
     tensors, source = io.read_model_tensors(model_dir)
+    tensors = rename_legacy_layer_norm(tensors, source)
     return add_prefix(tensors, "bert.", _BASE_ROOTS), source
 
 

@@ -110,8 +110,19 @@ class BertEmbeddings(nnx.Module):
         self.LayerNorm = _layer_norm(cfg, rngs)
 
     def __call__(self, input_ids: Array, token_type_ids: Array, dropout_rng=None) -> Array:
-        """int [B, T] ids and type ids -> [B, T, H]."""
+        """int [B, T] ids and type ids -> [B, T, H].
+
+        Raises:
+            ValueError: T exceeds ``max_position_embeddings`` (checked at trace time: shapes
+                are static, and the lookup would otherwise reuse the last position's row).
+        """
         t = input_ids.shape[1]
+        limit = self.position_embeddings.embedding.shape[0]  # max_position_embeddings
+        if t > limit:
+            raise ValueError(
+                f"sequence length {t} exceeds max_position_embeddings={limit}; truncate the "
+                f"inputs to at most {limit} tokens"
+            )
         x = self.word_embeddings(input_ids)  # [B, T, H]
         x = x + self.token_type_embeddings(token_type_ids)
         x = x + self.position_embeddings(jnp.arange(t))[None]  # [1, T, H]

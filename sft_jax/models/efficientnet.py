@@ -262,7 +262,8 @@ class EfficientNetForImageClassification(nnx.Module):
     def __call__(
         self, pixel_values: Array, *, train: bool = False, dropout_rng: Array | None = None
     ) -> Array:
-        """Logits: [B, H, W, 3] float32 (normalized) -> [B, num_labels].
+        """Logits: [B, H, W, 3] float32 (normalized) -> [B, num_labels] float32 (whatever the
+        compute dtype, as the other families).
 
         Args:
             pixel_values: Images normalized as ``read_image_spec`` says.
@@ -272,4 +273,4 @@ class EfficientNetForImageClassification(nnx.Module):
         """
         rng_body, rng_head = layers.split_rng(dropout_rng if train else None, 2)
         features = self.efficientnet(pixel_values, train=train, dropout_rng=rng_body)
-        return self.classifier(features, dropout_rng=rng_head)  # [B, K]
+        return self.classifier(features, dropout_rng=rng_head).astype(jnp.float32)  # [B, K]

@@ -163,6 +163,24 @@ class GPT2Model(nnx.Module):
         self.h = nnx.List([GPT2Block(cfg, i, rngs=rngs) for i in range(cfg.n_layer)])
         self.ln_f = _layer_norm(cfg, rngs)
 
+    def _check_length(self, t: int, cache: decoder.KVCache | None) -> None:
+        """Learned positions stop at ``n_positions``; past it the lookup would silently reuse
+        the last row. Shapes are static, so this runs once, at trace time. With a cache the
+        positions continue the cached tokens and stay below its slot count S, so S is checked
+        (``generate`` sizes it prompt + new tokens)."""
+        limit = self.config.n_positions
+        if t > limit:
+            raise ValueError(
+                f"sequence length {t} exceeds the model's n_positions={limit}; truncate the "
+                f"inputs to at most {limit} tokens"
+            )
+        slots = None if cache is None else cache.mask.shape[1]
+        if slots is not None and slots > limit:
+            raise ValueError(
+                f"a KV cache of {slots} slots exceeds the model's n_positions={limit}: its "
+                f"positions would run past the learned table; use at most {limit} slots"
+            )
+
     def __call__(
         self,
         input_ids: Array,
@@ -173,8 +191,13 @@ class GPT2Model(nnx.Module):
         dropout_rng: Array | None = None,
         cache: decoder.KVCache | None = None,
     ) -> tuple[Array, decoder.KVCache | None]:
-        """int [B, T] -> (hidden states [B, T, E], new cache or None); see ``GPT2LMHeadModel``."""
+        """int [B, T] -> (hidden states [B, T, E], new cache or None); see ``GPT2LMHeadModel``.
+
+        Raises:
+            ValueError: T, or the cache's slot count, exceeds ``n_positions``.
+        """
         b, t = input_ids.shape
+        self._check_length(t, cache)
         mask, positions, cache_mask = decoder.causal_lm_inputs(
             b, t, attention_mask, segment_ids, positions, cache
         )

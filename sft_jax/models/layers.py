@@ -169,8 +169,17 @@ class Embed(nnx.Module):
         )
 
     def __call__(self, ids: Array) -> Array:
-        """Looks up rows: int [...] -> [..., features]."""
-        return jnp.take(self.embedding[...], ids, axis=0).astype(self.dtype)
+        """Looks up rows: int [...] -> [..., features].
+
+        Ids outside ``[0, num_embeddings)`` are clipped to the nearest row. ``jnp.take``'s
+        default fills them with NaN instead, and a NaN at a masked padding key still turns every
+        real token's attention output into NaN (masking multiplies it by 0, and 0 * NaN = NaN):
+        one padding id equal to the vocabulary size would poison the whole row. Real ids are
+        checked where they come from (the data pipeline checks that the tokenizer fits the
+        vocabulary, ``generate`` checks prompts), and BERT and GPT-2 check the sequence length
+        against their position tables.
+        """
+        return jnp.take(self.embedding[...], ids, axis=0, mode="clip").astype(self.dtype)
 
     def attend(self, x: Array) -> Array:
         """Tied output projection: [..., features] -> [..., num_embeddings]."""

@@ -208,3 +208,42 @@ def test_head_and_num_labels_conflicts(tiny_dir, tmp_path):
     _torch_model(transformers.BertModel, **BASE).save_pretrained(bare)
     with pytest.raises(ValueError, match="no classifier head: pass num_labels"):
         load_bert_classifier(bare)
+
+
+def _legacy_name(key):
+    """The gamma/beta spelling of a LayerNorm tensor name."""
+    return key.replace("LayerNorm.weight", "LayerNorm.gamma").replace(
+        "LayerNorm.bias", "LayerNorm.beta"
+    )
+
+
+def test_legacy_layer_norm_gamma_beta_names_load(tiny_dir, tmp_path):
+    """Older Google BERT checkpoints (bert-base-uncased) name LayerNorm tensors gamma/beta."""
+    ref = transformers.BertForSequenceClassification.from_pretrained(
+        tiny_dir, attn_implementation="eager"
+    ).eval()
+
+    def rename(tensors):
+        for key in list(tensors):
+            tensors[_legacy_name(key)] = tensors.pop(key)
+
+    _edit_checkpoint(tiny_dir, rename)
+    assert any(k.endswith("LayerNorm.gamma") for k in io.read_model_tensors(tiny_dir)[0])
+    ours = load_bert_classifier(tiny_dir)
+    ids, mask, types = _inputs(BASE["vocab_size"], BASE["type_vocab_size"])
+    diff = np.abs(_ours(ours, ids, mask, types) - _torch_logits(ref, ids, mask, types)).max()
+    print(f"gamma/beta checkpoint {diff:.2e}")
+    assert diff <= TOL
+    export_bert_classifier(ours, tmp_path / "out")  # exports keep the weight/bias names
+    written = io.read_safetensors(tmp_path / "out" / io.SAFETENSORS_NAME)
+    assert "bert.embeddings.LayerNorm.weight" in written
+    assert not any(k.endswith(("LayerNorm.gamma", "LayerNorm.beta")) for k in written)
+
+
+def test_both_layer_norm_spellings_is_an_error(tiny_dir):
+    key = "bert.encoder.layer.0.output.LayerNorm.weight"
+    legacy = _legacy_name(key)
+    path = _edit_checkpoint(tiny_dir, lambda t: t.update({legacy: t[key].copy()}))
+    with pytest.raises(ValueError, match="holds both") as e:
+        load_bert_classifier(tiny_dir)
+    assert path in str(e.value) and key in str(e.value) and legacy in str(e.value)

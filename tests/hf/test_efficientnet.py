@@ -349,3 +349,14 @@ def test_layer_structure():
     assert "efficientnet/blocks/1/expand_conv/kernel" in paths
     variables = nnx.state(model, nnx.Variable)
     assert all(isinstance(v, (nnx.Param, nnx.BatchStat)) for _, v in nnx.to_flat_state(variables))
+
+
+def test_bfloat16_compute_returns_float32_logits():
+    """Like ResNet, ViT and BERT: the compute dtype never leaks into the logits."""
+    cfg = EfficientNetLiteConfig.from_variant(
+        "efficientnet-lite0", width_coefficient=0.25, num_labels=3, dtype="bfloat16"
+    )
+    model = EfficientNetForImageClassification(cfg, HeadConfig(), rngs=nnx.Rngs(0))
+    logits = model(images(1, 32))
+    assert logits.shape == (1, 3) and logits.dtype == np.float32
+    assert np.isfinite(np.asarray(logits)).all()

@@ -114,3 +114,25 @@ def test_bfloat16_compute_returns_float32_logits():
     ids, mask = _batch()
     assert m(ids, mask).dtype == jnp.float32
     assert m.bert.embeddings.word_embeddings.embedding.dtype == jnp.float32
+
+
+def test_masked_out_of_range_pad_ids_match_pad_id_zero(model):
+    """Right padding whose ids are outside the vocabulary is as invisible as pad id 0."""
+    ids, mask = _batch()  # row 0 has 2 masked positions at the end
+    want = np.asarray(model(ids.at[0, 4:].set(0), mask))
+    for pad in (TINY.vocab_size, 10**6, -1):
+        got = np.asarray(model(ids.at[0, 4:].set(pad), mask))
+        assert np.isfinite(got).all(), pad
+        np.testing.assert_allclose(got, want, atol=1e-6)
+
+
+def test_sequence_longer_than_the_position_table_is_an_error(model):
+    limit = TINY.max_position_embeddings
+    model(jnp.ones((1, limit), jnp.int32))  # exactly the table size is fine
+    with pytest.raises(ValueError, match=f"sequence length {limit + 1} exceeds "
+                       f"max_position_embeddings={limit}"):  # fmt: skip
+        model(jnp.ones((1, limit + 1), jnp.int32))
+    graphdef, state = nnx.split(model)
+    forward = jax.jit(lambda state, ids: nnx.merge(graphdef, state)(ids))
+    with pytest.raises(ValueError, match="exceeds max_position_embeddings"):  # at trace time
+        forward(state, jnp.ones((1, 2 * limit), jnp.int32))

@@ -5,6 +5,7 @@ import zlib
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 
 from sft_jax.models.gpt2 import GPT2Config, GPT2LMHeadModel
@@ -64,3 +65,26 @@ def test_gpt2_small_shapes_without_allocating():
     assert n == 124_439_808
     out = jax.eval_shape(lambda m, x: m(x), abstract, jax.ShapeDtypeStruct((1, 4), jnp.int32))
     assert out.shape == (1, 4, 50257)
+
+
+def test_masked_out_of_range_pad_ids_match_pad_id_zero():
+    model = tiny_gpt2()
+    ids = jnp.asarray([[5, 6, 7, 0, 0]])
+    mask = jnp.asarray([[1, 1, 1, 0, 0]])
+    want = np.asarray(model(ids, mask))[0, :3]
+    for pad in (TINY["vocab_size"], -1):
+        got = np.asarray(model(ids.at[0, 3:].set(pad), mask))[0, :3]
+        assert np.isfinite(got).all(), pad
+        np.testing.assert_allclose(got, want, atol=1e-6)
+
+
+def test_length_past_n_positions_is_an_error():
+    model = tiny_gpt2()
+    limit = TINY["n_positions"]
+    with pytest.raises(ValueError, match=f"sequence length {limit + 1} exceeds the model's "
+                       f"n_positions={limit}"):  # fmt: skip
+        model(jnp.ones((1, limit + 1), jnp.int32))
+    with pytest.raises(ValueError, match=f"KV cache of {limit + 4} slots exceeds"):
+        model(jnp.ones((1, 2), jnp.int32), cache=model.init_cache(1, limit + 4))
+    logits, _ = model(jnp.ones((1, 2), jnp.int32), cache=model.init_cache(1, limit))
+    assert logits.shape == (1, 2, TINY["vocab_size"])

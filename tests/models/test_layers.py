@@ -202,3 +202,12 @@ def test_head_scores_vjp_equals_autodiff_of_the_einsum():
     for got, want in zip(vjp(g), ref_vjp(g)):
         assert got.shape == want.shape
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_embed_clips_out_of_range_ids_instead_of_nan():
+    """A padding id outside the table (e.g. == vocab size) must not produce NaN rows."""
+    emb = layers.Embed(5, 3, rngs=nnx.Rngs(0))
+    table = np.asarray(emb.embedding[...])
+    got = np.asarray(emb(jnp.asarray([[0, 4, 5, 99, -1]])))
+    assert np.isfinite(got).all()
+    np.testing.assert_array_equal(got[0], table[[0, 4, 4, 4, 0]])

@@ -189,3 +189,17 @@ def test_bfloat16_compute_stays_close_to_float32():
     assert np.abs(np.asarray(out) - np.asarray(f32(ids))).max() < 0.1 * np.abs(f32(ids)).max()
     _, cache = bf16(ids, cache=bf16.init_cache(1, 6))
     assert cache.keys[0].dtype == jnp.bfloat16
+
+
+@pytest.mark.parametrize("pad", [TINY["vocab_size"], -1])
+def test_masked_out_of_range_pad_ids_match_pad_id_zero(pad):
+    """Padding ids outside the vocabulary (left or right) leave the real tokens' logits as pad
+    id 0 does: a NaN embedding at a masked key would otherwise poison the whole row."""
+    model = tiny_llama()
+    ids = jnp.asarray([[5, 6, 7, 0, 0], [0, 0, 5, 6, 7]])
+    mask = jnp.asarray([[1, 1, 1, 0, 0], [0, 0, 1, 1, 1]])
+    real = np.asarray(mask).astype(bool)
+    want = np.asarray(model(ids, mask))[real]
+    got = np.asarray(model(jnp.where(mask == 1, ids, pad), mask))[real]
+    assert np.isfinite(got).all()
+    np.testing.assert_allclose(got, want, atol=1e-6)
