@@ -25,6 +25,7 @@ import optax
 from flax import nnx
 
 from sft_jax import optimizers, tree_util
+from sft_jax.models import conv
 from sft_jax.sharding import PMAP_AXIS
 from sft_jax.train_state import StepSetup, TrainState
 
@@ -93,9 +94,11 @@ def _grads_and_stats(
 
     Under pmap (``axis_name`` set) ``batch`` is this device's slice: the target weight is summed
     over devices before dividing, and the per-device gradients and stats are summed after, so the
-    result is the global-batch gradient on every device; running statistics are averaged over
-    devices. With accumulation, each micro-batch's forward pass updates the running statistics
-    the next one starts from (as consecutive torch forward passes would).
+    result is the global-batch gradient on every device; BatchNorm layers average their batch
+    statistics over the devices (``conv.batch_axis_scope``), so they normalize, and update
+    their running statistics, as over the global batch. With accumulation, each micro-batch's
+    forward pass updates the running statistics the next one starts from (as consecutive torch
+    forward passes would).
     """
     trainable, frozen = _split(params, setup.trainable)
     total_w = jnp.maximum(_psum(task.total_weight(batch), axis_name), 1.0)
@@ -103,7 +106,8 @@ def _grads_and_stats(
 
     def loss_fn(t, f, mb, key):
         model = nnx.merge(setup.graphdef, _join(t, f))
-        loss_sum, stats = task.loss_sums(model, mb, key)
+        with conv.batch_axis_scope(axis_name):  # BatchNorm over the global batch under pmap
+            loss_sum, stats = task.loss_sums(model, mb, key)
         return loss_sum / total_w, (stats, _batch_stats(model) if has_stats else None)
 
     grad_fn = jax.grad(loss_fn, has_aux=True)
@@ -128,8 +132,6 @@ def _grads_and_stats(
         )
         bn = None if bns is None else jax.tree.map(lambda x: x[-1], bns)
     grads, stats = _psum((grads, stats), axis_name)
-    if bn is not None and axis_name is not None:
-        bn = jax.lax.pmean(bn, axis_name)
     return grads, stats, bn
 
 

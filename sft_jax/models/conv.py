@@ -8,13 +8,18 @@ variables updated as ``(1 - momentum) * running + momentum * batch`` (the *unbia
 variance, as torch), and normalization uses the biased one. A BatchNorm normalizes with batch
 statistics and updates its running ones only when called with ``train=True`` and not ``frozen``;
 ``frozen`` is a static attribute (part of the graph definition) that the trainer sets from the
-config and the freezing policy (``sft_jax.freezing.configure_batch_norm``).
+config and the freezing policy (``sft_jax.freezing.configure_batch_norm``). Inside
+``batch_axis_scope(name)`` (the pmap train step opens it) the batch statistics are averaged over
+the devices of that axis (synchronized BatchNorm), so a batch split over devices normalizes as
+the whole batch does under ``jit``.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import jax
@@ -160,6 +165,34 @@ def depthwise_conv_shifted(
     return out
 
 
+_BATCH_AXIS: contextvars.ContextVar[str | None] = contextvars.ContextVar("batch_axis", default=None)
+
+
+@contextlib.contextmanager
+def batch_axis_scope(axis_name: str | None) -> Iterator[None]:
+    """BatchNorm layers traced inside the block average their batch statistics over the mapped
+    axis ``axis_name`` (None: each call sees its whole batch)."""
+    token = _BATCH_AXIS.set(axis_name)
+    try:
+        yield
+    finally:
+        _BATCH_AXIS.reset(token)
+
+
+def _batch_moments(x32: Array) -> tuple[Array, Array, Any]:
+    """(mean, biased variance, count) over all axes but the last, across the devices of the
+    ``batch_axis_scope`` axis when one is open."""
+    axes, axis = tuple(range(x32.ndim - 1)), _BATCH_AXIS.get()
+    mean = jnp.mean(x32, axis=axes)
+    if axis is not None:
+        mean = jax.lax.pmean(mean, axis)
+    var = jnp.mean(jnp.square(x32 - mean), axis=axes)
+    n = math.prod(x32.shape[:-1])
+    if axis is not None:
+        var, n = jax.lax.pmean(var, axis), n * jax.lax.psum(1, axis)
+    return mean, var, n
+
+
 class BatchNorm(nnx.Module):
     """Batch normalization over all axes but the last (channels), torch semantics.
 
@@ -205,11 +238,8 @@ class BatchNorm(nnx.Module):
         updating the running ones in place."""
         x32 = x.astype(jnp.float32)
         if train and not self.frozen:
-            axes = tuple(range(x.ndim - 1))
-            mean = jnp.mean(x32, axis=axes)
-            var = jnp.mean(jnp.square(x32 - mean), axis=axes)  # biased: used to normalize
-            n = math.prod(x.shape[:-1])
-            unbiased = var * (n / max(n - 1, 1))
+            mean, var, n = _batch_moments(x32)  # var biased: used to normalize
+            unbiased = var * (n / jnp.maximum(n - 1, 1))
             m = self.momentum
             # Whole-value replacement (not ``[...] =``): works whatever array type holds it.
             self.mean.set_value((1 - m) * self.mean[...] + m * jax.lax.stop_gradient(mean))

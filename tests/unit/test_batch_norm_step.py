@@ -1,5 +1,6 @@
 """The train step with BatchNorm: running statistics are part of the state, never trained,
-updated exactly as torch's running averages (also with accumulation and under pmap), and frozen
+updated exactly as torch's running averages (also with accumulation, and synchronized over
+devices under pmap), and frozen
 (inference mode) where the freezing policy freezes the layer."""
 
 import jax
@@ -123,20 +124,22 @@ def test_batch_norm_modes_and_partial_freezing():
         freezing.configure_batch_norm(model, mask, "sometimes")
 
 
-def test_pmap_averages_the_devices_running_statistics():
+def test_pmap_synchronizes_batch_norm_as_jit_over_the_global_batch():
+    """pmap over 2 devices (4 images each) = jit on one device (8 images): BatchNorm normalizes
+    with, and updates its running statistics from, the statistics of all 8 images."""
     devices = jax.devices()[:2]
-    state, setup, step_fn = build(mode="pmap")
-    start = jax.tree.map(np.asarray, state.params)
     batch = image_batch(batch_size=8)
-    halves = [jax.tree.map(lambda x, i=i: x[i * 4 : (i + 1) * 4], batch) for i in range(2)]
-    per_device = [
-        tree_util.flatten_to_dict(forward_stats(start, [h], setup.graphdef)) for h in halves
-    ]
-    replicated = sharding.replicate(state, devices)
-    out, _ = step_fn(replicated, sharding.pmap_batch(batch, 2))
+    state, setup, step_fn = build()
+    start = jax.tree.map(np.asarray, state.params)
+    expected = tree_util.flatten_to_dict(forward_stats(start, [batch], setup.graphdef))
+    one, m_one = step_fn(state, sharding.put_batch(batch, setup.batch_sharding))
+    state, setup, pmap_fn = build(mode="pmap")
+    out, m_pmap = pmap_fn(sharding.replicate(state, devices), sharding.pmap_batch(batch, 2))
     copies = [jax.tree.map(lambda x, d=d: np.asarray(x)[d], out.params) for d in range(2)]
     jax.tree.map(np.testing.assert_array_equal, copies[0], copies[1])
+    np.testing.assert_allclose(np.asarray(m_pmap["loss"])[0], float(m_one["loss"]), rtol=1e-6)
     got = stat_leaves(copies[0], setup.stats)
-    for path in per_device[0]:
-        mean = (per_device[0][path] + per_device[1][path]) / 2
-        np.testing.assert_allclose(got[path], mean, rtol=1e-6, atol=1e-7)
+    for path, value in expected.items():
+        np.testing.assert_allclose(got[path], value, rtol=1e-6, atol=1e-7)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+                 copies[0], jax.device_get(one.params))  # fmt: skip
