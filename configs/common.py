@@ -12,9 +12,9 @@ def optimizer(**overrides) -> ml_collections.ConfigDict:
     # adamw | adam | sgd | adafactor | lion | lamb | muon | schedule_free_adamw
     c.name = "adamw"
     c.learning_rate = 5e-5
-    c.b1 = 0.9
-    c.b2 = 0.999
-    c.eps = 1e-8
+    c.b1 = 0.9  # adamw, adam, lion, lamb, muon (its Adam part), schedule_free_adamw (b1 only)
+    c.b2 = 0.999  # the same; adafactor uses its own factored defaults, not b1 / b2 / eps
+    c.eps = 1e-8  # adamw, adam, lamb, muon, schedule_free_adamw
     c.momentum = 0.9  # sgd only
     c.nesterov = False  # sgd only
     c.muon_beta = 0.95  # muon: momentum of the orthogonalized (matrix) part

@@ -40,6 +40,10 @@ def _safe_div(num: np.ndarray, den: np.ndarray) -> np.ndarray:
     return np.divide(num, den, out=np.zeros_like(num, dtype=np.float64), where=den > 0)
 
 
+def _present_mean(x: np.ndarray, seen: np.ndarray) -> float:
+    return float(x[seen].mean()) if seen.any() else 0.0
+
+
 def classification_metrics(cm: np.ndarray, label_names: list[str] | None = None) -> dict:
     """Accuracy, macro and per-class precision / recall / F1 from a confusion matrix.
 
@@ -50,7 +54,9 @@ def classification_metrics(cm: np.ndarray, label_names: list[str] | None = None)
     Returns:
       A flat dict: ``accuracy``, ``macro_precision``, ``macro_recall``, ``macro_f1``,
       ``{precision,recall,f1}/<name>`` per class, ``num_examples`` and ``confusion_matrix``
-      (nested lists).
+      (nested lists). The macro averages run over the classes that occur among the labels or
+      the predictions (as scikit-learn's ``average="macro"`` and torchmetrics do): a class
+      absent from both, as in a small or partial evaluation, does not count as an F1 of 0.
     """
     cm = np.asarray(cm, np.float64)
     k = cm.shape[0]
@@ -60,11 +66,12 @@ def classification_metrics(cm: np.ndarray, label_names: list[str] | None = None)
     recall = _safe_div(tp, cm.sum(axis=1))
     f1 = _safe_div(2 * precision * recall, precision + recall)
     total = cm.sum()
+    seen = (cm.sum(axis=0) + cm.sum(axis=1)) > 0  # classes among the labels or predictions
     out = {
         "accuracy": float(tp.sum() / total) if total else 0.0,
-        "macro_precision": float(precision.mean()),
-        "macro_recall": float(recall.mean()),
-        "macro_f1": float(f1.mean()),
+        "macro_precision": _present_mean(precision, seen),
+        "macro_recall": _present_mean(recall, seen),
+        "macro_f1": _present_mean(f1, seen),
         "num_examples": int(total),
     }
     for i, name in enumerate(names):

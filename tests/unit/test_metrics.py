@@ -27,6 +27,17 @@ def test_classification_metrics_match_sklearn():
     assert m["num_examples"] == 200
 
 
+def test_macro_averages_skip_classes_absent_from_labels_and_predictions():
+    labels, preds = np.array([0, 0, 1, 1, 1]), np.array([0, 1, 1, 1, 0])  # class 2 absent
+    m = metrics.classification_metrics(metrics.confusion_matrix(labels, preds, 3))
+    assert m["macro_f1"] == pytest.approx(f1_score(labels, preds, average="macro"))
+    assert m["macro_f1"] == pytest.approx((0.5 + 2 / 3) / 2)
+    p, r, _, _ = precision_recall_fscore_support(labels, preds, average="macro")
+    assert m["macro_precision"] == pytest.approx(p) and m["macro_recall"] == pytest.approx(r)
+    assert m["f1/2"] == 0.0  # still reported per class
+    assert metrics.classification_metrics(np.zeros((2, 2)))["macro_f1"] == 0.0
+
+
 def test_class_never_predicted_scores_zero_not_nan():
     cm = np.array([[3, 0], [2, 0]])  # class 1 never predicted
     m = metrics.classification_metrics(cm)
