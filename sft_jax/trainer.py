@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import time
 
@@ -58,6 +59,18 @@ def _flat(d: dict, prefix: str = "") -> dict:
         else:
             out[f"{prefix}{k}"] = v
     return out
+
+
+def track_best(progress: dict, value: float, mode: str, patience: int) -> None:
+    """Updates ``progress``' early-stopping bookkeeping (``best``, ``evals_since_best``,
+    ``stopped_early``) with one evaluation's metric; a NaN/Inf value never improves."""
+    best = progress["best"]
+    improved = math.isfinite(value) and (
+        best is None or (value > best if mode == "max" else value < best)
+    )
+    progress["best"] = value if improved else best
+    progress["evals_since_best"] = 0 if improved else progress["evals_since_best"] + 1
+    progress["stopped_early"] = bool(patience and progress["evals_since_best"] >= patience)
 
 
 class NonFiniteError(FloatingPointError):
@@ -203,16 +216,14 @@ class Trainer:
     def _after_eval(self, step: int, metrics: dict, progress: dict) -> bool:
         """Logs, checkpoints with the metric, updates early stopping. True = stop."""
         self.logger.write(step, "validation", metrics)
-        name, mode = self.ckpt_opts.best_metric, self.ckpt_opts.best_mode
+        name = self.ckpt_opts.best_metric
         value = metrics[name]
-        best = progress["best"]
-        improved = best is None or (value > best if mode == "max" else value < best)
-        progress["best"] = value if improved else best
-        progress["evals_since_best"] = 0 if improved else progress["evals_since_best"] + 1
         patience = self.cfg.train.early_stopping_patience
-        progress["stopped_early"] = bool(patience and progress["evals_since_best"] >= patience)
+        track_best(progress, value, self.ckpt_opts.best_mode, patience)
         progress["next_batch"] = step
-        self._save(progress, metrics={name: value})
+        if not math.isfinite(value):  # ranks nowhere: a checkpoint, never the best one
+            log.warning("step %d: validation %s=%s; not a candidate for best", step, name, value)
+        self._save(progress, metrics={name: value} if math.isfinite(value) else None)
         shown = {k: v for k, v in metrics.items() if isinstance(v, float)}
         log.info("step %d validation %s", step, " ".join(f"{k}={v:.4f}" for k, v in shown.items()))
         return progress["stopped_early"]

@@ -45,3 +45,21 @@ def test_no_checkpoints_is_a_clear_error(tmp_path):
     mngr = ckpt.make_manager(str(tmp_path / "empty"), ckpt.CheckpointOptions())
     with pytest.raises(FileNotFoundError, match="no checkpoints"):
         ckpt.resolve_step(mngr, "latest", ckpt.CheckpointOptions())
+
+
+def test_early_stopping_bookkeeping_and_nan_metrics():
+    from sft_jax.trainer import track_best
+
+    progress = {"best": None, "evals_since_best": 0, "stopped_early": False}
+    for value, best, since, stop in [
+        (float("nan"), None, 1, False),  # a NaN never becomes the best
+        (0.5, 0.5, 0, False),
+        (0.4, 0.5, 1, False),
+        (float("nan"), 0.5, 2, True),  # patience 2: two evaluations without improvement
+    ]:
+        track_best(progress, value, "max", patience=2)
+        assert (progress["best"], progress["evals_since_best"]) == (best, since)
+        assert progress["stopped_early"] is stop
+    progress = {"best": 1.0, "evals_since_best": 0, "stopped_early": False}
+    track_best(progress, 0.9, "min", patience=0)
+    assert progress == {"best": 0.9, "evals_since_best": 0, "stopped_early": False}
