@@ -300,6 +300,7 @@ class Trainer:
 
     def _train_one(self, step: int, progress: dict, meter: dict) -> int:
         if self.cfg.train.check_data_order and (step % self.steps_per_epoch == 0 or meter["first"]):
+            self._settle(progress, meter)  # the last step's row first, as in a resumed run
             resume_lib.check_data_order(
                 self.workdir, self.logger, self.train_ds, step, self.steps_per_epoch
             )

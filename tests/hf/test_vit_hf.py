@@ -124,7 +124,8 @@ def test_export_round_trip_through_transformers(tmp_path):
     round_spec = read_image_spec(out)
     assert (round_spec.size, round_spec.mean, round_spec.std) == (32, (0.5,) * 3, (0.5,) * 3)
     processor = transformers.AutoImageProcessor.from_pretrained(out)
-    assert processor.size["height"] == 32
+    # The evaluation view: shortest edge to 32, centre crop 32 x 32 (tests/data/test_resize.py).
+    assert (processor.size["shortest_edge"], processor.crop_size["height"]) == (32, 32)
 
 
 def test_errors(tmp_path):

@@ -65,7 +65,8 @@ def test_train_resume_evaluate_export_plot(setup, tmp_path):
     hf = transformers.AutoModelForImageClassification.from_pretrained(export_dir).eval()
     assert hf.config.id2label == {0: "blue", 1: "green", 2: "red"}
     processor = json.loads((export_dir / "preprocessor_config.json").read_text())
-    assert processor["size"] == {"height": 16, "width": 16}
+    assert processor["size"] == {"shortest_edge": 16}
+    assert processor["crop_size"] == {"height": 16, "width": 16}
     x = np.random.default_rng(0).standard_normal((2, 16, 16, 3)).astype(np.float32)
     with torch.no_grad():
         ref = hf(pixel_values=torch.from_numpy(x).permute(0, 3, 1, 2)).logits.numpy()
