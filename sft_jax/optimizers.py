@@ -27,16 +27,18 @@ embeddings decay, biases and normalization parameters do not.
 from __future__ import annotations
 
 import re
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import optax
 from optax.contrib import MuonDimensionNumbers, ScheduleFreeState
 
 from sft_jax import tree_util
 from sft_jax.policies import HEAD_PATTERN
+
+if TYPE_CHECKING:  # annotations only: the train step imports this module, not the config stack
+    import ml_collections
 
 OPTIMIZERS = ("adamw", "adam", "sgd", "adafactor", "lion", "lamb", "muon", "schedule_free_adamw")
 

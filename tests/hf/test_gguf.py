@@ -159,8 +159,17 @@ def test_smollm2_gguf_matches_transformers():
     assert ours.config.tie_word_embeddings and ours.config.num_key_value_heads == 3
     assert ours.config.eos_token_id == tok.eos_token_id == 2
     got = np.asarray(ours(jnp.asarray(ids)))
-    want = torch_logits(transformers_gguf_lm(path), ids)
+    reference = transformers_gguf_lm(path)
+    want = torch_logits(reference, ids)
     diff = max_diff(got, want)
-    print(f"SmolLM2 GGUF ({ids.shape[1]} tokens): max abs diff {diff:.2e}")
-    assert diff <= TOL
+    # 30 layers, logits up to ~38: float32 summation order alone moves them by ~1e-4 (9.9e-5
+    # between ours and torch on an AVX-512 Xeon, 1.1e-4 on an AVX2 EPYC). So compare both with
+    # torch in float64 too: ours must be as close to it as torch's own float32 run is.
+    with torch.no_grad():
+        exact = reference.double()(torch.from_numpy(ids.astype(np.int64))).logits.numpy()
+    ours_err, torch_err = max_diff(got, exact), max_diff(want, exact)
+    print(f"SmolLM2 GGUF ({ids.shape[1]} tokens): max abs diff {diff:.2e}; vs float64 torch: "
+          f"ours {ours_err:.2e}, torch float32 {torch_err:.2e}")  # fmt: skip
+    assert ours_err <= max(TOL, 1.25 * torch_err)
+    assert diff <= 2 * TOL
     assert (got.argmax(-1) == want.argmax(-1)).all()

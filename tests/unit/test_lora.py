@@ -103,6 +103,13 @@ def test_adapter_shares_kernel_and_carries_logical_names():
     assert salts[0] != salts[1]
 
 
+def rounding(logits: np.ndarray) -> float:
+    """Float32 reassociation noise allowed between two ways of computing ``logits`` (merged
+    vs separate adapters, jit vs eager): 1e-5 relative to the largest logit; its size depends
+    on the CPU's vector width (1.5e-5 on logits of ~2 with AVX2, under 1e-5 with AVX-512)."""
+    return 1e-5 * max(1.0, float(np.abs(logits).max()))
+
+
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_merge_equals_unmerged_and_restores_base_tree(family):
     base, model, _ = with_lora(family, trained=True)
@@ -111,7 +118,7 @@ def test_merge_equals_unmerged_and_restores_base_tree(family):
     merged = lora.merge_lora(model)
     diff = np.abs(np.asarray(merged(IDS)) - want).max()
     print(f"{family}: merged vs unmerged logits {diff:.2e}")
-    assert diff <= 1e-5
+    assert diff <= rounding(want)
     assert nnx.graphdef(merged) == nnx.graphdef(base)
     assert jax.tree.structure(nnx.to_pure_dict(nnx.state(merged, nnx.Param))) == jax.tree.structure(
         nnx.to_pure_dict(nnx.state(base, nnx.Param))
@@ -123,7 +130,7 @@ def test_merged_model_exports_and_reloads(tmp_path):
     want = np.asarray(model(IDS))
     out = export_model(lora.merge_lora(model), tmp_path / "hf")
     diff = np.abs(np.asarray(load_llama(out)(IDS)) - want).max()
-    assert diff <= 1e-5
+    assert diff <= rounding(want)
 
 
 def causal_batch(n=4, t=8, vocab=50, seed=0):
@@ -182,7 +189,7 @@ def test_adapter_dropout_follows_the_task_key():
                                                    segment_ids=batch["segment_ids"]))  # fmt: skip
     assert np.abs(same - eval_mode).max() > 1e-3
     jitted = jax.jit(task.logits)(model, batch, key0)  # the scope works while tracing too
-    np.testing.assert_allclose(jitted, same, atol=1e-5)
+    np.testing.assert_allclose(jitted, same, rtol=1e-5, atol=1e-5)  # float32 reassociation
 
     _, no_drop, _ = with_lora(dropout=0.0, trained=True)
     np.testing.assert_array_equal(
