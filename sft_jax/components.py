@@ -80,14 +80,14 @@ def label_names(data: Any) -> list[str]:
 
 
 def _check_split(data: Any, split: str, image: bool = False) -> None:
-    """Raises naming the config keys that give a missing split: ``data.validation_dir`` /
-    ``data.test_dir`` for image folders (``image``), ``data.validation_file`` /
-    ``data.test_file`` for text and chat files."""
+    """Raises naming the config keys that give a missing split (``builders.split_key``)."""
     if split not in data.sources:
-        kind, suffix = ("image folders", "dir") if image else ("files", "file")
+        from sft_jax.data.builders import split_key
+
+        kind = "image folders" if image else "files"
         raise ValueError(
             f"split {split!r} is not in the dataset (has {sorted(data.sources)}); for your own "
-            f"{kind} set data.validation_{suffix} / data.test_{suffix}"
+            f"{kind} set {split_key('validation', image)} / {split_key('test', image)}"
         )
 
 
@@ -132,13 +132,15 @@ def _lm_batches(cfg: ml_collections.ConfigDict, data: Any, tokenizer: Any, split
         tokenizer,
         seq_len=cfg.data.max_length,
         pack=cfg.data.pack,
-        seed=cfg.seed,
-        shuffle=train,
+        # Evaluation too, with a fixed seed (as text and images): a partial evaluation
+        # (train.max_eval_batches) then samples the whole split, not its first topics.
+        seed=cfg.seed if train else 0,
+        shuffle=True,
     )
     return chat_lm_dataset(
         rows,
         batch_size=cfg.data.batch_size if train else cfg.data.eval_batch_size,
-        shuffle=train,
+        shuffle=train,  # evaluation rows stay in order: the filler rows of the last batch last
         seed=cfg.seed,
         num_epochs=1,
         drop_remainder=train,

@@ -190,19 +190,28 @@ class Trainer:
         log.info("resumed from step %d in %s", step, self.workdir)
         return progress
 
-    def _save(self, progress: dict, metrics: dict | None = None) -> None:
-        """Checkpoints the current state; Schedule-Free's averaged parameters (what evaluation
-        scores) go in as the checkpoint's parameters, so that evaluation and export see them."""
+    def _averaged_params(self):
+        """Schedule-Free's averaged parameters (what evaluation scores), else None."""
+        if not optim.has_eval_params(self.cfg.optimizer):
+            return None
         state = self.runner.canonical(self.state)
-        averaged = None
-        if optim.has_eval_params(self.cfg.optimizer):
-            averaged = optim.eval_params(self.cfg.optimizer, state.opt_state, state.params)
+        return optim.eval_params(self.cfg.optimizer, state.opt_state, state.params)
+
+    def _save(self, progress: dict, metrics: dict | None = None, averaged=None) -> None:
+        """Checkpoints the current state; Schedule-Free's averaged parameters (``averaged``, or
+        computed here) go in as the checkpoint's parameters, so that evaluation and export see
+        them."""
+        if averaged is None:
+            averaged = self._averaged_params()
+        state = self.runner.canonical(self.state)
         ckpt_lib.save(self.mngr, state, progress, metrics, eval_params=averaged)
 
-    def evaluate(self) -> dict:
-        state = self.runner.canonical(self.state)
-        # Schedule-free optimizers evaluate at their averaged point; checkpoints keep the raw one.
-        params = optim.eval_params(self.cfg.optimizer, state.opt_state, state.params)
+    def evaluate(self, averaged=None) -> dict:
+        """Validation metrics of the current state, at Schedule-Free's averaged point
+        (``averaged``, or computed here) where the optimizer keeps one."""
+        if averaged is None:
+            averaged = self._averaged_params()
+        params = self.runner.canonical(self.state).params if averaged is None else averaged
         return evaluate(
             self.cfg.model.task,
             self.eval_step,
@@ -213,7 +222,7 @@ class Trainer:
             max_batches=self.cfg.train.max_eval_batches,
         )
 
-    def _after_eval(self, step: int, metrics: dict, progress: dict) -> bool:
+    def _after_eval(self, step: int, metrics: dict, progress: dict, averaged=None) -> bool:
         """Logs, checkpoints with the metric, updates early stopping. True = stop."""
         self.logger.write(step, "validation", metrics)
         name = self.ckpt_opts.best_metric
@@ -223,7 +232,7 @@ class Trainer:
         progress["next_batch"] = step
         if not math.isfinite(value):  # ranks nowhere: a checkpoint, never the best one
             log.warning("step %d: validation %s=%s; not a candidate for best", step, name, value)
-        self._save(progress, metrics={name: value} if math.isfinite(value) else None)
+        self._save(progress, {name: value} if math.isfinite(value) else None, averaged)
         shown = {k: v for k, v in metrics.items() if isinstance(v, float)}
         log.info("step %d validation %s", step, " ".join(f"{k}={v:.4f}" for k, v in shown.items()))
         return progress["stopped_early"]
@@ -275,11 +284,15 @@ class Trainer:
             limit,
         )
         if progress["skipped_in_a_row"] > limit:
+            skipped = progress["skipped_in_a_row"]
             progress["next_batch"] = int(self.runner.canonical(self.state).step)
+            # A run resumed after this stop (typically with a lower learning rate) starts with
+            # the full allowance rather than stopping at its first non-finite update.
+            progress["skipped_in_a_row"] = 0
             self._save(progress)
             self.mngr.wait_until_finished()
             raise NonFiniteError(
-                f"{progress['skipped_in_a_row']} non-finite updates in a row up to step {done} "
+                f"{skipped} non-finite updates in a row up to step {done} "
                 f"(limit train.max_skipped_steps={limit}); saved the parameters at step "
                 f"{progress['next_batch']} in {self.workdir} (skipped updates leave them "
                 "unchanged). Lower the learning rate or check the data."
@@ -343,9 +356,10 @@ class Trainer:
                 if evaluate or save:
                     self._settle(progress, meter)
                 if evaluate:
-                    last_eval = self.evaluate()
+                    averaged = self._averaged_params()  # computed once: scored, then saved
+                    last_eval = self.evaluate(averaged)
                     meter.update(t0=time.time(), count=0, step0=done)  # throughput: training only
-                    if self._after_eval(done, last_eval, progress):
+                    if self._after_eval(done, last_eval, progress, averaged):
                         log.info("early stopping at step %d", done)
                         break
                 elif save:

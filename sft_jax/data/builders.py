@@ -313,12 +313,18 @@ def _builder_from_config(
     raise ValueError(f"Unknown data.name {data_cfg.name!r}; expected 'tweet_sentiment' or 'files'")
 
 
+def split_key(split: str, image: bool = False) -> str:
+    """The config key that gives a split of the user's own data: ``data.<split>_dir`` for image
+    folders (``image``), ``data.<split>_file`` for text and chat files."""
+    return f"data.{split}_{'dir' if image else 'file'}"
+
+
 def prepare_sources(
-    builder: tfds.core.DatasetBuilder, validation_key: str = "data.validation_file"
+    builder: tfds.core.DatasetBuilder, image: bool = False
 ) -> dict[str, RandomAccessDataSource]:
     """Prepares ``builder`` once (no network) and opens its splits as random access sources;
-    warns when there is no validation split, naming ``validation_key``, the config key that
-    gives one (``data.validation_dir`` for image folders)."""
+    warns when there is no validation split, naming the config key that gives one
+    (``split_key``; ``image``: an image folder's)."""
     builder.download_and_prepare(download_config=tfds.download.DownloadConfig(**_NO_GCS))
     sources = {str(name): src for name, src in builder.as_data_source().items()}
     if "validation" not in sources:
@@ -326,7 +332,7 @@ def prepare_sources(
             "Dataset %s has no validation split (splits: %s); pass %s to evaluate during training.",
             builder.info.full_name,
             sorted(sources),
-            validation_key,
+            split_key("validation", image),
         )
     return sources
 

@@ -289,7 +289,7 @@ def load_image_classification(
       The splits, label names, dataset name and the files skipped while preparing.
     """
     builder = image_builder_from_config(data_cfg, data_dir)
-    sources = prepare_sources(builder, validation_key="data.validation_dir")
+    sources = prepare_sources(builder, image=True)
     keep = train_subset(len(sources["train"]), data_cfg.get("max_train_examples", 0))
     if keep is not None:
         sources["train"] = SubsetSource(sources["train"], keep)

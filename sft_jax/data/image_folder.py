@@ -157,13 +157,18 @@ def encode_png(pixels: np.ndarray) -> bytes:
 
 
 def _folder_digest(dirs: Mapping[str, pathlib.Path], items: Mapping[str, list]) -> str:
-    """Hash of every listed file's path, size and modification time (not its bytes)."""
+    """Hash of every listed file's path, size and modification time (not its bytes); a file
+    that cannot be read (a broken link) counts as missing, and preparation skips it as it skips
+    an undecodable image."""
     digest = hashlib.sha256()
     for split, root in dirs.items():
         digest.update(f"{split}:{root.resolve()}\n".encode())
         for rel, _ in items[split]:
-            st = (root / rel).stat()
-            digest.update(f"{rel}:{st.st_size}:{st.st_mtime_ns}\n".encode())
+            try:
+                st = (root / rel).stat()
+                digest.update(f"{rel}:{st.st_size}:{st.st_mtime_ns}\n".encode())
+            except OSError:
+                digest.update(f"{rel}:missing\n".encode())
     return digest.hexdigest()
 
 

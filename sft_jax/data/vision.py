@@ -31,14 +31,7 @@ import numpy as np
 from PIL import Image
 
 from sft_jax.data.limits import ImageSpec
-from sft_jax.data.warp import (  # noqa: F401  (re-exported: vision.warp, vision.box_matrix, ...)
-    Box,
-    box_matrix,
-    center_square,
-    filter_taps,
-    resize_matrix,
-    warp,
-)
+from sft_jax.data.warp import Box, box_matrix, center_square, warp
 
 # ---------------------------------------------------------------------------- transforms
 

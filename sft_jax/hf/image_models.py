@@ -286,7 +286,7 @@ def write_preprocessor_config(spec: ImageSpec, out_dir: str | Path) -> Path:
     """Writes a ``preprocessor_config.json`` for ``spec`` that reproduces our evaluation view
     (``sft_jax.data.vision``: the centred square of side min(H, W), resized to ``size``) with a
     stock processor, ``CLIPImageProcessor``: RGB, the shortest edge resized to ``size`` (PIL
-    bilinear, the filter ``vision.warp`` implements), the centred ``size`` x ``size`` crop, scaled
+    bilinear, the filter ``warp.warp`` implements), the centred ``size`` x ``size`` crop, scaled
     to [0, 1], normalized by ``mean`` / ``std``.
 
     With transformers' PIL backend (``backend="pil"``, the default without torchvision; the

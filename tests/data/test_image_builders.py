@@ -6,6 +6,7 @@ import collections
 import gzip
 import io
 import logging
+import os
 import pickle
 import re
 
@@ -227,7 +228,8 @@ def _save(path, array, mode=None, fmt=None):
 
 
 def _make_folders(root, rng):
-    """train/{ant,bee,cat}: 7 images each of mixed modes and formats, plus two bad files."""
+    """train/{ant,bee,cat}: 7 images each of mixed modes and formats, plus three bad files (a
+    truncated JPEG, text named .png, a broken link named .png)."""
     files = {}
     for c, name in enumerate(("ant", "bee", "cat")):
         for i in range(7):
@@ -253,6 +255,7 @@ def _make_folders(root, rng):
     (root / "train" / "bee" / "cut.jpg").write_bytes(jpeg.getvalue()[: len(jpeg.getvalue()) // 2])
     (root / "train" / "cat" / "notes.png").write_text("not an image")
     (root / "train" / "cat" / "README.txt").write_text("ignored: not an image extension")
+    os.symlink(root / "moved_away.png", root / "train" / "ant" / "gone.png")  # broken link
     (root / "train" / ".ipynb_checkpoints").mkdir()  # hidden: not a class
     return files
 
@@ -272,10 +275,17 @@ def test_image_folder_modes_skips_and_exact_pixels(folders, caplog):
     assert data.label_names == ["ant", "bee", "cat"]
     assert sorted(data.sources) == ["test", "train", "validation"]
     records = [r for src in data.sources.values() for r in _all(src)]
-    assert len(records) == 21  # 23 image files, 2 skipped
-    assert sorted(f for v in data.skipped.values() for f in v) == ["bee/cut.jpg", "cat/notes.png"]
+    assert len(records) == 21  # 24 image files, 3 skipped
+    assert sorted(f for v in data.skipped.values() for f in v) == [
+        "ant/gone.png",
+        "bee/cut.jpg",
+        "cat/notes.png",
+    ]
+    metadata = imf.ImageFolder(train_dir=root / "train", data_dir=root / "tfds").info.metadata
+    why = {f: reason for v in metadata["skipped"].values() for f, reason in v}
+    assert why["ant/gone.png"].startswith("FileNotFoundError")
     logged = re.findall(r"skipped (\d+) of \d+ images that could not be decoded", caplog.text)
-    assert sum(map(int, logged)) == 2 and "cut.jpg" in caplog.text and "notes.png" in caplog.text
+    assert sum(map(int, logged)) == 3 and "cut.jpg" in caplog.text and "notes.png" in caplog.text
     assert "converted to RGB" in caplog.text
     as_is = 0
     for r in records:
@@ -309,7 +319,7 @@ def test_image_folder_held_out_splits_stratified(folders):
     root, _ = folders
     cfg = _cfg(name="image_folder", train_dir=str(root / "train"))
     data = ib.load_image_classification(cfg, root / "tfds")
-    listing = imf.scan_image_folder(root / "train")  # 7 ant, 8 bee, 9 cat files
+    listing = imf.scan_image_folder(root / "train")  # 8 ant, 8 bee, 9 cat files
     names = ["ant", "bee", "cat"]
     parts = builders.stratified_split(
         [names.index(c) for _, c in listing],

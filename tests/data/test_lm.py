@@ -1,8 +1,10 @@
 """Tests for sft_jax.data.lm: rows of a split, batches with targets, per-epoch reshuffle."""
 
+import ml_collections
 import numpy as np
 import pytest
 
+from sft_jax import components
 from sft_jax.data import lm
 from tests.tiny_chat import CONV, tiny_chat_tokenizer
 
@@ -87,6 +89,32 @@ def test_training_batches_reshuffle_each_epoch_and_repeat_exactly(tok):
     assert sorted(first) == sorted(second) == sorted([8, 12, 9, 10, 6, 7])
     assert not np.array_equal(first, second)  # reshuffled
     np.testing.assert_array_equal(ds[4]["input_ids"], epoch.repeat()[4]["input_ids"])
+
+
+def test_eval_batches_sample_the_whole_split_in_a_fixed_order(tok):
+    """A partial evaluation (``train.max_eval_batches``) must not see only the first topics of a
+    split sorted by topic: evaluation shuffles conversations with a fixed seed, not the run's."""
+    words = ("hi", "bye", "hello", "there", "be", "nice") * 4
+    src = [{"messages": [{"role": "user", "content": w}, {"role": "assistant", "content": "ok"}]}
+           for w in sorted(words)]  # fmt: skip
+
+    def first_words(seed: int) -> list[int]:
+        cfg = ml_collections.ConfigDict(
+            {
+                "seed": seed,
+                "model": {"task": "causal_lm"},
+                "data": {"max_length": 6, "pack": False, "batch_size": 4, "eval_batch_size": 5},
+            }
+        )
+        split = type("D", (), {"sources": {"validation": src}})()
+        ds = components.batches(cfg, split, tok, "validation", train=False)
+        assert len(ds) == 5  # 24 rows and one filler row
+        return [int(b["input_ids"][r, 1]) for b in ds for r in range(5) if b["segment_ids"][r, 0]]
+
+    order = first_words(seed=1)
+    assert sorted(order) == sorted(tok.convert_tokens_to_ids(list(words)))
+    assert len(set(order[:5])) >= 4  # the first batch spans the split (in file order: 2 words)
+    assert first_words(seed=2) == order  # the same evaluation whatever the run's seed
 
 
 def test_stop_and_pad_ids(tok):

@@ -1,4 +1,4 @@
-"""Resizing parity: `vision.warp` against Pillow's BILINEAR filter (anti-aliased when
+"""Resizing parity: `warp.warp` against Pillow's BILINEAR filter (anti-aliased when
 shrinking), and the exported `preprocessor_config.json` against our evaluation batches."""
 
 import json
@@ -9,7 +9,7 @@ import torch
 import transformers
 from PIL import Image
 
-from sft_jax.data import vision
+from sft_jax.data import vision, warp
 from sft_jax.data.limits import ImageSpec
 from sft_jax.hf.image_models import write_preprocessor_config
 
@@ -28,14 +28,14 @@ def test_filter_taps_by_hand():
     # 4 -> 2: scale 2, so the triangle has half-width 2 input pixels. Output 0 samples x = 0.5:
     # pixels 0, 1, 2 weigh 1 - |i - 0.5| / 2 = 0.75, 0.75, 0.25 (pixel -1, 0.25, is outside:
     # dropped, and the rest renormalized), i.e. 3/7, 3/7, 1/7.
-    index, weight = vision.filter_taps(np.array([0.5, 2.5]), 2.0, 4)
+    index, weight = warp.filter_taps(np.array([0.5, 2.5]), 2.0, 4)
     assert index.shape == weight.shape == (2, 5) and weight.dtype == np.float32
     dense = np.zeros((2, 4))
     np.add.at(dense, (np.arange(2)[:, None], index), weight)
     want = np.array([[3, 3, 1, 0], [0, 1, 3, 3]]) / 7
     np.testing.assert_allclose(dense, want, atol=1e-7)
     row = np.array([[0, 7, 14, 21]], np.uint8)
-    out = vision.warp(row, vision.resize_matrix((1, 4), (1, 2)), (1, 2))[0, :, 0]
+    out = warp.warp(row, warp.resize_matrix((1, 4), (1, 2)), (1, 2))[0, :, 0]
     np.testing.assert_allclose(out, [5.0, 16.0], rtol=1e-6)  # plain bilinear gave 3.5, 17.5
 
 
@@ -46,7 +46,7 @@ def test_samples_past_the_edge_by_hand():
     # left edge, the symmetric 8 taps / 4, and (0.125, 0.375, 0.625, 0.875) / 2 up to the
     # right edge; all binary fractions, so exact in float32.
     row = np.arange(0, 80, 10, dtype=np.uint8)[None]  # [1, 8]
-    out = vision.warp(row, vision.box_matrix((-6, 0, 16, 1), (1, 4)), (1, 4))[0, :, 0]
+    out = warp.warp(row, warp.box_matrix((-6, 0, 16, 1), (1, 4)), (1, 4))[0, :, 0]
     np.testing.assert_array_equal(out, [0.0, 8.75, 35.0, 61.25])
 
 
@@ -65,15 +65,15 @@ def test_resize_matches_pil_float(in_hw, out_hw, box):
     image = _float_image(*in_hw, seed=sum(in_hw))
     h, w = in_hw
     x0, y0, x1, y1 = box or (0.0, 0.0, w, h)
-    matrix = vision.box_matrix((x0, y0, x1 - x0, y1 - y0), out_hw)
-    ours = vision.warp(image, matrix, out_hw)  # [oh, ow, 3]
+    matrix = warp.box_matrix((x0, y0, x1 - x0, y1 - y0), out_hw)
+    ours = warp.warp(image, matrix, out_hw)  # [oh, ow, 3]
     assert ours.shape == (*out_hw, 3) and ours.dtype == np.float32
     diff = max(np.abs(ours[..., c] - _pil(image[..., c], out_hw, box)).max() for c in range(3))
     print(f"{in_hw} -> {out_hw} box {box}: max abs diff vs PIL {diff:.1e}")
     assert diff <= 1e-5
     # Flipping samples the mirrored box of the mirrored image.
-    flip = vision.box_matrix((x0, y0, x1 - x0, y1 - y0), out_hw, flip=True)
-    flipped = vision.warp(image, flip, out_hw)
+    flip = warp.box_matrix((x0, y0, x1 - x0, y1 - y0), out_hw, flip=True)
+    flipped = warp.warp(image, flip, out_hw)
     mirrored = (w - x1, y0, w - x0, y1)
     ref = _pil(np.ascontiguousarray(image[:, ::-1, 0]), out_hw, mirrored)
     assert np.abs(flipped[..., 0] - ref).max() <= 1e-5
@@ -81,7 +81,7 @@ def test_resize_matches_pil_float(in_hw, out_hw, box):
 
 def test_shrinking_differs_from_plain_bilinear_and_sheared_views_do_not_antialias():
     image = np.random.default_rng(3).integers(0, 256, (32, 32, 3), dtype=np.uint8)
-    matrix = vision.resize_matrix((32, 32), 8)
+    matrix = warp.resize_matrix((32, 32), 8)
     tensor = torch.from_numpy(image.astype(np.float32)).permute(2, 0, 1)[None]
 
     def torch_resize(antialias):
@@ -90,11 +90,11 @@ def test_shrinking_differs_from_plain_bilinear_and_sheared_views_do_not_antialia
         )
         return out[0].permute(1, 2, 0).numpy()
 
-    ours = vision.warp(image, matrix, 8)
+    ours = warp.warp(image, matrix, 8)
     np.testing.assert_allclose(ours, torch_resize(True), atol=1e-3)  # torch's PIL-style filter
     assert np.abs(ours - torch_resize(False)).max() > 10
     # The general (shear) path is plain bilinear: no anti-aliasing, as documented.
-    general = vision.warp(image, matrix, 8, _force_general=True)
+    general = warp.warp(image, matrix, 8, _force_general=True)
     np.testing.assert_allclose(general, torch_resize(False), atol=1e-3)
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from sft_jax.data import vision
+from sft_jax.data import vision, warp
 from sft_jax.data.limits import ImageSpec
 from sft_jax.data.text import num_batches
 
@@ -57,28 +57,26 @@ def test_resize_2x2_to_4x4_by_hand():
     # x_in = (x_out + 0.5) / 2 - 0.5 = -0.25, 0.25, 0.75, 1.25: taps (0 | 0.75, 0.25 |
     # 0.25, 0.75 | 1), the ends clamped to the edge pixel. Rows likewise.
     want = [[0, 1, 3, 4], [2, 3, 5, 6], [6, 7, 9, 10], [8, 9, 11, 12]]
-    matrix = vision.resize_matrix((2, 2), 4)
+    matrix = warp.resize_matrix((2, 2), 4)
     np.testing.assert_array_equal(matrix, [[0.5, 0, -0.25], [0, 0.5, -0.25]])
-    out = vision.warp(image, matrix, 4)
+    out = warp.warp(image, matrix, 4)
     assert out.shape == (4, 4, 1) and out.dtype == np.float32
     np.testing.assert_array_equal(out[..., 0], want)
-    np.testing.assert_array_equal(vision.warp(image, matrix, 4, _force_general=True)[..., 0], want)
+    np.testing.assert_array_equal(warp.warp(image, matrix, 4, _force_general=True)[..., 0], want)
 
 
 def test_identity_warp_is_exact():
     image = np.random.default_rng(1).integers(0, 256, (5, 7, 3), dtype=np.uint8)
-    for matrix in (vision.resize_matrix((5, 7), (5, 7)), np.eye(2, 3)):
-        np.testing.assert_array_equal(vision.warp(image, matrix, (5, 7)), image)
-        np.testing.assert_array_equal(
-            vision.warp(image, matrix, (5, 7), _force_general=True), image
-        )
+    for matrix in (warp.resize_matrix((5, 7), (5, 7)), np.eye(2, 3)):
+        np.testing.assert_array_equal(warp.warp(image, matrix, (5, 7)), image)
+        np.testing.assert_array_equal(warp.warp(image, matrix, (5, 7), _force_general=True), image)
 
 
 def test_resize_matches_torch_and_pil():
     image = np.random.default_rng(2).integers(0, 256, (9, 13, 3), dtype=np.uint8)
     tensor = torch.from_numpy(image.astype(np.float32)).permute(2, 0, 1)[None]
     for out_hw in ((20, 31), (4, 6), (9, 5)):  # up, down, mixed
-        ours = vision.warp(image, vision.resize_matrix((9, 13), out_hw), out_hw)
+        ours = warp.warp(image, warp.resize_matrix((9, 13), out_hw), out_hw)
         ref = torch.nn.functional.interpolate(  # antialias: PIL's filter (no-op when upsampling)
             tensor, size=out_hw, mode="bilinear", align_corners=False, antialias=True
         )
@@ -88,20 +86,20 @@ def test_resize_matches_torch_and_pil():
     # PIL's bilinear filter equals plain bilinear when upsampling (edges included).
     grey = image[..., 0].astype(np.float32)
     pil = Image.fromarray(grey, mode="F").resize((31, 20), Image.Resampling.BILINEAR)
-    ours = vision.warp(image[..., :1], vision.resize_matrix((9, 13), (20, 31)), (20, 31))[..., 0]
+    ours = warp.warp(image[..., :1], warp.resize_matrix((9, 13), (20, 31)), (20, 31))[..., 0]
     np.testing.assert_allclose(ours, np.asarray(pil), atol=1e-3)
 
 
 def test_general_path_matches_axis_aligned_and_naive_bilinear():
     image = _grey(6, 5, seed=3)
     for matrix in (  # neither shrinks (a shrunk axis is anti-aliased, the general path is not)
-        vision.box_matrix((-2.0, 1.5, 7.5, 3.0), (7, 8), flip=True),
-        vision.resize_matrix((6, 5), (7, 8)),
+        warp.box_matrix((-2.0, 1.5, 7.5, 3.0), (7, 8), flip=True),
+        warp.resize_matrix((6, 5), (7, 8)),
     ):
-        fast = vision.warp(image, matrix, (7, 8))
-        np.testing.assert_array_equal(fast, vision.warp(image, matrix, (7, 8), _force_general=True))
-    matrix = vision.box_matrix((-2.0, 1.5, 9.0, 3.0), 6, shear_degrees=(20.0, -10.0))
-    out = vision.warp(image, matrix, 6)[..., 0]
+        fast = warp.warp(image, matrix, (7, 8))
+        np.testing.assert_array_equal(fast, warp.warp(image, matrix, (7, 8), _force_general=True))
+    matrix = warp.box_matrix((-2.0, 1.5, 9.0, 3.0), 6, shear_degrees=(20.0, -10.0))
+    out = warp.warp(image, matrix, 6)[..., 0]
 
     def pixel(y, x):  # replicated edges
         return float(image[min(max(y, 0), 5), min(max(x, 0), 4), 0])
@@ -118,31 +116,31 @@ def test_general_path_matches_axis_aligned_and_naive_bilinear():
 
 def test_flip_mirrors_exactly():
     image = np.arange(27, dtype=np.uint8).reshape(3, 3, 3)
-    matrix = vision.box_matrix((0, 0, 3, 3), 3, flip=True)
+    matrix = warp.box_matrix((0, 0, 3, 3), 3, flip=True)
     np.testing.assert_array_equal(matrix, [[-1, 0, 2], [0, 1, 0]])
-    np.testing.assert_array_equal(vision.warp(image, matrix, 3), image[:, ::-1])
+    np.testing.assert_array_equal(warp.warp(image, matrix, 3), image[:, ::-1])
 
 
 def test_zoom_and_translation_matrices():
     # The 2x2 box at (1, 1) of a 4x4 image onto 4x4: output centre x -> 1 + 2 (x + 0.5) / 4 - 0.5.
-    matrix = vision.box_matrix((1, 1, 2, 2), 4)
+    matrix = warp.box_matrix((1, 1, 2, 2), 4)
     np.testing.assert_array_equal(matrix, [[0.5, 0, 0.75], [0, 0.5, 0.75]])
     image = np.arange(16, dtype=np.uint8).reshape(4, 4)
-    out = vision.warp(image, matrix, 4)[..., 0]
+    out = warp.warp(image, matrix, 4)[..., 0]
     assert out[0, 0] == pytest.approx(image[0, 0] + 0.75 * 4 + 0.75)  # bilinear at (0.75, 0.75)
     # A box shifted by (dx, dy) shifts every sample by (dx, dy).
-    shifted = vision.box_matrix((3, -2, 2, 2), 4)
+    shifted = warp.box_matrix((3, -2, 2, 2), 4)
     np.testing.assert_array_equal(shifted - matrix, [[0, 0, 2], [0, 0, -3]])
 
 
 def test_shear_maps_known_points():
-    matrix = vision.box_matrix((0, 0, 4, 4), 4, shear_degrees=(45.0, 0.0))
+    matrix = warp.box_matrix((0, 0, 4, 4), 4, shear_degrees=(45.0, 0.0))
     centre = np.array([1.5, 1.5, 1.0])  # box centre in pixel-centre units: a fixed point
     np.testing.assert_allclose(matrix @ centre, [1.5, 1.5])
     # Two pixels below the centre moves two pixels right (tan 45 = 1); rows stay put.
     np.testing.assert_allclose(matrix @ [1.5, 3.5, 1.0], [3.5, 3.5])
     np.testing.assert_allclose(matrix @ [3.5, 1.5, 1.0], [3.5, 1.5])
-    y_shear = vision.box_matrix((0, 0, 4, 4), 4, shear_degrees=(0.0, -30.0))
+    y_shear = warp.box_matrix((0, 0, 4, 4), 4, shear_degrees=(0.0, -30.0))
     np.testing.assert_allclose(y_shear @ [2.5, 1.5, 1.0], [2.5, 1.5 - math.tan(math.radians(30))])
 
 
@@ -225,7 +223,7 @@ def test_png_bytes_rgba_and_resize_in_pipeline():
     batch = _dataset(source, image_size=3)[0]
     np.testing.assert_array_equal(batch["pixel_values"][0], batch["pixel_values"][1])
     # Evaluation view of a 6x8 image: its centred 6x6 square (x from 1 to 7), resized to 3x3.
-    pixels = vision.warp(rgb, vision.box_matrix((1, 0, 6, 6), 3), 3)
+    pixels = warp.warp(rgb, warp.box_matrix((1, 0, 6, 6), 3), 3)
     want = vision.normalize(pixels / 255, SPEC.mean, SPEC.std)
     np.testing.assert_allclose(batch["pixel_values"][0], want, rtol=1e-6, atol=1e-5)
 

@@ -196,6 +196,13 @@ def test_too_many_nan_updates_stop_with_a_checkpoint(setup_dirs, tmp_path):
     good = [r for r in log_lib.read_metrics(workdir) if r["split"] == "train"][1]
     # The saved parameters are those after step 2, the last good update.
     assert norm(params_of(workdir)) == pytest.approx(good["param_norm"], rel=1e-5)
+    # Resumed (as after lowering the learning rate), the run has the full allowance again: one
+    # more non-finite update is skipped, not a reason to stop at once.
+    resumed = PoisonedTrainer(cfg, workdir)
+    resumed.poisoned = (5,)  # its first update
+    resumed.run()
+    train = [r for r in log_lib.read_metrics(workdir) if r["split"] == "train"]
+    assert [(r["step"], r["nonfinite"]) for r in train[-3:]] == [(6, 1.0), (7, 0.0), (8, 0.0)]
 
 
 class _Flag:
