@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 
 from sft_jax import optimizers, tree_util
 from sft_jax.models import conv
@@ -50,13 +51,24 @@ def _without_stats(params: Any, stats: Any | None) -> Any:
     return jax.tree.map(lambda p, m: jnp.zeros((), p.dtype) if m else p, params, stats)
 
 
-def _micro_batches(batch: dict, n: int) -> dict:
-    """[B, ...] -> [n, B/n, ...] for scanning over micro-batches."""
+def _micro_batches(batch: dict, n: int, sharding: NamedSharding | None = None) -> dict:
+    """[B, ...] -> [n, B/n, ...] for scanning over micro-batches; micro-batch i holds rows
+    i, i + n, i + 2n, ...
+
+    Strided rather than contiguous, so that on a data-parallel mesh (``sharding``: the batch's,
+    leading axis over the devices) each device's contiguous block of rows splits into its own
+    share of every micro-batch, and no row moves between devices (contiguous micro-batches would
+    each live on a fraction of the devices: XLA all-gathers the batch). Any split gives the same
+    summed gradient."""
 
     def reshape(x):
         if x.shape[0] % n:
             raise ValueError(f"batch size {x.shape[0]} not divisible by accumulation_steps={n}")
-        return x.reshape((n, x.shape[0] // n) + x.shape[1:])
+        micro = x.reshape((x.shape[0] // n, n) + x.shape[1:]).swapaxes(0, 1)
+        if sharding is None:
+            return micro
+        spec = PartitionSpec(None, *sharding.spec)
+        return jax.lax.with_sharding_constraint(micro, NamedSharding(sharding.mesh, spec))
 
     return jax.tree.map(reshape, batch)
 
@@ -114,7 +126,10 @@ def _grads_and_stats(
     if accumulation_steps == 1:
         grads, (stats, bn) = grad_fn(trainable, frozen, batch, rng)
     else:
-        micro = _micro_batches(batch, accumulation_steps)
+        # Under pmap ``batch`` is this device's slice already; under jit, keep rows in place.
+        micro = _micro_batches(
+            batch, accumulation_steps, None if axis_name else setup.batch_sharding
+        )
 
         def body(carry, xs):
             g_acc, st_acc, f = carry

@@ -86,7 +86,8 @@ def test_accumulation_updates_statistics_micro_batch_after_micro_batch():
     state, setup, step_fn = build(accumulation=2)
     start = jax.tree.map(np.asarray, state.params)
     batch = image_batch(batch_size=8)
-    halves = [jax.tree.map(lambda x, i=i: x[i * 4 : (i + 1) * 4], batch) for i in range(2)]
+    # Micro-batch i holds rows i, i + 2, i + 4, ... (steps._micro_batches).
+    halves = [jax.tree.map(lambda x, i=i: x[i::2], batch) for i in range(2)]
     expected = tree_util.flatten_to_dict(forward_stats(start, halves, setup.graphdef))
     state, _ = step_fn(state, sharding.put_batch(batch, setup.batch_sharding))
     got = stat_leaves(state.params, setup.stats)
