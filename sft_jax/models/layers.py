@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import logging
 import math
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -457,7 +458,7 @@ def attention_implementation(name: str):
     ``"xla"`` (default): the einsum + float32 softmax below, on every backend. ``"cudnn"``:
     ``jax.nn.dot_product_attention``'s fused cuDNN (flash) kernel on NVIDIA GPUs, for bfloat16 /
     float16 compute without attention-probability dropout, where cuDNN takes the shapes
-    (otherwise the XLA path is used).
+    (otherwise the XLA path is used; on a machine without cuDNN too, with a warning).
     The choice is read when a function is traced: select it before the first call of a jitted
     step (a cached trace keeps the kernel it was traced with). On an H200 the cuDNN kernel
     matches the XLA path to bfloat16 rounding (outputs and gradients, causal + packed + GQA).
@@ -549,6 +550,18 @@ def _cudnn_attention(q: Array, k: Array, v: Array, mask: AttentionMask) -> Array
         )
     except NotImplementedError:
         return None  # shapes the fused kernel does not take: the XLA path
+    except RuntimeError as e:  # no cuDNN here (a CPU or TPU run of a GPU config)
+        _warn_once(f"runtime.attention='cudnn' unavailable ({e}); using the XLA attention")
+        return None
+
+
+_warned: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        logging.getLogger(__name__).warning(message)
 
 
 def _xla_attention(

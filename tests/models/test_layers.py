@@ -1,5 +1,7 @@
 """Shared layers: masks, attention (MHA and GQA), dropout, LayerNorm, logical axis names."""
 
+import logging
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -113,6 +115,22 @@ def test_attention_implementation_selects_and_falls_back():
         assert not layers._fused_attention_applies(q.astype(jnp.bfloat16), 0.1, jax.random.key(0))
         np.testing.assert_array_equal(layers.dot_product_attention(q, k, v), ref)
     assert not layers._fused_attention_applies(q.astype(jnp.bfloat16), 0.0, None)  # reset
+
+
+@pytest.mark.skipif(jax.default_backend() == "gpu", reason="checks a machine without cuDNN")
+def test_cudnn_attention_without_cudnn_falls_back_with_a_warning(caplog):
+    """A GPU config run on CPU (bfloat16 compute, runtime.attention='cudnn'): jax raises
+    "cuDNN is not detected"; the layer warns once and computes the XLA attention."""
+    rng = np.random.default_rng(0)
+    q, k, v = (jnp.asarray(rng.normal(size=(1, 4, 2, 8)), jnp.bfloat16) for _ in range(3))
+    ref = layers.dot_product_attention(q, k, v)
+    layers._warned.clear()
+    with caplog.at_level(logging.WARNING, logger=layers.__name__):
+        with layers.attention_implementation("cudnn"):
+            for _ in range(2):
+                np.testing.assert_array_equal(layers.dot_product_attention(q, k, v), ref)
+    warnings = [r.getMessage() for r in caplog.records if r.name == layers.__name__]
+    assert len(warnings) == 1 and "runtime.attention='cudnn' unavailable" in warnings[0]
     with pytest.raises(ValueError, match="'flash'"):
         with layers.attention_implementation("flash"):
             pass
