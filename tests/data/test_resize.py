@@ -59,6 +59,7 @@ def test_samples_past_the_edge_by_hand():
         ((20, 50), (30, 7), None),  # up along y, down along x
         ((45, 70), (16, 12), (5.5, 3.0, 50.5, 38.25)),  # a crop (x0, y0, x1, y1), shrunk
         ((45, 70), (11, 13), (0.0, 2.5, 70.0, 45.0)),  # a crop that touches the edges
+        ((300, 410), (16, 12), (7.25, 4.5, 400.0, 290.0)),  # by 18 x 33: several row bands
     ],
 )
 def test_resize_matches_pil_float(in_hw, out_hw, box):
