@@ -25,6 +25,8 @@ bench() {  # NAME ARGS...: one benchmark run, its table in NAME.txt, its JSON in
 }
 bench smollm2-135m_b64 --models smollm2-135m --batch_size 64 --attention cudnn --steps 6 \
   --profile "$profile"
+bench smollm2-135m_b64_loss_chunk256 --models smollm2-135m --batch_size 64 --attention cudnn \
+  --loss_chunk 256 --steps 6
 bench bert-base_b256 --models bert-base --batch_size 256 --attention cudnn \
   --attention_dropout 0 --dropout hash --steps 6 --profile "$profile"
 bench bert-base_b512 --models bert-base --batch_size 512 --attention cudnn \
