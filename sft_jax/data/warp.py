@@ -14,8 +14,9 @@ resize or crop equals `PIL.Image.resize(..., BILINEAR, box=...)` on float images
 (Fashion-MNIST 28 -> 112 / 224) is plain two-tap bilinear, which is what that filter reduces to.
 A sample farther outside the image than the half-width takes the nearest edge pixel (PIL
 rejects such boxes; this is replicate padding, as for upsampling). A sheared map (training
-augmentation with `shear_degrees`) is plain bilinear with replicated edges and no
-anti-aliasing: a sheared view that shrinks the image aliases, the more the larger the factor.
+augmentation with `shear_degrees`) is plain bilinear with replicated edges; one that shrinks
+the image is first shrunk along each axis with that filter onto a grid that steps as the map
+does, so a sheared view is anti-aliased too (`_warp_prefiltered`).
 """
 
 from __future__ import annotations
@@ -151,7 +152,48 @@ def warp(
             return _resample_axis(rows, x_in, m[0, 0], axis=1)
         cols = _resample_axis(image, x_in, m[0, 0], axis=1)  # [H, ow, C]
         return _resample_axis(cols, y_in, m[1, 1], axis=0)  # [oh, ow, C]
+    if not _force_general and max(_shrink_factors(m)) > 1:
+        return _warp_prefiltered(image, m, (oh, ow), xs, ys)
     return _warp_general(image, m, xs, ys)
+
+
+def _shrink_factors(m: np.ndarray) -> tuple[float, float]:
+    """Input pixels per output pixel of a map along x and y: the largest step of x_in (and of
+    y_in) for one output pixel along either output axis."""
+    return max(abs(m[0, 0]), abs(m[0, 1])), max(abs(m[1, 0]), abs(m[1, 1]))
+
+
+def _warp_prefiltered(
+    image: np.ndarray, m: np.ndarray, out_hw: tuple[int, int], xs: np.ndarray, ys: np.ndarray
+) -> np.ndarray:
+    """A sheared map that shrinks, without aliasing, as a mipmap would: the input region the
+    view covers is first shrunk along each axis by the map's factor with the anti-aliased
+    axis-aligned filter, onto a grid that steps as the map does from output pixel (0, 0), then
+    sampled bilinearly by what remains of the map (about one grid pixel per output pixel).
+    Without shear that remainder is a whole-pixel shift (and flip): the axis-aligned result."""
+    h, w = image.shape[:2]
+    oh, ow = out_hw
+    fx, fy = (max(f, 1.0) for f in _shrink_factors(m))
+    corners = np.array([[-0.5, -0.5], [ow - 0.5, -0.5], [-0.5, oh - 0.5], [ow - 0.5, oh - 0.5]])
+    x_in, y_in = (corners @ m[:, :2].T + m[:, 2]).T  # where the view's corners fall
+    # Grid steps k from output pixel (0, 0)'s input position, covering the view and a filter
+    # width around it, within the image (pixel centres -0.5 .. n - 0.5).
+    kx = _grid_steps(x_in.min() - fx, x_in.max() + fx, m[0, 2], fx, w)
+    ky = _grid_steps(y_in.min() - fy, y_in.max() + fy, m[1, 2], fy, h)
+    if kx is None or ky is None:  # the view lies outside the image: edge pixels, unfiltered
+        return _warp_general(image, m, xs, ys)
+    grid = np.array([[fx, 0.0, m[0, 2] + kx[0] * fx], [0.0, fy, m[1, 2] + ky[0] * fy]])
+    inner = warp(image, grid, (ky[1] - ky[0] + 1, kx[1] - kx[0] + 1))  # anti-aliased
+    rest = np.linalg.solve(np.vstack([grid, [0, 0, 1]]), np.vstack([m, [0, 0, 1]]))[:2]
+    return _warp_general(inner, rest, xs, ys)
+
+
+def _grid_steps(lo: float, hi: float, origin: float, step: float, n: int):
+    """(first, last) k with origin + k * step in [lo, hi] widened to whole steps and cut to the
+    image's [-0.5, n - 0.5]; None when that leaves nothing."""
+    lo, hi = max(lo, -0.5), min(hi, n - 0.5)
+    first, last = math.floor((lo - origin) / step), math.ceil((hi - origin) / step)
+    return (first, last) if first <= last and lo <= hi else None
 
 
 def _warp_general(image: np.ndarray, m: np.ndarray, xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
