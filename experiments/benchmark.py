@@ -276,9 +276,10 @@ def main(argv):
     print(_policy_table(results) if _POLICIES.value else _table(results))
     if "pipeline" in report:
         p = report["pipeline"]
+        unit = "images" if "images_per_s" in p else "tokens"
         print(
             f"input pipeline ({_DATA_CONFIG.value}): {p['batches_per_s']:.1f} batches/s, "
-            f"{p['tokens_per_s']:.0f} tokens/s, batch {p['batch_shape']}, "
+            f"{p[unit + '_per_s']:.0f} {unit}/s, batch {p['batch_shape']}, "
             f"setup {p['setup_s']:.1f} s"
         )
     with open(_OUT.value, "w") as f:

@@ -16,36 +16,39 @@ def pipeline_throughput(cfg: Any, num_batches: int = 50, split: str = "train") -
     """Times ``num_batches`` training batches of ``cfg``'s pipeline on the host.
 
     Args:
-      cfg: an experiment config (``configs/text_cls.py``, ``configs/chat_sft.py``).
+      cfg: an experiment config (``configs/text_cls.py``, ``configs/chat_sft.py``,
+        ``configs/image_cls.py``).
       num_batches: batches to read after the first (which is timed separately: it includes
         opening the sources and, for chat data, tokenizing and packing the split).
       split: which split to read.
 
     Returns:
-      ``setup_s`` (load data + tokenizer + first batch), ``batches_per_s``,
-      ``examples_per_s`` (rows per second) and ``tokens_per_s`` (non-padding tokens).
+      ``setup_s`` (load data + tokenizer + first batch), ``batch_shape`` (token ids, or pixels),
+      ``batches_per_s``, ``examples_per_s`` (rows per second) and ``tokens_per_s`` (non-padding
+      tokens) or ``images_per_s`` (real images; ``components.batch_units``).
     """
     from sft_jax import components
 
     t0 = time.perf_counter()
-    data, tokenizer = components.load_data(cfg)
-    ds = components.batches(cfg, data, tokenizer, split, train=True).repeat()
+    data, processor = components.load_data(cfg)
+    ds = components.batches(cfg, data, processor, split, train=True).repeat()
     first = ds[0]
     setup_s = time.perf_counter() - t0
-    rows = tokens = 0
+    key = "pixel_values" if "pixel_values" in first else "input_ids"
+    rows = units = 0
     t0 = time.perf_counter()
     for i in range(1, num_batches + 1):
         batch = ds[i]
-        rows += len(batch["input_ids"])
-        real = batch.get("attention_mask", batch.get("segment_ids"))
-        tokens += int((real > 0).sum())
+        rows += len(batch[key])
+        unit, count = components.batch_units(batch)
+        units += count
     dt = time.perf_counter() - t0
     return {
         "config": str(cfg.model.task),
-        "batch_shape": list(first["input_ids"].shape),
+        "batch_shape": list(first[key].shape),
         "setup_s": setup_s,
         "num_batches": num_batches,
         "batches_per_s": num_batches / dt,
         "examples_per_s": rows / dt,
-        "tokens_per_s": tokens / dt,
+        f"{unit}_per_s": units / dt,
     }

@@ -77,21 +77,6 @@ class NonFiniteError(FloatingPointError):
     """Too many consecutive updates skipped for a NaN/Inf loss or gradient."""
 
 
-def _unit(batch: dict) -> str:
-    """What throughput counts for this kind of batch: images or tokens."""
-    return "images" if "pixel_values" in batch else "tokens"
-
-
-def _num_units(batch: dict) -> int:
-    """Real examples of an image batch, or real (non-padding) tokens of a text batch:
-    attention mask, else packed segment ids."""
-    if "pixel_values" in batch:
-        return int(batch["example_mask"].sum())
-    if "attention_mask" in batch:
-        return int(batch["attention_mask"].sum())
-    return int((batch["segment_ids"] > 0).sum())
-
-
 class Trainer:
     """Holds a run's pieces; ``run()`` trains to the end (or early stop) and returns the final
     validation metrics."""
@@ -321,8 +306,8 @@ class Trainer:
         batch = self._batch(step)
         self.state, m = self.runner(self.state, batch)
         self._settle(progress, meter)  # the previous step, while this one runs
-        meter["unit"] = _unit(batch)
-        meter["count"] += _num_units(batch)
+        meter["unit"], count = components.batch_units(batch)
+        meter["count"] += count
         self._pending = (step + 1, m)
         self.bar.update(1)
         return step + 1
