@@ -20,6 +20,7 @@ from sft_jax import components, freezing, optim, preemption, runners, steps, tre
 from sft_jax import logging as log_lib
 from sft_jax import resume as resume_lib
 from sft_jax import sharding as sharding_lib
+from sft_jax.data import feed as feed_lib
 from sft_jax.evaluation import evaluate
 from sft_jax.tasks import get_task
 from sft_jax.train_state import (
@@ -95,6 +96,8 @@ class Trainer:
                 f"batch of data.batch_size={cfg.data.batch_size}"
             )
         self.train_ds = one_epoch.repeat()  # reshuffled every epoch; batch i is fixed
+        threads = feed_lib.resolve_threads(cfg.train.get("prefetch_threads", -1))
+        self.feed = feed_lib.BatchFeed(self.train_ds, threads)
         self.val_ds = components.batches(cfg, self.data, tokenizer, "validation", train=False)
         self.total_steps = cfg.train.num_steps or self.steps_per_epoch * cfg.train.num_epochs
         self.eval_every = cfg.train.eval_every_steps or self.steps_per_epoch
@@ -224,7 +227,7 @@ class Trainer:
 
     def _batch(self, step: int) -> dict:
         """Host batch ``step`` of the training stream (the same batch for the same step)."""
-        return self.train_ds[step]
+        return self.feed.get(step)
 
     def _log_train(self, done: int, m: dict, meter: dict) -> None:
         m = jax.device_get(m)
@@ -328,6 +331,25 @@ class Trainer:
             log.info("run in %s is already complete at step %d", self.workdir, start)
         self.bar = log_lib.progress_bar(self.total_steps, start)
         meter = {"t0": time.time(), "count": 0, "unit": "tokens", "step0": start, "first": True}
+        try:
+            last_eval, preempted = self._loop(start, progress, meter, stop_after_step)
+        finally:
+            self.feed.close()  # also when a non-finite stop raises
+        self.bar.close()
+        self.mngr.wait_until_finished()
+        self.logger.close()
+        if last_eval is None:  # nothing left to train: report the run's last evaluation
+            rows = [r for r in log_lib.read_metrics(self.workdir) if r["split"] == "validation"]
+            last_eval = (
+                {k: v for k, v in rows[-1].items() if k not in ("step", "split")} if rows else {}
+            )
+        return {**last_eval, "preempted": True} if preempted else last_eval
+
+    def _loop(
+        self, start: int, progress: dict, meter: dict, stop_after_step: int | None
+    ) -> tuple[dict | None, bool]:
+        """Steps from ``start`` to the end, an early stop or a preemption; returns the last
+        evaluation's metrics (None if none ran) and whether the run was preempted."""
         last_eval, preempted = None, False
         every = self.cfg.checkpoint.every_steps
         with preemption.StopRequest() as stop:
@@ -354,12 +376,4 @@ class Trainer:
                     log.info("stopped after step %d; run again to resume", done)
                     break
             self._settle(progress, meter)
-        self.bar.close()
-        self.mngr.wait_until_finished()
-        self.logger.close()
-        if last_eval is None:  # nothing left to train: report the run's last evaluation
-            rows = [r for r in log_lib.read_metrics(self.workdir) if r["split"] == "validation"]
-            last_eval = (
-                {k: v for k, v in rows[-1].items() if k not in ("step", "split")} if rows else {}
-            )
-        return {**last_eval, "preempted": True} if preempted else last_eval
+        return last_eval, preempted

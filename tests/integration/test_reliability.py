@@ -260,8 +260,13 @@ def test_trainer_reads_a_step_only_after_issuing_the_next(setup_dirs, tmp_path):
 
 @pytest.mark.slow
 def test_same_seed_same_metrics(setup_dirs, reference, tmp_path):
+    """Again, with the training batches read ahead on 3 threads (the reference reads them
+    inline, the CPU default): the same run."""
     workdir = str(tmp_path / "again")
-    Trainer(make_config(*setup_dirs, **_SETTINGS), workdir).run()
+    cfg = make_config(*setup_dirs, **_SETTINGS, prefetch_threads=3)
+    trainer = Trainer(cfg, workdir)
+    assert trainer.feed.threads == 3
+    trainer.run()
     assert_same_run(workdir, reference)
 
 

@@ -1,0 +1,54 @@
+"""Training batches prepared ahead of the step that needs them.
+
+Batch ``i`` of the trainer's stream is a function of ``i`` alone (seeded shuffle and
+augmentation), so reading batches on grain's reader threads changes when they are made, never
+what they hold. On an accelerator this takes decoding, augmentation and tokenization off the
+path between two steps; on a CPU-only host the cores run the step itself, so batches are read
+inline there by default.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import grain
+import jax
+
+MAX_AUTO_THREADS = 16
+
+
+def resolve_threads(threads: int) -> int:
+    """``train.prefetch_threads``: -1 (auto) = 0 on a CPU backend, else min(16, CPU count)."""
+    if threads < -1:
+        raise ValueError(f"train.prefetch_threads={threads}; use -1 (auto), 0 (inline) or N > 0")
+    if threads == -1:
+        return 0 if jax.default_backend() == "cpu" else min(MAX_AUTO_THREADS, os.cpu_count() or 1)
+    return threads
+
+
+class BatchFeed:
+    """``get(step)``: batch ``step`` of a grain ``MapDataset``. With ``threads`` > 0 the batches
+    after it are read ahead on that many threads (at most twice as many batches held); asking
+    for a step other than the next restarts the read-ahead there. 0 reads inline."""
+
+    def __init__(self, dataset: Any, threads: int):
+        self.dataset, self.threads = dataset, threads
+        self._it, self._next = None, None
+
+    def get(self, step: int) -> Any:
+        if self.threads == 0:
+            return self.dataset[step]
+        if self._it is None or step != self._next:
+            self.close()
+            n = self.threads
+            options = grain.ReadOptions(num_threads=n, prefetch_buffer_size=2 * n)
+            self._it = iter(self.dataset[step:].to_iter_dataset(options))
+        self._next = step + 1
+        return next(self._it)
+
+    def close(self) -> None:
+        """Stops the reader threads (``get`` starts them again)."""
+        if self._it is not None:
+            self._it.close()
+            self._it = None

@@ -1,0 +1,36 @@
+"""Training batches read ahead on threads are the batches read inline, in order, from any
+step (sft_jax.data.feed)."""
+
+import time
+
+import grain
+import numpy as np
+import pytest
+
+from sft_jax.data import feed
+
+
+def _stream():
+    """An infinite stream whose batch i is a function of i, slow enough for threads to race."""
+    one_epoch = grain.MapDataset.range(7).shuffle(seed=3).map(lambda i: (time.sleep(0.002), i)[1])
+    return one_epoch.batch(2, drop_remainder=True).repeat()
+
+
+def test_read_ahead_equals_inline_from_any_step():
+    inline, ahead = feed.BatchFeed(_stream(), 0), feed.BatchFeed(_stream(), 3)
+    order = list(range(0, 9)) + [4, 5, 6] + [20, 21, 2]  # sequential, back, forward, back
+    try:
+        for step in order:
+            np.testing.assert_array_equal(ahead.get(step), inline.get(step))
+    finally:
+        ahead.close()
+    assert ahead._it is None
+    # The epoch reshuffles: batch 3 (the first of epoch 2) is not batch 0.
+    assert not np.array_equal(inline.get(0), inline.get(3))
+
+
+def test_threads_resolve_by_backend_and_bad_values_are_named():
+    assert feed.resolve_threads(-1) == 0  # a CPU backend: the cores run the step
+    assert feed.resolve_threads(0) == 0 and feed.resolve_threads(4) == 4
+    with pytest.raises(ValueError, match="train.prefetch_threads=-2"):
+        feed.resolve_threads(-2)
