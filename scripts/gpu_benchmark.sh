@@ -29,6 +29,11 @@ bench smollm2-135m_b64_loss_chunk256 --models smollm2-135m --batch_size 64 --att
   --loss_chunk 256 --steps 6
 bench bert-base_b256 --models bert-base --batch_size 256 --attention cudnn \
   --attention_dropout 0 --dropout hash --steps 6 --profile "$profile"
+# A/B: cuBLASLt matmuls with fused bias / GELU epilogues (the elementwise work around BERT's
+# matmuls is what keeps it under 50% MFU; README "Speed").
+XLA_FLAGS="$XLA_FLAGS --xla_gpu_enable_cublaslt=true" bench bert-base_b256_cublaslt \
+  --models bert-base --batch_size 256 --attention cudnn --attention_dropout 0 --dropout hash \
+  --steps 6
 bench bert-base_b512 --models bert-base --batch_size 512 --attention cudnn \
   --attention_dropout 0 --dropout hash --steps 6
 bench llama-1b_b32 --models llama-1b --batch_size 32 --attention cudnn --steps 6
