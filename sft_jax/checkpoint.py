@@ -17,8 +17,10 @@ import os
 from typing import Any
 
 import orbax.checkpoint as ocp
+from etils import epath
 from orbax.checkpoint import checkpoint_managers as policies
 
+from sft_jax import tree_util
 from sft_jax.train_state import TrainState, abstract_of
 
 log = logging.getLogger(__name__)
@@ -40,9 +42,20 @@ class CheckpointOptions:
 
 
 def make_manager(directory: str, opts: CheckpointOptions) -> ocp.CheckpointManager:
-    """A manager that keeps the ``keep_latest`` newest and the ``keep_best`` best steps."""
+    """A manager that keeps the ``keep_latest`` newest and the ``keep_best`` best steps.
+
+    ``keep_latest`` must be >= 1: Orbax's ``LatestN(0)`` keeps no recent step, so a checkpoint
+    saved without a metric (preemption, ``every_steps``, the non-finite stop) would be deleted
+    as soon as it is written and the run would resume from an older step, or from scratch.
+    """
     if opts.best_mode not in ("max", "min"):
         raise ValueError(f"checkpoint.best_mode={opts.best_mode!r}; use 'max' or 'min'")
+    if opts.keep_latest < 1 or opts.keep_best < 0:
+        raise ValueError(
+            f"checkpoint.keep_latest={opts.keep_latest}, checkpoint.keep_best={opts.keep_best}: "
+            "keep_latest must be >= 1 (the newest checkpoint is what a run resumes from) and "
+            "keep_best >= 0"
+        )
     keep = [policies.LatestN(n=opts.keep_latest)]
     if opts.keep_best > 0:
         keep.append(
@@ -96,12 +109,73 @@ def save(
     )
 
 
+class CheckpointMismatchError(ValueError):
+    """A readable checkpoint whose tree (leaf paths or shapes) is not this run's: the
+    configuration changed since it was written (optimizer, freezing policy, LoRA, model), not the
+    files. Resuming must not treat it as corrupt."""
+
+
+# How many differing paths of each kind a mismatch error lists.
+_SHOWN = 5
+
+
+def _shapes(tree: Any) -> dict[str, tuple | None]:
+    """``{"a/b/kernel": shape}`` of every leaf (arrays, ShapeDtypeStructs or Orbax metadata)."""
+    flat = tree_util.flatten_to_dict(tree)
+    return {
+        p: None if getattr(x, "shape", None) is None else tuple(x.shape) for p, x in flat.items()
+    }
+
+
+def check_layout(mngr: ocp.CheckpointManager, step: int, item: str, target: Any) -> None:
+    """Compares item ``item`` of checkpoint ``step`` with ``target`` by their leaf paths and
+    shapes, reading only the item's metadata (an unreadable one raises Orbax's error).
+
+    Orbax restores some mismatched trees without complaint (a ``head_only`` checkpoint into a
+    ``full`` state comes back with the checkpoint's smaller optimizer state, and the step then
+    fails on it) and fails on others with errors that look like damaged files.
+
+    Raises:
+      CheckpointMismatchError: naming the missing, unexpected and reshaped paths.
+    """
+    saved = ocp.StandardCheckpointHandler().metadata(epath.Path(mngr.directory) / str(step) / item)
+    saved, wanted = _shapes(getattr(saved, "tree", saved)), _shapes(target)
+    missing = sorted(wanted.keys() - saved.keys())
+    unexpected = sorted(saved.keys() - wanted.keys())
+    reshaped = [
+        f"{p} {saved[p]} (checkpoint) vs {wanted[p]} (this run)"
+        for p in sorted(saved.keys() & wanted.keys())
+        if None not in (saved[p], wanted[p]) and saved[p] != wanted[p]
+    ]
+    if not (missing or unexpected or reshaped):
+        return
+    parts = [
+        f"{name} {len(paths)}: {paths[:_SHOWN]}"
+        for name, paths in (
+            ("missing", missing),
+            ("unexpected", unexpected),
+            ("reshaped", reshaped),
+        )
+        if paths
+    ]
+    raise CheckpointMismatchError(
+        f"checkpoint step {step} in {mngr.directory}: its {item!r} tree is not this run's ("
+        + "; ".join(parts)
+        + "). It was written with another configuration (optimizer.*, freeze.*, lora.* or "
+        "model.*): rerun with that configuration, or use a new workdir."
+    )
+
+
 def restore_train_state(
     mngr: ocp.CheckpointManager, step: int, like: TrainState, eval_params: bool = False
 ) -> tuple[TrainState, dict]:
     """Restores the full state onto ``like``'s shapes and shardings (no extra allocation).
     ``eval_params``: the checkpoint was saved with them (the trained parameters are in
-    ``train``), as ``save(..., eval_params=...)`` does."""
+    ``train``), as ``save(..., eval_params=...)`` does.
+
+    Raises:
+      CheckpointMismatchError: the checkpoint's trees differ from ``like``'s (``check_layout``).
+    """
     target = abstract_of(like)
     train_target = {"step": target.step, "opt_state": target.opt_state, "rng": target.rng}
     items = {"train": ocp.args.StandardRestore(train_target), "progress": ocp.args.JsonRestore()}
@@ -109,6 +183,8 @@ def restore_train_state(
         train_target["params"] = target.params
     else:
         items["params"] = ocp.args.StandardRestore(target.params)
+        check_layout(mngr, step, "params", target.params)
+    check_layout(mngr, step, "train", train_target)
     out = mngr.restore(step, args=ocp.args.Composite(**items))
     train = out["train"]
     params = train["params"] if eval_params else out["params"]
@@ -118,7 +194,12 @@ def restore_train_state(
 
 
 def restore_params(mngr: ocp.CheckpointManager, step: int, abstract_params: Any) -> Any:
-    """Restores only the parameters (evaluation / export need nothing else)."""
+    """Restores only the parameters (evaluation / export need nothing else).
+
+    Raises:
+      CheckpointMismatchError: the checkpoint's parameters differ from ``abstract_params``.
+    """
+    check_layout(mngr, step, "params", abstract_params)
     out = mngr.restore(
         step, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract_params))
     )

@@ -116,6 +116,18 @@ def _rules(
     return explicit_rules(rules) + expand(policy, paths, structure)
 
 
+def _unused_message(policy: Any, unused: list[str]) -> str:
+    """The error for required rules that matched nothing; for LoRA, what to set."""
+    message = f"freeze rules (freeze.rules, freeze.policy) matched no parameter: {unused}"
+    if LORA_PATTERN not in unused:
+        return message
+    if policy == "lora":
+        fix = "set lora.rank > 0, or write the policy as lora:RANK"
+    else:
+        fix = "insert them first (sft_jax.lora.apply_lora_for_policy)"
+    return f"{message}; freeze.policy={policy!r} trains LoRA adapters and the model has none: {fix}"
+
+
 def param_groups(
     params: Any,
     policy: str | list[Any] = "full",
@@ -161,7 +173,7 @@ def param_groups(
     is_rule = lambda x: isinstance(x, Rule)
     unused = [r.pattern for (_, r), u in zip(compiled, used) if r.required and not u]
     if unused:
-        raise ValueError(f"freeze rules matched no parameter: {unused}")
+        raise ValueError(_unused_message(policy, unused))
     trainable = jax.tree.map(lambda r: r.trainable, decided, is_leaf=is_rule)
     if not any(tree_util.leaves(trainable)):
         raise ValueError(

@@ -2,9 +2,11 @@
 
 ``restore_latest`` walks the kept checkpoints from the newest down: a step that fails to restore
 (truncated or corrupted files) is reported, moved aside to ``<step>.corrupt-<time>`` (nothing
-is deleted) and the previous one is tried. ``check_data_order`` logs a hash of each epoch's
-batches (a ``split="data"`` row in metrics.jsonl) and, when the epoch was already logged by an
-earlier run, checks that the resumed run sees the very same batches.
+is deleted) and the previous one is tried; one written with another configuration stops the
+resume with an error instead (``checkpoint.CheckpointMismatchError``). ``check_data_order``
+logs a hash of each epoch's batches (a ``split="data"`` row in metrics.jsonl) and, when the
+epoch was already logged by an earlier run, checks that the resumed run sees the very same
+batches.
 """
 
 from __future__ import annotations
@@ -44,14 +46,20 @@ def restore_latest(
     exists. Checkpoints that fail are moved aside (and logged) before trying older ones.
     ``eval_params``: as in ``checkpoint.restore_train_state``.
 
+    A checkpoint that reads fine but was written with another configuration (its trees differ
+    from ``like``'s) is not damaged: that stops the resume, and nothing is moved.
+
     Raises:
       RuntimeError: checkpoints exist but none restores.
+      checkpoint.CheckpointMismatchError: the newest readable checkpoint is not ``like``'s tree.
     """
     steps = sorted(mngr.all_steps(), reverse=True)
     for step in steps:
         try:
             state, progress = ckpt_lib.restore_train_state(mngr, step, like, eval_params)
             return state, progress, step
+        except ckpt_lib.CheckpointMismatchError:
+            raise  # the configuration changed, the files are fine: never move them aside
         except Exception as e:  # noqa: BLE001 (Orbax raises many kinds for damaged files)
             moved = _quarantine(mngr, step)
             log.error(

@@ -48,6 +48,13 @@ def make_mesh(shape: Sequence[int], devices: Sequence[jax.Device] | None = None)
         raise ValueError(f"mesh.shape may contain at most one -1, got {shape}")
     known = int(np.prod([s for s in shape if s != -1]))
     if -1 in shape:
+        # -1 takes all the remaining devices: a product that does not divide the device count
+        # would otherwise leave some idle (8 devices, (3, -1, 1) -> 6) or ask for 0.
+        if known <= 0 or len(devices) % known:
+            raise ValueError(
+                f"mesh.shape {shape}: the {len(devices)} devices cannot be split into "
+                f"{known} x (-1); make the other entries' product divide {len(devices)}"
+            )
         shape[shape.index(-1)] = len(devices) // known
     n = int(np.prod(shape))
     if n > len(devices) or n <= 0:
@@ -106,6 +113,20 @@ def process_rows(sharding: NamedSharding, global_batch: int) -> slice:
     return slice(min(starts), max(stops))
 
 
+def _check_divisible(rows: int, sharding: NamedSharding) -> None:
+    """Raises a ValueError naming the config keys when ``rows`` cannot be split evenly over the
+    mesh axes of the batch dimension (JAX's own error names neither)."""
+    axes = sharding.spec[0] if len(sharding.spec) else None
+    axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    n = int(np.prod([sharding.mesh.shape[a] for a in axes])) if axes else 1
+    if rows % n:
+        raise ValueError(
+            f"a batch of {rows} rows cannot be split over {n} devices (mesh axes {axes} of "
+            f"mesh.shape {tuple(sharding.mesh.shape.values())}): make data.batch_size (and "
+            f"data.eval_batch_size) a multiple of {n}, or change mesh.shape"
+        )
+
+
 def put_batch(batch: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:
     """Places a host batch on the mesh, split along its leading dimension.
 
@@ -114,9 +135,11 @@ def put_batch(batch: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str
     rows its devices hold (``process_rows``), assembled with
     ``jax.make_array_from_process_local_data``.
     """
+    rows = len(next(iter(batch.values())))
+    _check_divisible(rows, sharding)
     if jax.process_count() == 1:
         return {k: jax.device_put(v, sharding) for k, v in batch.items()}
-    rows = process_rows(sharding, len(next(iter(batch.values()))))
+    rows = process_rows(sharding, rows)
     return {
         k: jax.make_array_from_process_local_data(sharding, np.asarray(v)[rows], np.shape(v))
         for k, v in batch.items()
@@ -152,7 +175,10 @@ def pmap_batch(batch: dict[str, np.ndarray], num_devices: int) -> dict[str, np.n
 
     def split(x: np.ndarray) -> np.ndarray:
         if x.shape[0] % num_devices:
-            raise ValueError(f"batch size {x.shape[0]} not divisible by {num_devices} devices")
+            raise ValueError(
+                f"batch size {x.shape[0]} not divisible by {num_devices} devices (mesh.mode="
+                "pmap): make data.batch_size and data.eval_batch_size multiples of it"
+            )
         return x.reshape((num_devices, x.shape[0] // num_devices) + x.shape[1:])
 
     return {k: split(np.asarray(v)) for k, v in batch.items()}

@@ -244,6 +244,14 @@ def test_lora_rank_preset_trains_adapters_and_task_head():
         groups_of(llama(), "lora:2")
 
 
+def test_lora_policy_without_adapters_names_the_key_to_set():
+    # freeze.policy=lora with lora.rank=0 inserts no adapters: say what to set, not just a regex.
+    with pytest.raises(ValueError, match=r"freeze.policy='lora' .* set lora.rank > 0"):
+        groups_of(llama(), "lora")
+    with pytest.raises(ValueError, match="apply_lora_for_policy"):
+        groups_of(llama(), "lora:2")
+
+
 def test_tied_gpt2_depth_presets():
     g = groups_of(gpt2(), "llrd:0.5")
     lr = flat(g.lr_mult)

@@ -55,3 +55,22 @@ def test_process_rows_of_a_process_holding_part_of_the_batch():
             return {"d2": (slice(8, 12),), "d3": (slice(12, 16),)}
 
     assert sharding.process_rows(TwoOfFourDevices(), 16) == slice(8, 16)
+
+
+def test_make_mesh_minus_one_must_divide_the_devices():
+    # 8 devices: (3, -1, 1) used to build a 3 x 2 mesh (2 devices idle), (16, -1, 1) asked for 0.
+    for shape in ((3, -1, 1), (16, -1, 1), (1, 3, -1)):
+        with pytest.raises(ValueError, match=r"mesh.shape .* cannot be split"):
+            sharding.make_mesh(shape)
+
+
+def test_indivisible_batch_names_the_config_keys():
+    mesh = sharding.make_mesh((2, 2, 2))  # the batch splits over data x fsdp = 4 devices
+    batch = {"input_ids": np.zeros((6, 3), np.int32)}
+    with pytest.raises(ValueError, match=r"6 rows .* 4 devices.*data.batch_size"):
+        sharding.put_batch(batch, sharding.batch_sharding(mesh))
+    assert sharding.put_batch({"x": np.zeros((8, 3))}, sharding.batch_sharding(mesh))[
+        "x"
+    ].shape == (8, 3)
+    with pytest.raises(ValueError, match="data.batch_size"):
+        sharding.pmap_batch(batch, 4)
