@@ -214,6 +214,16 @@ class Trainer:
         """Logs, checkpoints with the metric, updates early stopping. True = stop."""
         self.logger.write(step, "validation", metrics)
         name = self.ckpt_opts.best_metric
+        if not isinstance(metrics.get(name), float):
+            progress["next_batch"] = step
+            self._save(progress, None, averaged)  # nothing trained so far is lost
+            self.mngr.wait_until_finished()
+            numbers = sorted(k for k, v in metrics.items() if isinstance(v, float))
+            raise ValueError(
+                f"checkpoint.best_metric={name!r} is not a validation metric of this task "
+                f"(one of {numbers}); the state at step {step} is saved in {self.workdir}: "
+                "fix the config and run again to resume"
+            )
         value = metrics[name]
         patience = self.cfg.train.early_stopping_patience
         track_best(progress, value, self.ckpt_opts.best_mode, patience)

@@ -205,6 +205,20 @@ def test_too_many_nan_updates_stop_with_a_checkpoint(setup_dirs, tmp_path):
     assert [(r["step"], r["nonfinite"]) for r in train[-3:]] == [(6, 1.0), (7, 0.0), (8, 0.0)]
 
 
+@pytest.mark.slow
+def test_unknown_best_metric_is_named_and_loses_no_training(setup_dirs, tmp_path):
+    workdir = str(tmp_path / "run")
+    cfg = make_config(
+        *setup_dirs, num_steps=4, eval_every_steps=2, **{"checkpoint.best_metric": "bleu"}
+    )
+    with pytest.raises(ValueError, match=r"checkpoint.best_metric='bleu' .*'accuracy'"):
+        Trainer(cfg, workdir).run()
+    assert restore_run(workdir, "latest").step == 2
+    Trainer(make_config(*setup_dirs, num_steps=4, eval_every_steps=2), workdir).run()
+    train = [r["step"] for r in log_lib.read_metrics(workdir) if r["split"] == "train"]
+    assert train == [1, 2, 3, 4]  # resumed at step 2, nothing trained twice
+
+
 class _Flag:
     """A metric value that records when the host reads it."""
 
