@@ -14,6 +14,7 @@ import dataclasses
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import jax
 import numpy as np
 from flax import nnx
 
@@ -72,17 +73,22 @@ def generate_replies(
       batch_size: prompts per ``generate`` call (the last batch is filled up).
       max_new_tokens: longest reply.
       length_multiple: prompt lengths are padded to a multiple of this.
-      **sampling: ``temperature``, ``top_k``, ``top_p``, ``rng`` for ``generate``.
+      **sampling: ``temperature``, ``top_k``, ``top_p``, ``rng`` for ``generate``. Batch ``i``
+        samples with ``fold_in(rng, i)``: one key for every batch would give row ``r`` of each
+        batch the same random draws, so equal prompts in different batches got equal replies.
     """
     stops = stop_token_ids(tokenizer)
     pad = pad_token_id(tokenizer)
+    rng = sampling.pop("rng", None)
     replies = []
-    for start in range(0, len(prompts), batch_size):
+    for i, start in enumerate(range(0, len(prompts), batch_size)):
         chunk = prompts[start : start + batch_size]
         ids, mask = _left_pad(chunk, batch_size, length_multiple, pad)
+        key = None if rng is None else jax.random.fold_in(rng, i)
         out = generate(
-            model, ids, mask, max_new_tokens=max_new_tokens, stop_ids=stops, pad_id=pad, **sampling
-        )
+            model, ids, mask, max_new_tokens=max_new_tokens, stop_ids=stops, pad_id=pad, rng=key,
+            **sampling,
+        )  # fmt: skip
         tokens, lengths = np.asarray(out.tokens), np.asarray(out.lengths)
         for row in range(len(chunk)):
             new = tokens[row, : lengths[row]].tolist()

@@ -49,3 +49,22 @@ def test_exact_match_eval_scores_and_stops(tok, monkeypatch):
     assert out["mean_reply_tokens"] == 3.0 and out["num_examples"] == 2
     assert out["samples"][1] == {"prompt": "hi", "reference": "hello there",
                                  "reply": "hello hello hello hello"}  # fmt: skip
+
+
+def test_sampled_replies_differ_between_batches(tok):
+    """Each batch samples with its own key: with one key for all, row r of every batch drew the
+    same random numbers, so the same prompt in eight batches of one got eight equal replies."""
+    import jax
+    from flax import nnx
+
+    from sft_jax.models.llama import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(
+        vocab_size=len(tok), hidden_size=16, intermediate_size=24, num_hidden_layers=1,
+        num_attention_heads=2, initializer_range=1.0,
+    )  # fmt: skip
+    model = LlamaForCausalLM(cfg, rngs=nnx.Rngs(0))
+    prompts = [gen_eval.prompt_ids(tok, CONV[1:2])] * 8
+    kw = dict(max_new_tokens=12, length_multiple=8, temperature=1.0, rng=jax.random.key(0))
+    replies = gen_eval.generate_replies(model, tok, prompts, batch_size=1, **kw)
+    assert len({r.text for r in replies}) > 1, [r.text for r in replies]

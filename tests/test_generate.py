@@ -184,3 +184,60 @@ def test_out_of_range_prompt_ids_are_named(tiny):
         generate(model, padded, mask, max_new_tokens=N).tokens,
         generate(model, ids, mask, max_new_tokens=N).tokens,
     )
+
+
+def test_export_stops_transformers_at_the_end_of_turn(tmp_path):
+    """Our chat stops at EOS and the template's end-of-turn token; the exported
+    generation_config.json must make transformers' generate stop there too (it only had EOS)."""
+    import tokenizers
+    import transformers
+    from flax import nnx
+
+    from sft_jax.data.lm import stop_token_ids
+    from sft_jax.hf.export import export_model
+    from sft_jax.models.llama import LlamaConfig, LlamaForCausalLM
+
+    v, n = 16, 8
+    cfg = LlamaConfig(
+        vocab_size=v, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
+        num_attention_heads=4, initializer_range=1.0, bos_token_id=None, eos_token_id=1,
+    )  # fmt: skip
+    model = LlamaForCausalLM(cfg, rngs=nnx.Rngs(0))
+    prompt = np.array([[3, 4, 5]], np.int32)
+    free = np.asarray(generate(model, prompt, max_new_tokens=n).tokens[0])
+    step = next(k for k in range(1, n - 1) if free[k] not in free[:k] and free[k] > 1)
+    names = [f"w{i}" for i in range(v)]  # the token emitted at `step` ends the turn
+    names[0], names[1], names[int(free[step])] = "[PAD]", "<|endoftext|>", "<|im_end|>"
+    backend = tokenizers.Tokenizer(
+        tokenizers.models.WordLevel({t: i for i, t in enumerate(names)}, unk_token="[PAD]")
+    )
+    tok = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=backend, eos_token="<|endoftext|>", pad_token="[PAD]",
+        chat_template="{% for m in messages %}{{ m['content'] }} <|im_end|> {% endfor %}",
+    )  # fmt: skip
+    stops = stop_token_ids(tok)
+    assert stops == (1, int(free[step]))
+    ours = generate(model, prompt, max_new_tokens=n, stop_ids=stops, pad_id=PAD).tokens
+    export_model(model, tmp_path, tokenizer=tok)
+    ref = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    with torch.no_grad():  # no eos_token_id given: the exported generation config's
+        want = ref.generate(
+            torch.tensor(prompt, dtype=torch.long), max_new_tokens=n, do_sample=False,
+            pad_token_id=PAD,
+        )[:, prompt.shape[1] :].numpy()  # fmt: skip
+    np.testing.assert_array_equal(np.pad(want, ((0, 0), (0, n - want.shape[1]))), ours)
+    assert json.loads((tmp_path / "generation_config.json").read_text())["eos_token_id"] == [*stops]
+
+
+def test_writing_past_the_kv_cache_is_an_error(tiny):
+    """A write past the last slot was clamped onto earlier slots (dynamic_update_slice): the
+    decoded logits were silently wrong (|diff| 1.1 then 8.5 on this model)."""
+    model, ids, _ = tiny
+    full = np.asarray(model(ids[:1]))  # [1, 6, V]
+    logits, cache = model(ids[:1, :4], cache=model.init_cache(1, 5))
+    logits, cache = model(ids[:1, 4:5], cache=cache)  # slot 4: the last one
+    np.testing.assert_allclose(logits[:, 0], full[:, 4], atol=1e-5)
+    with pytest.raises(ValueError, match=r"1 new token\(s\) at cache slot 5 exceed .* 5 slots"):
+        model(ids[:1, 5:6], cache=cache)
+    with pytest.raises(ValueError, match=r"6 new token\(s\) at cache slot 0 exceed .* 5 slots"):
+        model(ids[:1], cache=model.init_cache(1, 5))

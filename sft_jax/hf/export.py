@@ -28,7 +28,10 @@ def _exporters() -> dict[type, Callable[..., Path]]:
     def causal_lm(export: Callable[..., Path]) -> Callable[..., Path]:
         def run(model, out_dir, *, label_names, tokenizer_dir, tokenizer, **_):
             del label_names  # language models have no labels
-            return export(model, out_dir, tokenizer_dir=tokenizer_dir, tokenizer=tokenizer)
+            out = export(model, out_dir, tokenizer_dir=tokenizer_dir, tokenizer=tokenizer)
+            if tokenizer is not None:
+                add_stop_ids(out, tokenizer)
+            return out
 
         return run
 
@@ -66,6 +69,29 @@ def _image_exporters() -> dict[type, Callable[..., Path]]:
     }
 
 
+def add_stop_ids(out_dir: str | Path, tokenizer: Any) -> None:
+    """Adds the tokenizer's end-of-turn ids to ``generation_config.json``'s ``eos_token_id``.
+
+    Our chat and evaluation stop at EOS and at the chat template's end-of-turn token
+    (``data.lm.stop_token_ids``), which chat SFT trains the model to emit; transformers'
+    ``generate`` stops only at the generation config's ``eos_token_id``. Without this, a model
+    whose EOS is not its end-of-turn token (Qwen2.5 base: ``<|endoftext|>`` vs ``<|im_end|>``)
+    decodes past the end of its turn in transformers where ours stops. The config's own EOS
+    stays first (transformers falls back to it for padding).
+    """
+    from sft_jax.data.lm import stop_token_ids
+    from sft_jax.hf import io
+
+    path = Path(out_dir) / "generation_config.json"
+    config = io.read_json(path) if path.is_file() else {}
+    eos = config.get("eos_token_id")
+    ids = [] if eos is None else list(eos) if isinstance(eos, list) else [eos]
+    ids += [i for i in stop_token_ids(tokenizer) if i not in ids]
+    if ids:
+        config["eos_token_id"] = ids[0] if len(ids) == 1 else ids
+        io.write_json(config, path)
+
+
 def export_model(
     model: nnx.Module,
     out_dir: str | Path,
@@ -83,7 +109,9 @@ def export_model(
         out_dir: Destination directory.
         label_names: Class names (classifiers only).
         tokenizer_dir: Directory whose tokenizer files are copied.
-        tokenizer: A transformers tokenizer to ``save_pretrained`` (e.g. from a GGUF file).
+        tokenizer: A transformers tokenizer to ``save_pretrained`` (e.g. from a GGUF file);
+            for causal LMs its end-of-turn ids join the generation config's EOS ids
+            (``add_stop_ids``).
         image_spec: An image model's input (``data.limits.ImageSpec``), written as
             ``preprocessor_config.json`` (ResNet, ViT).
 

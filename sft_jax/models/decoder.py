@@ -113,6 +113,26 @@ def segment_positions(segment_ids: Array) -> Array:
     return idx - jax.lax.cummax(jnp.where(starts, idx, 0), axis=1)
 
 
+def check_cache_room(cache: KVCache, t: int) -> None:
+    """Raises unless ``t`` new tokens fit in the cache's free slots.
+
+    Past the last slot ``dynamic_update_slice`` clamps the write onto earlier slots, which
+    silently gives wrong logits (transformers' static cache raises instead). The slot count is
+    static and always checked; the index is checked when it is concrete (eager calls). Under
+    ``jit`` it is traced, and the caller sizes the cache (``generate``: prompt + new tokens).
+    """
+    slots = cache.mask.shape[1]
+    try:
+        index = int(cache.index)
+    except jax.errors.JAXTypeError:  # traced
+        index = 0
+    if index + t > slots:
+        raise ValueError(
+            f"{t} new token(s) at cache slot {index} exceed the KV cache's {slots} slots; "
+            "create the cache (init_cache) with room for the prompt and every new token"
+        )
+
+
 def causal_lm_inputs(
     b: int,
     t: int,
@@ -145,6 +165,7 @@ def causal_lm_inputs(
     if cache is not None:
         if segment_ids is not None:
             raise ValueError("segment_ids (packing) cannot be combined with a KV cache")
+        check_cache_room(cache, t)
         seen = cache.mask.sum(axis=1, keepdims=True)  # [B, 1] real tokens already cached
         new_mask = jax.lax.dynamic_update_slice(cache.mask, real, (0, cache.index))  # [B, S]
         if positions is None:
