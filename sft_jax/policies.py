@@ -29,6 +29,7 @@ Presets (``freeze.policy``):
   ``gradual_unfreeze:K`` (ULMFiT-style) the head trains from step 0; at step ``j * K`` the j-th
                          block from the top joins (j = 1: the last block, ..., j = L: the first);
                          at step ``(L + 1) * K`` the top, the bottom and every other parameter.
+                         A tied-embedding decoder (no head parameter) starts with its top.
 
 "Task head" (``bitfit``, ``layernorm_only``, ``lora:R``) is a new classification head
 (``^classifier/`` or ``^head/``); a causal LM's pretrained ``lm_head`` stays frozen there, as in
@@ -203,9 +204,14 @@ def llrd_rules(decay: float, paths: list[str], structure: LayerStructure) -> lis
 
 
 def gradual_rules(k: int, paths: list[str], structure: LayerStructure) -> list[Rule]:
-    """Gradual unfreezing every ``k`` steps, from the head down (module doc)."""
+    """Gradual unfreezing every ``k`` steps, from the head down (module doc). A tied-embedding
+    decoder has no head parameter: its top (the final norm) trains from step 0 instead, so the
+    first ``k`` steps are not updates of nothing."""
     blocks = _need_blocks(f"gradual_unfreeze:{k}", paths, structure)
-    rules = _optional(structure.head, True)
+    first = structure.head
+    if not any(re.search(first, p) for p in paths) and structure.top is not None:
+        first = structure.top
+    rules = _optional(first, True)
     for j, index in enumerate(reversed(blocks), start=1):
         regex = blocks_regex(structure, [index])
         rules.append(Rule(regex, True, unfreeze_step=j * k, required=False))

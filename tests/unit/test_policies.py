@@ -264,6 +264,17 @@ def test_tied_gpt2_depth_presets():
     )
 
 
+def test_gradual_unfreezing_of_tied_decoders_starts_with_the_final_norm():
+    """No head parameter to start with: the final norm trains from step 0 (it was nothing)."""
+    for model, top in ((llama(tied=True), "model/norm/"), (gpt2(), "transformer/ln_f/")):
+        first = flat(groups_of(model, "gradual_unfreeze:2").unfreeze_step)
+        assert sorted(p for p, s in first.items() if s == 0) == sorted(
+            p for p in first if p.startswith(top)
+        )
+    untied = flat(groups_of(llama(), "gradual_unfreeze:2").unfreeze_step)
+    assert [p for p, s in untied.items() if s == 0] == ["lm_head/kernel"]
+
+
 def test_head_only_trains_the_lm_head_tied_or_not():
     assert trained(groups_of(llama(), "head_only")) == ["lm_head/kernel"]
     # Tied weights: the token embedding is the LM head (and the input embedding).
