@@ -162,6 +162,8 @@ def _settings(model, max_new_tokens, stop_ids, temperature, top_k, top_p, pad_id
         raise ValueError("sampling (temperature > 0) needs an rng key")
     if pad_id is None:
         pad_id = getattr(model.config, "pad_token_id", None) or 0
+    if isinstance(stop_ids, (int, np.integer)):  # one id, as transformers' eos_token_id allows
+        stop_ids = (stop_ids,)
     stops = tuple(sorted({int(i) for i in stop_ids}))
     return _Settings(
         int(max_new_tokens), stops, int(pad_id), float(temperature), int(top_k), float(top_p)
@@ -174,7 +176,7 @@ def generate(
     prompt_mask: Array | None = None,
     *,
     max_new_tokens: int,
-    stop_ids: Iterable[int] = (),
+    stop_ids: Iterable[int] | int = (),
     temperature: float = 0.0,
     top_k: int = 0,
     top_p: float = 1.0,
@@ -191,7 +193,7 @@ def generate(
         prompt_ids: int [B, T], left- (preferred) or right-padded.
         prompt_mask: [B, T] 1 for real prompt tokens (None: all real).
         max_new_tokens: N.
-        stop_ids: Token ids that end a row (emitted, then padding follows).
+        stop_ids: Token ids (or one id) that end a row (emitted, then padding follows).
         temperature: 0 for greedy; > 0 samples (needs ``rng``).
         top_k: Sample among the k most likely tokens (0 = all).
         top_p: Nucleus sampling mass (1 = off).

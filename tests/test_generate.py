@@ -53,6 +53,8 @@ def check_greedy(ours, ref, vocab):
     stop = int(free[step])
     got = generate(ours, ids, mask, max_new_tokens=N, stop_ids=[stop], pad_id=PAD)
     ref_tokens = generate_without_cache(ours, ids, mask, max_new_tokens=N, stop_ids=[stop])
+    one_id = generate(ours, ids, mask, max_new_tokens=N, stop_ids=np.int64(stop), pad_id=PAD)
+    np.testing.assert_array_equal(one_id.tokens, got.tokens)  # a single id, as transformers
     want = hf_generate(ref, ids, mask, stop)
     print(f"greedy tokens:\n{np.asarray(got.tokens)}\nlengths {np.asarray(got.lengths)}")
     np.testing.assert_array_equal(got.tokens, want)
