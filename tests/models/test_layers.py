@@ -188,6 +188,24 @@ def test_cudnn_attention_matches_xla_in_bfloat16(packed):
         assert np.abs(a - r).max() <= 0.01 * np.abs(r).max()
 
 
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="the cuDNN kernel needs an NVIDIA GPU")
+def test_cudnn_left_padded_prefill_keeps_padding_rows_finite():
+    """A left-padded prompt's padding queries see no key (the cache's dense mask): cuDNN must not
+    make them NaN, or the cached values of later layers carry NaN into decoding (0 * NaN)."""
+    from sft_jax.models.decoder import KVCache, causal_lm_inputs
+
+    b, t, n, d = 2, 64, 4, 64
+    real = np.ones((b, t), np.int32)
+    real[1, :40] = 0  # row 1 left-padded
+    cache = KVCache.create(1, b, t, n, d, jnp.bfloat16)
+    mask, _, _ = causal_lm_inputs(b, t, attention_mask=jnp.asarray(real), cache=cache)
+    rng = np.random.default_rng(0)
+    q, k, v = (jnp.asarray(rng.normal(size=(b, t, n, d)), jnp.bfloat16) for _ in range(3))
+    with layers.attention_implementation("cudnn"):
+        out = jax.jit(lambda q, k, v: layers.dot_product_attention(q, k, v, mask))(q, k, v)
+    assert np.isfinite(np.asarray(out, np.float32)).all()
+
+
 def test_gelu_is_the_erf_form_of_jax_and_torch():
     x = jnp.linspace(-8.0, 8.0, 2001, dtype=jnp.float32)
     ours = layers.get_activation("gelu")(x)
