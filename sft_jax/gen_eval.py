@@ -129,6 +129,8 @@ def exact_match_eval(
       (``exact_match_by_family``) when records have ``family``, and ``samples``.
     """
     n = len(source) if not max_examples else min(max_examples, len(source))
+    if n == 0:
+        raise ValueError("exact match over an empty split: it has no records to generate for")
     records = [source[i] for i in range(n)]
     turns = [split_prompt(chat.validate_messages(r["messages"], where=f"record {i}"))
              for i, r in enumerate(records)]  # fmt: skip

@@ -49,6 +49,8 @@ def test_exact_match_eval_scores_and_stops(tok, monkeypatch):
     assert out["mean_reply_tokens"] == 3.0 and out["num_examples"] == 2
     assert out["samples"][1] == {"prompt": "hi", "reference": "hello there",
                                  "reply": "hello hello hello hello"}  # fmt: skip
+    with pytest.raises(ValueError, match="empty split"):  # not NaN metrics
+        gen_eval.exact_match_eval(None, tok, [], batch_size=2, max_new_tokens=4)
 
 
 def test_sampled_replies_differ_between_batches(tok):
