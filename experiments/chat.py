@@ -17,9 +17,11 @@ _CHECKPOINT = flags.DEFINE_string("checkpoint", "best", "best, latest, or a step
 _MODEL = flags.DEFINE_string("model", None, "Pretrained short name, HF directory or GGUF file.")
 _PROMPT = flags.DEFINE_string("prompt", None, "One user message: print the reply and exit.")
 _SYSTEM = flags.DEFINE_string("system", None, "Optional system message.")
-_MAX_NEW = flags.DEFINE_integer("max_new_tokens", 256, "Longest reply in tokens.")
-_TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "0 = greedy.")
-_TOP_K = flags.DEFINE_integer("top_k", 0, "Sample among the k most likely tokens (0 = all).")
+_MAX_NEW = flags.DEFINE_integer("max_new_tokens", 256, "Longest reply in tokens.", lower_bound=1)
+_TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "0 = greedy.", lower_bound=0.0)
+_TOP_K = flags.DEFINE_integer(
+    "top_k", 0, "Sample among the k most likely tokens (0 = all).", lower_bound=0
+)
 _TOP_P = flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass (1 = off).")
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
 

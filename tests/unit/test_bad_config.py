@@ -45,3 +45,18 @@ def test_good_override_is_accepted(tmp_path, config):
     out = _train(tmp_path / "run", f"--config={config}", "--config.optimizer.learning_rate=0.25")
     assert out.returncode == 0, out.stderr[-2000:]
     assert json.loads(out.stdout)["optimizer"]["learning_rate"] == 0.25
+
+
+@pytest.mark.parametrize(
+    "flag, named",
+    [
+        ("--temperature=-1", "flag --temperature=-1"),  # it was greedy, silently
+        ("--max_new_tokens=0", "flag --max_new_tokens=0"),
+        ("--top_k=-3", "flag --top_k=-3"),
+    ],
+)
+def test_bad_chat_sampling_flags_are_named(flag, named):
+    cmd = [sys.executable, "-m", "experiments.chat", "--model=unused", "--prompt=hi", flag]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0 and named in out.stderr, out.stderr[-2000:]
+    assert not out.stdout
