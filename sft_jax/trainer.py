@@ -204,7 +204,7 @@ class Trainer:
             self.cfg.model.task,
             self.eval_step,
             params,
-            self.val_ds,
+            feed_lib.read_ahead(self.val_ds, self.feed.threads),
             self.setup.batch_sharding,
             label_names=self.label_names,
             max_batches=self.cfg.train.max_eval_batches,

@@ -1,4 +1,4 @@
-"""Training batches prepared ahead of the step that needs them.
+"""Batches prepared ahead of the step that needs them (training, and evaluation passes).
 
 Batch ``i`` of the trainer's stream is a function of ``i`` alone (seeded shuffle and
 augmentation), so reading batches on grain's reader threads changes when they are made, never
@@ -27,6 +27,16 @@ def resolve_threads(threads: int) -> int:
     return threads
 
 
+def read_ahead(dataset: Any, threads: int) -> Any:
+    """``dataset`` (a grain ``MapDataset``) as an iterable whose elements are read ahead, in
+    order, on ``threads`` threads (at most twice as many held); 0: the dataset itself, read
+    inline."""
+    if threads == 0:
+        return dataset
+    options = grain.ReadOptions(num_threads=threads, prefetch_buffer_size=2 * threads)
+    return dataset.to_iter_dataset(options)
+
+
 class BatchFeed:
     """``get(step)``: batch ``step`` of a grain ``MapDataset``. With ``threads`` > 0 the batches
     after it are read ahead on that many threads (at most twice as many batches held); asking
@@ -41,9 +51,7 @@ class BatchFeed:
             return self.dataset[step]
         if self._it is None or step != self._next:
             self.close()
-            n = self.threads
-            options = grain.ReadOptions(num_threads=n, prefetch_buffer_size=2 * n)
-            self._it = iter(self.dataset[step:].to_iter_dataset(options))
+            self._it = iter(read_ahead(self.dataset[step:], self.threads))
         self._next = step + 1
         return next(self._it)
 

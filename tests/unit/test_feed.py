@@ -29,6 +29,12 @@ def test_read_ahead_equals_inline_from_any_step():
     assert not np.array_equal(inline.get(0), inline.get(3))
 
 
+def test_read_ahead_of_a_finite_split_keeps_order_and_length():
+    split = grain.MapDataset.range(11).map(lambda i: (time.sleep(0.002), i * i)[1]).batch(3)
+    assert [list(b) for b in feed.read_ahead(split, 4)] == [list(b) for b in split]
+    assert feed.read_ahead(split, 0) is split
+
+
 def test_threads_resolve_by_backend_and_bad_values_are_named():
     assert feed.resolve_threads(-1) == 0  # a CPU backend: the cores run the step
     assert feed.resolve_threads(0) == 0 and feed.resolve_threads(4) == 4
