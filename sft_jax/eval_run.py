@@ -14,6 +14,7 @@ from flax import nnx
 
 from sft_jax import components, steps
 from sft_jax import sharding as sharding_lib
+from sft_jax.data import feed as feed_lib
 from sft_jax.evaluation import evaluate
 from sft_jax.tasks import get_task
 from sft_jax.train_state import shardings_of, split_model
@@ -43,6 +44,9 @@ def evaluate_model(
     mesh = mesh or sharding_lib.make_mesh(cfg.mesh.shape)
     data, tokenizer = components.load_data(cfg)
     ds = components.batches(cfg, data, tokenizer, split, train=False)
+    # Read ahead on an accelerator, as training does (train.prefetch_threads; same batches).
+    threads = feed_lib.resolve_threads(cfg.train.get("prefetch_threads", -1))
+    ds = feed_lib.read_ahead(ds, threads)
     graphdef, params = split_model(model)
     batch_sh = sharding_lib.batch_sharding(mesh)
     eval_step = steps.make_eval_step(

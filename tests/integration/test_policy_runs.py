@@ -99,6 +99,10 @@ def test_schedule_free_checkpoint_holds_the_evaluated_average_and_resumes(setup_
     again = evaluate_model(run.cfg, run.model, "validation", label_names=run.info["label_names"])
     for key in ("loss", "accuracy", "macro_f1"):
         assert again[key] == pytest.approx(full[key], rel=1e-5, abs=1e-7), key
+    with run.cfg.unlocked():
+        run.cfg.train.prefetch_threads = 2  # batches read ahead: the same evaluation
+    ahead = evaluate_model(run.cfg, run.model, "validation", label_names=run.info["label_names"])
+    assert ahead == again
     part = str(tmp_path / "part")
     Trainer(cfg, part).run(stop_after_step=3)
     assert Trainer(cfg, part).run() == full
