@@ -30,7 +30,9 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/
 _SWEEP = flags.DEFINE_string("sweep", None, "Sweep name, FILE.py:NAME, or KEY=V1,V2;KEY2=...")
 _SWEEPS_FILE = flags.DEFINE_string("sweeps_file", "configs/sweeps.py", "File of named sweeps.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Sweep directory (created; reused to resume).")
-_SEEDS = flags.DEFINE_integer("seeds", 3, "Seeds per grid point (config.seed, +1, ...).")
+_SEEDS = flags.DEFINE_integer(
+    "seeds", 3, "Seeds per grid point (config.seed, +1, ...).", lower_bound=1
+)
 _SUBPROCESS = flags.DEFINE_bool(
     "subprocess", False, "Train each cell in its own `python -m experiments.train` process."
 )
@@ -71,6 +73,20 @@ def _config_spec() -> str:
     return os.path.abspath(path) + colon + arg
 
 
+def _print_plan(sweep, seeds: list[int], cfg, cli: dict) -> None:
+    """``--dry_run``: the base (with the flags) once, then per cell every value it runs with
+    that differs from that line, including overrides that replace a base value."""
+    from sft_jax import ablation
+
+    base = {**sweep.base, **cli}
+    print("base", json.dumps(base, default=repr))
+    for cell in ablation.expand(sweep, seeds):
+        overrides = ablation.final_overrides(cell, cli)
+        ablation.apply_overrides(cfg, overrides)  # validates
+        own = {k: v for k, v in overrides.items() if k not in base or base[k] != v}
+        print(cell.slug, json.dumps(own, default=repr))
+
+
 def main(argv):
     del argv
     from sft_jax import ablation, ablation_report
@@ -90,13 +106,8 @@ def main(argv):
     cli.pop("seed", None)  # the first seed; the cells set their own
     sweep = _load_sweep()
     seeds = [cfg.seed + i for i in range(_SEEDS.value)]
-    if _DRY_RUN.value:  # the base once, then what each cell sets on top of it
-        print("base", json.dumps({**sweep.base, **cli}, default=repr))
-        for cell in ablation.expand(sweep, seeds):
-            overrides = ablation.final_overrides(cell, cli)
-            ablation.apply_overrides(cfg, overrides)  # validates
-            own = {k: v for k, v in overrides.items() if k not in sweep.base and k not in cli}
-            print(cell.slug, json.dumps(own, default=repr))
+    if _DRY_RUN.value:
+        _print_plan(sweep, seeds, cfg, cli)
         return
     from sft_jax.ablation_cells import SweepInterrupted, subprocess_runner
     from sft_jax.runtime import setup_runtime

@@ -47,6 +47,7 @@ import time
 from typing import Any, Iterable, Sequence
 
 from sft_jax.ablation_cells import CellRunner, SweepInterrupted
+from sft_jax.logging import write_atomically
 
 log = logging.getLogger(__name__)
 
@@ -168,8 +169,19 @@ def slug(values: dict[str, Any], seed: int) -> str:
     return "__".join([*(_slug_part(k, v) for k, v in values.items()), f"seed-{seed}"])
 
 
+def _first_conflict(setters: list[tuple[Condition, Any]]):
+    """The first two ``(condition, value)`` pairs of one layer that set a key differently, or
+    None when they all agree."""
+    first = setters[0]  # all agree with each other exactly when all agree with the first
+    return next(((first, other) for other in setters[1:] if other[1] != first[1]), None)
+
+
 def cell_overrides(sweep: Sweep, values: dict[str, Any], seed: int) -> dict[str, Any]:
     """Base, then matching overrides (fewer conditions first), then the swept values and seed.
+
+    Within one layer (overrides with the same number of conditions) every override that sets a
+    key must agree on its value, whatever their order; a disagreement stands unless a later,
+    more specific layer sets the key.
 
     Raises:
       ValueError: two matching overrides with the same number of conditions set a key to
@@ -179,16 +191,17 @@ def cell_overrides(sweep: Sweep, values: dict[str, Any], seed: int) -> dict[str,
     matching = [(c, v) for c, v in sweep.overrides if all(values[k] == x for k, x in c)]
     by_size = itertools.groupby(sorted(matching, key=lambda cv: len(cv[0])), lambda cv: len(cv[0]))
     for _, group in by_size:
-        layer: dict[str, tuple[Condition, Any]] = {}
+        layer: dict[str, list[tuple[Condition, Any]]] = {}
         for cond, settings in group:
             for key, value in settings.items():
-                if key in layer and layer[key][1] != value:
-                    unsettled[key] = (layer[key], (cond, value))
-                layer[key] = (cond, value)
-        for key in layer:
-            if key in unsettled and unsettled[key][1][0] is not layer[key][0]:
-                del unsettled[key]  # a more specific override decided it
-        out.update({k: v for k, (_, v) in layer.items()})
+                layer.setdefault(key, []).append((cond, value))
+        for key, setters in layer.items():
+            conflict = _first_conflict(setters)
+            if conflict is None:
+                unsettled.pop(key, None)  # this layer is more specific: it decides the key
+            else:
+                unsettled[key] = conflict
+            out[key] = setters[-1][1]
     if unsettled:
         key, ((c1, v1), (c2, v2)) = next(iter(unsettled.items()))
         raise ValueError(
@@ -199,7 +212,13 @@ def cell_overrides(sweep: Sweep, values: dict[str, Any], seed: int) -> dict[str,
 
 
 def expand(sweep: Sweep, seeds: Sequence[int]) -> list[Cell]:
-    """The grid in order (first axis slowest, seeds fastest)."""
+    """The grid in order (first axis slowest, seeds fastest).
+
+    Raises:
+      ValueError: no seeds (the grid would have no cell), or two cells share a directory name.
+    """
+    if not seeds:
+        raise ValueError("no seeds: every grid point needs at least one (--seeds >= 1)")
     cells = []
     for combo in itertools.product(*sweep.axes.values()):
         values = dict(zip(sweep.axes, combo))
@@ -251,10 +270,18 @@ def _median(values: Iterable[float]) -> float | None:
     return statistics.median(values) if values else None
 
 
+def _max(values: Iterable[float]) -> float | None:
+    """The largest number among ``values`` (others ignored); None when there is none, e.g. the
+    macro-F1 of a causal-LM run, whose validation logs loss, perplexity and token accuracy."""
+    values = [v for v in values if isinstance(v, (int, float))]
+    return max(values) if values else None
+
+
 def summarize_cell(cell_dir: str) -> dict:
     """Final / best validation metrics, sizes (``run.json``) and median training speed of a
     finished run. ``step_time_s`` is 1 / median ``steps_per_sec`` over the logged intervals (the
-    first interval includes compilation; the median leaves it out)."""
+    first interval includes compilation; the median leaves it out). Metrics the task does not
+    log (macro-F1 of a causal LM) are None, not a failure of the cell."""
     from sft_jax.logging import read_metrics
 
     rows = read_metrics(cell_dir)
@@ -268,7 +295,7 @@ def summarize_cell(cell_dir: str) -> dict:
         "val_accuracy": last.get("accuracy"),
         "val_macro_f1": last.get("macro_f1"),
         "val_loss": last.get("loss"),
-        "best_val_macro_f1": max(r["macro_f1"] for r in val if "macro_f1" in r),
+        "best_val_macro_f1": _max(r.get("macro_f1") for r in val),
         "step_time_s": 1.0 / sps if sps else None,
         "tokens_per_sec": _median(r.get("tokens_per_sec") for r in train),
     }
@@ -302,12 +329,13 @@ def write_results(workdir: str, keys: Sequence[str], rows: Sequence[dict]) -> st
     """Writes ``DIR/results.csv`` atomically (one row per cell, grid order)."""
     import csv
 
-    path = os.path.join(workdir, "results.csv")
-    with open(path + ".tmp", "w", newline="") as f:
+    def write(f):
         writer = csv.DictWriter(f, result_columns(keys), extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
-    os.replace(path + ".tmp", path)
+
+    path = os.path.join(workdir, "results.csv")
+    write_atomically(path, write, newline="")
     return path
 
 
@@ -320,13 +348,38 @@ class SweepResult:
     skipped: list[str]
 
 
+def _read_result(path: str) -> dict | None:
+    """A cell's ``result.json``; None when it is missing or damaged (a process killed while
+    writing it, before writes were atomic): the cell then counts as not finished and runs again,
+    resuming from its checkpoint, rather than stopping the whole sweep."""
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path) as f:
+            row = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        log.warning("%s is unreadable (%s); its cell runs again", path, e)
+        return None
+    if not isinstance(row, dict):
+        log.warning("%s holds no result row; its cell runs again", path)
+        return None
+    return row
+
+
+def _write_result(path: str, row: dict) -> None:
+    """Writes a cell's ``result.json`` atomically (a temporary file, then a rename), so that a
+    kill leaves either no result or a whole one."""
+    write_atomically(path, lambda f: json.dump(row, f, indent=2))
+
+
 def _known_results(workdir: str, cells: Sequence[Cell]) -> dict[str, dict]:
+    """Rows of the finished or failed cells by slug: ``results.csv``, then each readable
+    ``cells/<slug>/result.json`` (which wins)."""
     known = {r.get("slug"): r for r in read_results(workdir)}
     for cell in cells:
-        path = os.path.join(workdir, "cells", cell.slug, "result.json")
-        if os.path.exists(path):
-            with open(path) as f:
-                known[cell.slug] = json.load(f)
+        row = _read_result(os.path.join(workdir, "cells", cell.slug, "result.json"))
+        if row is not None:
+            known[cell.slug] = row
     return known
 
 
@@ -345,8 +398,7 @@ def _run_cell(cfg: Any, cell: Cell, overrides: dict, workdir: str, runner: CellR
         log.error("cell %s failed: %s: %s", cell.slug, type(e).__name__, e)
         row.update(status="failed", error=f"{type(e).__name__}: {e}"[:1000])
     row["wall_s"] = time.time() - start
-    with open(os.path.join(cell_dir, "result.json"), "w") as f:
-        json.dump(row, f, indent=2)
+    _write_result(os.path.join(cell_dir, "result.json"), row)
     return row
 
 

@@ -6,7 +6,7 @@ import json
 import math
 import os
 import sys
-from typing import Any
+from typing import IO, Any, Callable
 
 import numpy as np
 
@@ -64,12 +64,26 @@ def read_metrics(workdir: str) -> list[dict]:
     return rows
 
 
+def write_atomically(path: str, write: Callable[[IO[str]], None], **open_kw: Any) -> None:
+    """Writes ``path`` through ``write(file)`` into a temporary file that then replaces it in
+    one rename: a kill or Ctrl-C in the middle leaves the old file (or none) whole, never a
+    part of the new one."""
+    with open(path + ".tmp", "w", **open_kw) as f:
+        write(f)
+    os.replace(path + ".tmp", path)
+
+
 def truncate_after(workdir: str, step: int) -> None:
     """Drops rows past ``step`` (written after the checkpoint a resumed run starts from), so a
-    resumed run's log equals an uninterrupted one."""
+    resumed run's log equals an uninterrupted one.
+
+    Written atomically (``write_atomically``): a kill or Ctrl-C in the middle leaves the old
+    log whole, never a log cut short."""
     rows = [r for r in read_metrics(workdir) if r["step"] <= step]
-    with open(os.path.join(workdir, "metrics.jsonl"), "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in rows)
+    write_atomically(
+        os.path.join(workdir, "metrics.jsonl"),
+        lambda f: f.writelines(json.dumps(r) + "\n" for r in rows),
+    )
 
 
 def setup_cli_logging() -> None:

@@ -91,6 +91,31 @@ def test_bad_overrides_are_errors():
         ablation.Sweep.from_dict({"axes": {"seed": [0, 1]}})
 
 
+def test_overrides_of_one_layer_must_all_agree_whatever_their_order():
+    """A third same-size override agreeing with the second must not hide the first's clash."""
+    lr = "optimizer.learning_rate"
+    axes = {"freeze.policy": ["full"], "optimizer.name": ["adamw"], "model.dtype": ["float32"]}
+    overrides = {
+        ("freeze.policy", "full"): {lr: 1.0},
+        ("optimizer.name", "adamw"): {lr: 2.0},
+        ("model.dtype", "float32"): {lr: 2.0},
+    }
+    sweep = ablation.Sweep.from_dict({"axes": axes, "overrides": overrides})
+    with pytest.raises(ValueError, match=r"set optimizer.learning_rate to 1.0 and 2.0"):
+        ablation.expand(sweep, [0])
+    settled = {**overrides, (("freeze.policy", "full"), ("optimizer.name", "adamw")): {lr: 5.0}}
+    cell = ablation.expand(ablation.Sweep.from_dict({"axes": axes, "overrides": settled}), [0])
+    assert cell[0].overrides[lr] == 5.0
+    agree = {k: {lr: 2.0} for k in overrides}
+    cell = ablation.expand(ablation.Sweep.from_dict({"axes": axes, "overrides": agree}), [0])
+    assert cell[0].overrides[lr] == 2.0
+
+
+def test_no_seeds_is_an_error():
+    with pytest.raises(ValueError, match="no seeds"):
+        ablation.expand(_sweep(), [])
+
+
 def test_apply_overrides_checks_keys_and_types_and_cli_comes_last():
     cfg = text_cls.get_config()
     out = ablation.apply_overrides(cfg, {"data.buckets": [32, 64], "optimizer.learning_rate": 1})
@@ -240,6 +265,43 @@ def test_interrupted_cell_stops_the_sweep_and_resumes(tmp_path):
     assert out.skipped == ["policy-full__name-adamw__seed-0"] and len(out.ran) == 3
 
 
+def _lm_runner(cfg, overrides, cell_dir):
+    """A causal-LM run: validation logs loss, perplexity and token accuracy, no macro-F1."""
+    rows = [{"step": s, "split": "train", "loss": 2.0 / s, "steps_per_sec": 2.0} for s in (1, 2)]
+    rows.append({"step": 2, "split": "validation", "loss": 1.5, "perplexity": 4.5,
+                 "token_accuracy": 0.6})  # fmt: skip
+    with open(os.path.join(cell_dir, "metrics.jsonl"), "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    with open(os.path.join(cell_dir, "run.json"), "w") as f:
+        json.dump({"num_params": 10, "num_trainable_params": 10, "optimizer_state_bytes": 80}, f)
+    return {}
+
+
+def test_causal_lm_cells_without_macro_f1_finish(tmp_path):
+    sweep = ablation.load_sweep("optimizer.name=adamw,sgd")
+    out = ablation.run_sweep(text_cls.get_config(), sweep, [0], str(tmp_path), runner=_lm_runner)
+    assert [r["status"] for r in out.rows] == ["ok", "ok"], [r["error"] for r in out.rows]
+    assert out.rows[0]["val_loss"] == 1.5 and out.rows[0]["best_val_macro_f1"] is None
+    assert "summary" in ablation_report.write_report(str(tmp_path), list(sweep.axes))
+
+
+def test_damaged_result_json_reruns_its_cell(tmp_path):
+    """A result.json cut short (a kill while it was written) is not a finished cell: the cell
+    runs again instead of the sweep stopping on a JSON error."""
+    calls, workdir = [], str(tmp_path)
+    ablation.run_sweep(text_cls.get_config(), _sweep(), [0], workdir, runner=fake_runner(calls))
+    last = ablation.expand(_sweep(), [0])[-1].slug
+    path = os.path.join(workdir, "cells", last, "result.json")
+    text = open(path).read()
+    with open(path, "w") as f:
+        f.write(text[: len(text) // 2])
+    ablation.write_results(workdir, list(_sweep().axes), ablation.read_results(workdir)[:-1])
+    out = ablation.run_sweep(text_cls.get_config(), _sweep(), [0], workdir,
+                             runner=fake_runner(calls))  # fmt: skip
+    assert out.ran == [last] and len(out.skipped) == 3
+    assert json.load(open(path))["status"] == "ok" and not os.path.exists(path + ".tmp")
+
+
 def test_mean_std_and_aggregate_are_exact():
     assert ablation_report.mean_std([0.5, 0.7, 0.9]) == (pytest.approx(0.7), pytest.approx(0.2))
     assert ablation_report.mean_std([0.4]) == (0.4, 0.0)
@@ -353,6 +415,30 @@ def test_command_line_dry_run_and_report_only(tmp_path):
                        runner=fake_runner([]))  # fmt: skip
     printed = _ablate("--workdir", str(tmp_path), "--report_only").split()
     assert str(tmp_path / "summary.md") in printed and (tmp_path / "efficiency.png").exists()
+
+
+SWEEP_WITH_BASE = """
+def get_sweep(name):
+    return {
+        "axes": {"optimizer.name": ["adamw", "sgd"]},
+        "base": {"optimizer.learning_rate": 1e-4, "train.num_steps": 50},
+        "overrides": {("optimizer.name", "sgd"): {"optimizer.learning_rate": 3e-3}},
+    }
+"""
+
+
+def test_command_line_dry_run_shows_overrides_of_base_values_and_checks_seeds(tmp_path):
+    (tmp_path / "sweeps.py").write_text(SWEEP_WITH_BASE)
+    out = _ablate("--config", "configs/text_cls.py", "--sweep", f"{tmp_path}/sweeps.py:x",
+                  "--workdir", str(tmp_path), "--dry_run", "--seeds", "1")  # fmt: skip
+    base, adamw, sgd = (json.loads(line.split(" ", 1)[1]) for line in out.strip().splitlines())
+    assert base == {"optimizer.learning_rate": 1e-4, "train.num_steps": 50}
+    assert adamw == {"optimizer.name": "adamw", "seed": 0}
+    assert sgd == {"optimizer.learning_rate": 3e-3, "optimizer.name": "sgd", "seed": 0}
+    with pytest.raises(subprocess.CalledProcessError) as e:
+        _ablate("--config", "configs/text_cls.py", "--sweep", "optimizer.name=adamw",
+                "--workdir", str(tmp_path / "none"), "--seeds", "0")  # fmt: skip
+    assert "--seeds" in e.value.stderr and not (tmp_path / "none").exists()
 
 
 # ---------------------------------------------------------------------------------------------

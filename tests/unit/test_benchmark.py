@@ -88,6 +88,38 @@ def test_time_pipelined_waits_once_after_all_calls():
         benchmark.time_pipelined(lambda: None, lambda: None, 0)
 
 
+GENERATION_TIMING = """
+import time
+from experiments import generation_speed
+
+log, clock = [], iter(range(100))
+
+class Tokens:
+    def block_until_ready(self):
+        log.append("wait")
+
+class Out:
+    tokens = Tokens()
+
+def fn():
+    log.append("call")
+    return Out()
+
+time.perf_counter = lambda: log.append("clock") or next(clock)
+_, seconds = generation_speed._timed(fn)
+print(log, seconds)
+"""
+
+
+def test_generation_speed_waits_for_the_warmup_call_before_timing():
+    """JAX returns before the device is done: the compiling call must be waited for before the
+    clock starts, or the timed call also pays for the rest of it. (In a child process: the
+    script's absl flags would otherwise join this process's.)"""
+    out = subprocess.run([sys.executable, "-c", GENERATION_TIMING], capture_output=True,
+                         text=True, check=True).stdout  # fmt: skip
+    assert out.split() == "['call', 'wait', 'clock', 'call', 'wait', 'clock'] 1".split()
+
+
 def test_tiny_bert_end_to_end():
     r = benchmark.run_jax(benchmark.get_spec("tiny-bert"), warmup=1, steps_=2)
     assert r["step_ms"] > 0 and r["first_call_s"] > 0 and len(r["step_ms_all"]) == 2
