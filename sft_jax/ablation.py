@@ -145,6 +145,8 @@ def load_sweep(arg: str, default_file: str = "configs/sweeps.py") -> Sweep:
         raise FileNotFoundError(f"sweep file {path} not found")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    if not callable(getattr(module, "get_sweep", None)):
+        raise AttributeError(f"sweep file {path} defines no get_sweep(name) function")
     return Sweep.from_dict(module.get_sweep(name), name=name)
 
 

@@ -467,3 +467,10 @@ def test_real_two_cell_sweep_on_tiny_bert(tmp_path):
     for key in ("bars", "efficiency", "curves"):
         with Image.open(paths[key]) as im:
             im.load()
+
+
+def test_sweep_file_without_get_sweep_is_named(tmp_path):
+    path = tmp_path / "sweeps.py"
+    path.write_text("SWEEPS = {}\n")
+    with pytest.raises(AttributeError, match=rf"sweep file {path} defines no get_sweep"):
+        ablation.load_sweep(f"{path}:lr")
