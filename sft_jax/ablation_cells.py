@@ -158,6 +158,28 @@ def flag_value(value: Any) -> str:
     return str(value)
 
 
+def wait_forwarding_sigterm(proc: Any) -> tuple[int, Any]:
+    """Waits for the child ``proc`` (``os.wait4``); returns its exit code and resource usage.
+
+    A SIGTERM sent to this process alone (a scheduler preempting the sweep) is passed on to the
+    child meanwhile, so the cell's training checkpoints and stops as preempted, rather than this
+    process dying and leaving the child training on, orphaned (a rerun of the sweep would then
+    start a second trainer in the same cell directory). Outside the main thread, where Python
+    cannot install signal handlers, it only waits."""
+    import signal
+    import threading
+
+    forward = threading.current_thread() is threading.main_thread()
+    if forward:
+        previous = signal.signal(signal.SIGTERM, lambda *_: proc.send_signal(signal.SIGTERM))
+    try:
+        _, status, usage = os.wait4(proc.pid, 0)  # retried after the handler runs (PEP 475)
+    finally:
+        if forward:  # (None: a handler installed outside Python; the default then)
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+    return os.waitstatus_to_exitcode(status), usage
+
+
 def subprocess_runner(config_spec: str, cwd: str | None = None) -> CellRunner:
     """A runner that trains each cell with ``python -m experiments.train --config config_spec``
     plus the cell's overrides as flags, in ``cwd`` (the repository root). Its output goes to
@@ -174,11 +196,10 @@ def subprocess_runner(config_spec: str, cwd: str | None = None) -> CellRunner:
         with open(out_path, "wb") as out, open(os.path.join(cell_dir, "train.log"), "ab") as err:
             proc = subprocess.Popen(cmd, cwd=cwd, stdout=out, stderr=err)
             try:
-                _, status, usage = os.wait4(proc.pid, 0)
+                code, usage = wait_forwarding_sigterm(proc)
             except KeyboardInterrupt:  # the child got the SIGINT too: let it checkpoint
                 proc.wait()
                 raise
-            code = os.waitstatus_to_exitcode(status)
             proc.returncode = code
         if code != 0:
             with open(os.path.join(cell_dir, "train.log"), errors="replace") as f:

@@ -3,6 +3,7 @@ resume, failures, aggregation and report with a fake cell runner; one real 2-cel
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -474,3 +475,41 @@ def test_sweep_file_without_get_sweep_is_named(tmp_path):
     path.write_text("SWEEPS = {}\n")
     with pytest.raises(AttributeError, match=rf"sweep file {path} defines no get_sweep"):
         ablation.load_sweep(f"{path}:lr")
+
+
+_PARENT = """
+import subprocess, sys
+from sft_jax.ablation_cells import wait_forwarding_sigterm
+child = subprocess.Popen([sys.executable, "-c", CHILD], stdout=subprocess.PIPE, text=True)
+child.stdout.readline()
+print("waiting", child.pid, flush=True)
+code, _ = wait_forwarding_sigterm(child)
+print("child exited", code, flush=True)
+"""
+_CHILD = (
+    "import signal, sys, time\n"
+    "signal.signal(signal.SIGTERM, lambda *_: sys.exit(7))  # as the trainer: stop cleanly\n"
+    "print('ready', flush=True)\n"
+    "time.sleep(60)\n"
+)
+
+
+def test_sigterm_to_the_sweep_reaches_the_cell_being_trained():
+    """Only the sweep process is terminated (a scheduler's preemption): the training child gets
+    the SIGTERM too and stops, instead of training on orphaned."""
+    parent = subprocess.Popen(
+        [sys.executable, "-c", f"CHILD = {_CHILD!r}\n{_PARENT}"],
+        stdout=subprocess.PIPE, text=True, cwd=os.getcwd(),
+    )  # fmt: skip
+    words = parent.stdout.readline().split()
+    assert words[0] == "waiting", words
+    child_pid = int(words[1])
+    try:
+        parent.send_signal(signal.SIGTERM)
+        out, _ = parent.communicate(timeout=60)
+        assert parent.returncode == 0 and out.strip() == "child exited 7"
+    finally:
+        try:
+            os.kill(child_pid, signal.SIGKILL)  # only if it outlived the test (the bug)
+        except ProcessLookupError:
+            pass
