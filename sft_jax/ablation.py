@@ -25,7 +25,8 @@ Columns of ``results.csv`` (and each ``result.json``): the swept keys, ``seed``,
 (``ok`` / ``failed``), ``error``, final validation ``val_accuracy`` / ``val_macro_f1`` /
 ``val_loss``, ``best_val_macro_f1`` over the run's evaluations, ``num_params``,
 ``num_trainable_params`` and ``optimizer_state_bytes`` (the run's ``run.json``), ``step_time_s``
-(1 / median logged ``steps_per_sec``), ``tokens_per_sec`` (median), the memory fields of
+(1 / median logged ``steps_per_sec``), ``tokens_per_sec`` or, for image tasks,
+``images_per_sec`` (median), the memory fields of
 ``sft_jax.ablation_cells`` (``peak_rss_bytes``, ``rss_start_bytes``, ``peak_rss_scope``,
 ``compiled_step_bytes``), ``wall_s`` (the cell's last attempt: build, compile, train, evaluate,
 save), ``workdir`` (``cells/<slug>``, relative to DIR) and ``slug``.
@@ -57,7 +58,7 @@ Condition = tuple[tuple[str, Any], ...]
 COLUMNS = (
     "status", "error", "val_accuracy", "val_macro_f1", "val_loss", "best_val_macro_f1",
     "num_params", "num_trainable_params", "optimizer_state_bytes", "step_time_s",
-    "tokens_per_sec", "peak_rss_bytes", "rss_start_bytes", "peak_rss_scope",
+    "tokens_per_sec", "images_per_sec", "peak_rss_bytes", "rss_start_bytes", "peak_rss_scope",
     "compiled_step_bytes", "wall_s", "workdir", "slug",
 )  # fmt: skip
 
@@ -300,6 +301,7 @@ def summarize_cell(cell_dir: str) -> dict:
         "best_val_macro_f1": _max(r.get("macro_f1") for r in val),
         "step_time_s": 1.0 / sps if sps else None,
         "tokens_per_sec": _median(r.get("tokens_per_sec") for r in train),
+        "images_per_sec": _median(r.get("images_per_sec") for r in train),  # image tasks
     }
     with open(os.path.join(cell_dir, "run.json")) as f:
         info = json.load(f)

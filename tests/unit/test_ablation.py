@@ -286,6 +286,18 @@ def test_causal_lm_cells_without_macro_f1_finish(tmp_path):
     assert "summary" in ablation_report.write_report(str(tmp_path), list(sweep.axes))
 
 
+def test_image_cells_report_images_per_second(tmp_path):
+    rows = [{"step": s, "split": "train", "loss": 1.0, "steps_per_sec": 2.0, "images_per_sec": v}
+            for s, v in ((1, 10.0), (2, 30.0), (3, 20.0))]  # fmt: skip
+    rows.append({"step": 3, "split": "validation", "loss": 0.5, "accuracy": 0.9, "macro_f1": 0.8})
+    with open(tmp_path / "metrics.jsonl", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    (tmp_path / "run.json").write_text("{}")
+    out = ablation.summarize_cell(str(tmp_path))
+    assert out["images_per_sec"] == 20.0 and out["tokens_per_sec"] is None
+    assert "images_per_sec" in ablation.result_columns(["freeze.policy"])
+
+
 def test_damaged_result_json_reruns_its_cell(tmp_path):
     """A result.json cut short (a kill while it was written) is not a finished cell: the cell
     runs again instead of the sweep stopping on a JSON error."""
