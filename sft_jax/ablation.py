@@ -370,12 +370,6 @@ def _read_result(path: str) -> dict | None:
     return row
 
 
-def _write_result(path: str, row: dict) -> None:
-    """Writes a cell's ``result.json`` atomically (a temporary file, then a rename), so that a
-    kill leaves either no result or a whole one."""
-    write_atomically(path, lambda f: json.dump(row, f, indent=2))
-
-
 def _known_results(workdir: str, cells: Sequence[Cell]) -> dict[str, dict]:
     """Rows of the finished or failed cells by slug: ``results.csv``, then each readable
     ``cells/<slug>/result.json`` (which wins)."""
@@ -402,7 +396,8 @@ def _run_cell(cfg: Any, cell: Cell, overrides: dict, workdir: str, runner: CellR
         log.error("cell %s failed: %s: %s", cell.slug, type(e).__name__, e)
         row.update(status="failed", error=f"{type(e).__name__}: {e}"[:1000])
     row["wall_s"] = time.time() - start
-    _write_result(os.path.join(cell_dir, "result.json"), row)
+    # Atomically: a kill leaves either no result or a whole one.
+    write_atomically(os.path.join(cell_dir, "result.json"), lambda f: json.dump(row, f, indent=2))
     return row
 
 

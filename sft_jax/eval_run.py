@@ -45,8 +45,7 @@ def evaluate_model(
     data, tokenizer = components.load_data(cfg)
     ds = components.batches(cfg, data, tokenizer, split, train=False)
     # Read ahead on an accelerator, as training does (train.prefetch_threads; same batches).
-    threads = feed_lib.resolve_threads(cfg.train.get("prefetch_threads", -1))
-    ds = feed_lib.read_ahead(ds, threads)
+    ds = feed_lib.read_ahead(ds, feed_lib.config_threads(cfg))
     graphdef, params = split_model(model)
     batch_sh = sharding_lib.batch_sharding(mesh)
     eval_step = steps.make_eval_step(

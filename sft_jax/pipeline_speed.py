@@ -34,14 +34,14 @@ def pipeline_throughput(cfg: Any, num_batches: int = 50, split: str = "train") -
     ds = components.batches(cfg, data, processor, split, train=True).repeat()
     first = ds[0]
     setup_s = time.perf_counter() - t0
-    key = "pixel_values" if "pixel_values" in first else "input_ids"
+    unit, _ = components.batch_units(first)
+    key = "pixel_values" if unit == "images" else "input_ids"
     rows = units = 0
     t0 = time.perf_counter()
     for i in range(1, num_batches + 1):
         batch = ds[i]
         rows += len(batch[key])
-        unit, count = components.batch_units(batch)
-        units += count
+        units += components.batch_units(batch)[1]
     dt = time.perf_counter() - t0
     return {
         "config": str(cfg.model.task),

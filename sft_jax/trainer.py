@@ -96,8 +96,7 @@ class Trainer:
                 f"batch of data.batch_size={cfg.data.batch_size}"
             )
         self.train_ds = one_epoch.repeat()  # reshuffled every epoch; batch i is fixed
-        threads = feed_lib.resolve_threads(cfg.train.get("prefetch_threads", -1))
-        self.feed = feed_lib.BatchFeed(self.train_ds, threads)
+        self.feed = feed_lib.BatchFeed(self.train_ds, feed_lib.config_threads(cfg))
         self.val_ds = components.batches(cfg, self.data, tokenizer, "validation", train=False)
         self.total_steps = cfg.train.num_steps or self.steps_per_epoch * cfg.train.num_epochs
         self.eval_every = cfg.train.eval_every_steps or self.steps_per_epoch

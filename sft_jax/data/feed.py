@@ -18,6 +18,11 @@ import jax
 MAX_AUTO_THREADS = 16
 
 
+def config_threads(cfg: Any) -> int:
+    """The reader threads of a run's config (``train.prefetch_threads``, ``resolve_threads``)."""
+    return resolve_threads(cfg.train.get("prefetch_threads", -1))
+
+
 def resolve_threads(threads: int) -> int:
     """``train.prefetch_threads``: -1 (auto) = 0 on a CPU backend, else min(16, CPU count)."""
     if threads < -1:
