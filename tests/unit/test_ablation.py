@@ -489,12 +489,18 @@ def test_sweep_file_without_get_sweep_is_named(tmp_path):
         ablation.load_sweep(f"{path}:lr")
 
 
+# The parent announces "waiting" from inside os.wait4, i.e. once wait_forwarding_sigterm has
+# installed its handler: a SIGTERM sent before that would (correctly) kill the parent.
 _PARENT = """
-import subprocess, sys
+import os, subprocess, sys
 from sft_jax.ablation_cells import wait_forwarding_sigterm
 child = subprocess.Popen([sys.executable, "-c", CHILD], stdout=subprocess.PIPE, text=True)
 child.stdout.readline()
-print("waiting", child.pid, flush=True)
+real_wait4 = os.wait4
+def announcing_wait4(pid, options):
+    print("waiting", pid, flush=True)
+    return real_wait4(pid, options)
+os.wait4 = announcing_wait4
 code, _ = wait_forwarding_sigterm(child)
 print("child exited", code, flush=True)
 """
