@@ -42,10 +42,13 @@ def _load():
     return sft_jax.load_pretrained(path, task="causal_lm"), load_chat_tokenizer(path)
 
 
-def _reply(model, tokenizer, messages, turn: int) -> str:
+def _reply(model, tokenizer, messages, turn: int) -> str | None:
+    """The model's reply to ``messages``; None (and a note on stderr) when a learned position
+    table (GPT-2) has no room left for it. A reply is cut short where that room ends."""
     import jax
 
     from sft_jax.gen_eval import generate_replies, prompt_ids
+    from sft_jax.generate import position_limit
 
     sampling = {}
     if _TEMPERATURE.value > 0:
@@ -55,14 +58,19 @@ def _reply(model, tokenizer, messages, turn: int) -> str:
             top_p=_TOP_P.value,
             rng=jax.random.fold_in(jax.random.key(_SEED.value), turn),
         )
+    ids = prompt_ids(tokenizer, messages)
+    limit, max_new = position_limit(model), _MAX_NEW.value
+    if limit is not None:
+        if len(ids) >= limit:
+            print(f"The conversation is {len(ids)} tokens; the model holds {limit} positions. "
+                  "Message dropped: /reset clears the conversation.", file=sys.stderr)  # fmt: skip
+            return None
+        max_new = min(max_new, limit - len(ids))
     (reply,) = generate_replies(
-        model,
-        tokenizer,
-        [prompt_ids(tokenizer, messages)],
-        batch_size=1,
-        max_new_tokens=_MAX_NEW.value,
-        **sampling,
+        model, tokenizer, [ids], batch_size=1, max_new_tokens=max_new, **sampling
     )
+    if not reply.stopped and max_new < _MAX_NEW.value:
+        print(f"(reply cut at the model's {limit} positions)", file=sys.stderr)
     return reply.text
 
 
@@ -79,7 +87,10 @@ def main(argv):
     model, tokenizer = _load()
     start = [{"role": "system", "content": _SYSTEM.value}] if _SYSTEM.value else []
     if _PROMPT.value is not None:
-        print(_reply(model, tokenizer, start + [{"role": "user", "content": _PROMPT.value}], 0))
+        reply = _reply(model, tokenizer, start + [{"role": "user", "content": _PROMPT.value}], 0)
+        if reply is None:
+            sys.exit(1)
+        print(reply)
         return
     messages, turn = list(start), 0
     print("Type a message (/reset clears the conversation, /quit leaves).", file=sys.stderr)
@@ -92,9 +103,10 @@ def main(argv):
             continue
         if not text:
             continue
-        messages.append({"role": "user", "content": text})
-        reply = _reply(model, tokenizer, messages, turn)
-        messages.append({"role": "assistant", "content": reply})
+        reply = _reply(model, tokenizer, messages + [{"role": "user", "content": text}], turn)
+        if reply is None:
+            continue
+        messages += [{"role": "user", "content": text}, {"role": "assistant", "content": reply}]
         turn += 1
         print(f"assistant: {reply}", flush=True)
 

@@ -21,7 +21,7 @@ from flax import nnx
 from sft_jax.data import chat
 from sft_jax.data.instruct_tasks import exact_match
 from sft_jax.data.lm import pad_token_id, stop_token_ids
-from sft_jax.generate import generate
+from sft_jax.generate import generate, position_limit
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,11 +40,16 @@ def prompt_ids(tokenizer: Any, messages: Sequence[Mapping[str, str]]) -> list[in
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
-def _left_pad(prompts: Sequence[list[int]], rows: int, multiple: int, pad_id: int):
-    """int32 ids and mask [rows, T], T = longest prompt rounded up to ``multiple``; missing
+def _left_pad(
+    prompts: Sequence[list[int]], rows: int, multiple: int, pad_id: int, most: int | None = None
+):
+    """int32 ids and mask [rows, T], T = longest prompt rounded up to ``multiple`` but not past
+    ``most`` (a learned position table's room) unless the longest prompt itself is; missing
     rows repeat the first prompt (their replies are dropped)."""
     longest = max(len(p) for p in prompts)
     t = -(-longest // multiple) * multiple
+    if most is not None:
+        t = max(longest, min(t, most))
     ids = np.full((rows, t), pad_id, np.int32)
     mask = np.zeros((rows, t), np.int32)
     for i in range(rows):
@@ -80,10 +85,12 @@ def generate_replies(
     stops = stop_token_ids(tokenizer)
     pad = pad_token_id(tokenizer)
     rng = sampling.pop("rng", None)
+    limit = position_limit(model)
+    room = None if limit is None else limit - max_new_tokens
     replies = []
     for i, start in enumerate(range(0, len(prompts), batch_size)):
         chunk = prompts[start : start + batch_size]
-        ids, mask = _left_pad(chunk, batch_size, length_multiple, pad)
+        ids, mask = _left_pad(chunk, batch_size, length_multiple, pad, room)
         key = None if rng is None else jax.random.fold_in(rng, i)
         out = generate(
             model, ids, mask, max_new_tokens=max_new_tokens, stop_ids=stops, pad_id=pad, rng=key,

@@ -125,9 +125,15 @@ def _generate_cached(graphdef, state, prompt_ids, prompt_mask, rng, s: _Settings
     return Generation(tokens, lengths)
 
 
+def position_limit(model: nnx.Module) -> int | None:
+    """Most tokens (prompt buffer + new) one sequence may hold: the size of a learned position
+    table (GPT-2's ``n_positions``), None for rotary models."""
+    return getattr(getattr(model, "config", None), "n_positions", None)
+
+
 def _check_length(model: nnx.Module, prompt_len: int, max_new_tokens: int) -> None:
     """Learned position tables (GPT-2's ``n_positions``) cannot go past their size."""
-    limit = getattr(model.config, "n_positions", None)
+    limit = position_limit(model)
     if limit is not None and prompt_len + max_new_tokens > limit:
         raise ValueError(
             f"prompt length {prompt_len} + max_new_tokens {max_new_tokens} exceeds the model's "

@@ -28,6 +28,28 @@ def test_left_pad_rounds_length_and_fills_rows():
     ids, mask = gen_eval._left_pad([[7, 8, 9], [5]], rows=3, multiple=4, pad_id=1)
     np.testing.assert_array_equal(ids, [[1, 7, 8, 9], [1, 1, 1, 5], [1, 7, 8, 9]])
     np.testing.assert_array_equal(mask, [[0, 1, 1, 1], [0, 0, 0, 1], [0, 1, 1, 1]])
+    # Rounding stops at the room a learned position table leaves, never below the prompt.
+    ids, _ = gen_eval._left_pad([[7, 8, 9], [5]], rows=2, multiple=4, pad_id=1, most=3)
+    np.testing.assert_array_equal(ids, [[7, 8, 9], [1, 1, 5]])
+    ids, _ = gen_eval._left_pad([[7, 8, 9]], rows=1, multiple=4, pad_id=1, most=2)
+    np.testing.assert_array_equal(ids, [[7, 8, 9]])  # too long: generate names the limit
+
+
+def test_rounding_never_pushes_a_fitting_prompt_past_gpt2_positions(tok):
+    """An 8-token prompt and 6 new tokens fit 16 learned positions; rounding the prompt to 12
+    made generate refuse it ("exceeds the model's 16 learned positions")."""
+    from flax import nnx
+
+    from sft_jax.models.gpt2 import GPT2Config, GPT2LMHeadModel
+
+    cfg = GPT2Config(vocab_size=len(tok), n_positions=16, n_embd=16, n_layer=1, n_head=2)
+    model = GPT2LMHeadModel(cfg, rngs=nnx.Rngs(0))
+    prompt = gen_eval.prompt_ids(tok, CONV[:2])
+    assert len(prompt) == 8
+    (reply,) = gen_eval.generate_replies(
+        model, tok, [prompt], batch_size=1, max_new_tokens=6, length_multiple=12
+    )
+    assert 1 <= reply.num_tokens <= 6
 
 
 def test_exact_match_eval_scores_and_stops(tok, monkeypatch):

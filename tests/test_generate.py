@@ -243,3 +243,28 @@ def test_writing_past_the_kv_cache_is_an_error(tiny):
         model(ids[:1, 5:6], cache=cache)
     with pytest.raises(ValueError, match=r"6 new token\(s\) at cache slot 0 exceed .* 5 slots"):
         model(ids[:1], cache=model.init_cache(1, 5))
+
+
+def test_chat_session_outlives_gpt2_positions(tmp_path):
+    """A conversation that outgrows GPT-2's learned positions drops the message that does not
+    fit (and says so) instead of ending the session; replies are cut where the room ends."""
+    import subprocess
+    import sys
+
+    from tests.tiny_chat import tiny_chat_tokenizer
+
+    tok = tiny_chat_tokenizer()
+    torch_gpt2(vocab_size=len(tok), n_positions=24, n_embd=8, n_layer=1, n_head=2).save_pretrained(
+        tmp_path
+    )
+    tok.save_pretrained(tmp_path)
+    session = subprocess.run(
+        [sys.executable, "-m", "experiments.chat", "--model", str(tmp_path),
+         "--max_new_tokens", "4"],
+        input="hi\n" * 6 + "/reset\nbye\n", capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert session.returncode == 0, session.stderr[-2000:]
+    replies = session.stdout.count("assistant:")
+    dropped = session.stderr.count("Message dropped")
+    assert dropped >= 1 and replies + dropped == 7, (session.stdout, session.stderr[-2000:])
+    assert session.stdout.splitlines()[-1].startswith("assistant:")  # after /reset: room again
