@@ -66,7 +66,9 @@ class LoRADense(layers.Dense):
         dropout: Dropout rate on the adapter's input (active inside a ``layers.dropout_scope``
             with a key).
         salt: Folded into the ambient dropout key so that every adapter draws its own mask.
-        param_dtype: Storage dtype of ``lora_a``/``lora_b`` (default: the kernel's).
+        param_dtype: Storage dtype of ``lora_a``/``lora_b`` (default float32 whatever the
+            kernel's: bfloat16 adapters lose the small early updates to rounding; PEFT also
+            keeps adapters in float32).
         rngs: RNG streams for ``lora_a``'s initialization.
     """
 
@@ -90,7 +92,7 @@ class LoRADense(layers.Dense):
         self.dropout, self.salt = float(dropout), int(salt)
         n_in, n_out = base.kernel.shape
         names_in, names_out = base.kernel.get_metadata()["out_sharding"]
-        dtype = base.kernel.dtype if param_dtype is None else param_dtype
+        dtype = jnp.float32 if param_dtype is None else param_dtype
         self.lora_a = layers.make_param(rngs, lora_a_init, (n_in, rank), (names_in, None), dtype)
         self.lora_b = layers.make_param(
             rngs, nnx.initializers.zeros, (rank, n_out), (None, names_out), dtype
@@ -182,7 +184,7 @@ def apply_lora(
             ``model/layers/3/self_attn/q_proj``.
         dropout: Adapter input dropout rate.
         seed: Seeds the ``lora_a`` initialization.
-        param_dtype: Storage dtype of the adapter weights (default: each kernel's).
+        param_dtype: Storage dtype of the adapter weights (default float32).
 
     Returns:
         The number of wrapped layers.

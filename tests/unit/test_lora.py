@@ -103,6 +103,17 @@ def test_adapter_shares_kernel_and_carries_logical_names():
     assert salts[0] != salts[1]
 
 
+def test_adapters_of_bfloat16_kernels_are_float32_and_merge_to_bfloat16():
+    model = LlamaForCausalLM(LlamaConfig(**LLAMA, param_dtype="bfloat16"), rngs=nnx.Rngs(0))
+    lora.apply_lora(model, rank=2, alpha=4.0, targets=[r"q_proj$"])
+    q_proj = model.model.layers[0].self_attn.q_proj
+    assert q_proj.kernel.dtype == jnp.bfloat16
+    assert q_proj.lora_a.dtype == q_proj.lora_b.dtype == jnp.float32
+    assert lora.merge_lora(model).model.layers[0].self_attn.q_proj.kernel.dtype == jnp.bfloat16
+    lora.apply_lora(model, rank=2, alpha=4.0, targets=[r"k_proj$"], param_dtype=jnp.bfloat16)
+    assert model.model.layers[0].self_attn.k_proj.lora_a.dtype == jnp.bfloat16
+
+
 def rounding(logits: np.ndarray) -> float:
     """Float32 reassociation noise allowed between two ways of computing ``logits`` (merged
     vs separate adapters, jit vs eager): 1e-5 relative to the largest logit; its size depends
