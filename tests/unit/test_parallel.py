@@ -47,10 +47,10 @@ def tiny_bert() -> BertForSequenceClassification:
     return BertForSequenceClassification(cfg, NUM_LABELS, rngs=nnx.Rngs(0))
 
 
-def tiny_llama() -> LlamaForCausalLM:
+def tiny_llama(kv_heads: int = 2) -> LlamaForCausalLM:
     cfg = LlamaConfig(
         vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=MLP, num_hidden_layers=LAYERS,
-        num_attention_heads=HEADS, num_key_value_heads=2, max_position_embeddings=32,
+        num_attention_heads=HEADS, num_key_value_heads=kv_heads, max_position_embeddings=32,
     )  # fmt: skip
     return LlamaForCausalLM(cfg, rngs=nnx.Rngs(0))
 
@@ -258,6 +258,22 @@ def test_tensor_parallel_splits_attention_and_mlp_kernels(name):
     for path, spec in TP_SPLIT[name].items():
         want = P(*("fsdp" if a is None else a for a in spec))
         assert params[path].sharding.spec == want, path
+
+
+def test_tensor_parallel_llama_moves_no_activations_between_devices(monkeypatch):
+    """Megatron-style TP: with the heads (kv heads too) dividing the tensor axis, the compiled
+    step only all-reduces (after o_proj / down_proj and for the gradients) and all-gathers the
+    vocab-split logits; no resharding of activations (collective-permute, all-to-all). With 2 kv
+    heads on 4 devices GSPMD adds 4 permutes and 6 all-gathers per layer (see DEFAULT_RULES)."""
+    from tests.unit.test_steps import _collectives
+
+    monkeypatch.setitem(CASES, "llama", (lambda: tiny_llama(kv_heads=4), *CASES["llama"][1:]))
+    state, setup, task = build("llama", (1, 1, 4))
+    step = steps.make_train_step(setup, task)
+    batch = sharding.put_batch(lm_batch(0), setup.batch_sharding)
+    ops = _collectives(step.lower(state, batch).compile().as_text())
+    assert ops["collective-permute"] == ops["all-to-all"] == ops["reduce-scatter"] == 0, ops
+    assert ops["all-reduce"] >= 1 and ops["all-gather"] <= 2, ops
 
 
 def test_checkpoint_moves_between_meshes(tmp_path):
