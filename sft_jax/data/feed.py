@@ -34,10 +34,9 @@ def resolve_threads(threads: int) -> int:
 
 def read_ahead(dataset: Any, threads: int) -> Any:
     """``dataset`` (a grain ``MapDataset``) as an iterable whose elements are read ahead, in
-    order, on ``threads`` threads (at most twice as many held); 0: the dataset itself, read
-    inline."""
-    if threads == 0:
-        return dataset
+    order, on ``threads`` threads (at most twice as many held); 0: read inline, one element
+    when asked for (iterating the ``MapDataset`` itself would read ahead with grain's default
+    ``ReadOptions``: 16 threads, 500 elements)."""
     options = grain.ReadOptions(num_threads=threads, prefetch_buffer_size=2 * threads)
     return dataset.to_iter_dataset(options)
 

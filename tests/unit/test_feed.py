@@ -1,6 +1,7 @@
 """Training batches read ahead on threads are the batches read inline, in order, from any
 step (sft_jax.data.feed)."""
 
+import threading
 import time
 
 import grain
@@ -32,7 +33,34 @@ def test_read_ahead_equals_inline_from_any_step():
 def test_read_ahead_of_a_finite_split_keeps_order_and_length():
     split = grain.MapDataset.range(11).map(lambda i: (time.sleep(0.002), i * i)[1]).batch(3)
     assert [list(b) for b in feed.read_ahead(split, 4)] == [list(b) for b in split]
-    assert feed.read_ahead(split, 0) is split
+    assert [list(b) for b in feed.read_ahead(split, 0)] == [list(b) for b in split]
+
+
+def _recording_split(read):
+    """A split of 200 batches of 2 whose reads append (element, thread name) to ``read``."""
+
+    def record(i):
+        read.append((i, threading.current_thread().name))
+        time.sleep(0.001)
+        return i
+
+    return grain.MapDataset.range(400).map(record).batch(2)
+
+
+@pytest.mark.parametrize("threads", [0, 2])
+def test_read_ahead_holds_at_most_twice_the_threads_and_none_when_inline(threads):
+    """0 reads on the calling thread only what is asked for (iterating a grain MapDataset
+    itself would read ahead on 16 threads, up to 500 batches); N holds at most 2N ahead."""
+    read = []
+    it = iter(feed.read_ahead(_recording_split(read), threads))
+    for _ in range(3):
+        next(it)
+    time.sleep(0.2)  # time for reader threads to run ahead
+    it.close()
+    assert len(read) <= 2 * (3 + 2 * threads)
+    threads_used = {name for _, name in read}
+    if threads == 0:
+        assert threads_used == {threading.current_thread().name}
 
 
 def test_threads_resolve_by_backend_and_bad_values_are_named():
