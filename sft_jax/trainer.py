@@ -199,14 +199,15 @@ class Trainer:
         if averaged is None:
             averaged = self._averaged_params()
         params = self.runner.canonical(self.state).params if averaged is None else averaged
+        limit = self.cfg.train.max_eval_batches
+        val_ds = self.val_ds[:limit] if limit else self.val_ds  # read no batch past the limit
         return evaluate(
             self.cfg.model.task,
             self.eval_step,
             params,
-            feed_lib.read_ahead(self.val_ds, self.feed.threads),
+            feed_lib.read_ahead(val_ds, self.feed.threads),
             self.setup.batch_sharding,
             label_names=self.label_names,
-            max_batches=self.cfg.train.max_eval_batches,
         )
 
     def _after_eval(self, step: int, metrics: dict, progress: dict, averaged=None) -> bool:
