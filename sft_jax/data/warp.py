@@ -15,8 +15,8 @@ resize or crop equals `PIL.Image.resize(..., BILINEAR, box=...)` on float images
 A sample farther outside the image than the half-width takes the nearest edge pixel (PIL
 rejects such boxes; this is replicate padding, as for upsampling). A sheared map (training
 augmentation with `shear_degrees`) is plain bilinear with replicated edges; one that shrinks
-the image is first shrunk along each axis with that filter onto a grid that steps as the map
-does, so a sheared view is anti-aliased too (`_warp_prefiltered`).
+the image is first shrunk along each axis it shrinks with that filter onto a grid that steps
+as the map does, so a sheared view is anti-aliased too (`_warp_prefiltered`).
 """
 
 from __future__ import annotations
@@ -98,6 +98,16 @@ def _shrink_rows(rows: np.ndarray, coords: np.ndarray, scale: float) -> np.ndarr
     return out
 
 
+def _span(coords: np.ndarray, scale: float, n: int) -> tuple[int, int]:
+    """[lo, hi): the input indices `_resample_axis` reads along an axis of length `n`. Cut to
+    them (with `coords - lo`), the axis gives the same taps and weights: none reaches outside."""
+    if abs(scale) <= 1:
+        lower, upper, _ = _axis_weights(coords, n)
+        return int(lower.min()), int(upper.max()) + 1
+    index, _ = filter_taps(coords, scale, n)
+    return int(index.min()), int(index.max()) + 1
+
+
 def _resample_axis(image: np.ndarray, coords: np.ndarray, scale: float, axis: int) -> np.ndarray:
     """`image` [H, W, C] resampled along `axis` (0: rows, 1: columns) at `coords` [N]: two-tap
     bilinear when not shrinking (|scale| <= 1), else the widened filter of `filter_taps`.
@@ -144,9 +154,14 @@ def warp(
     if m[0, 1] == 0 and m[1, 0] == 0 and not _force_general:
         # One axis at a time. When neither axis shrinks: along x, then y, as PIL, the same
         # float32 operations on the same values as the general path below (the result is
-        # bit-identical), with far fewer gathers. When y shrinks, y goes first: the pass over
-        # the whole image then reads whole rows (`_shrink_rows`), and x runs on its output.
+        # bit-identical), with far fewer gathers. When y shrinks, y goes first: the first pass
+        # then reads whole rows (`_shrink_rows`), and x runs on its output.
         x_in, y_in = m[0, 0] * xs + m[0, 2], m[1, 1] * ys + m[1, 2]
+        # Cut to the pixels the taps read (same taps, `_span`): the centred square of a
+        # 20000 x 40 strip costs what a 40 x 40 image does, not the strip.
+        x0, x1 = _span(x_in, m[0, 0], image.shape[1])
+        y0, y1 = _span(y_in, m[1, 1], image.shape[0])
+        image, x_in, y_in = image[y0:y1, x0:x1], x_in - x0, y_in - y0
         if abs(m[1, 1]) > 1:
             rows = _resample_axis(image, y_in, m[1, 1], axis=0)  # [oh, W, C]
             return _resample_axis(rows, x_in, m[0, 0], axis=1)
@@ -170,19 +185,23 @@ def _warp_prefiltered(
     view covers is first shrunk along each axis by the map's factor with the anti-aliased
     axis-aligned filter, onto a grid that steps as the map does from output pixel (0, 0), then
     sampled bilinearly by what remains of the map (about one grid pixel per output pixel).
-    Without shear that remainder is a whole-pixel shift (and flip): the axis-aligned result."""
+    Without shear that remainder is a whole-pixel shift (and flip): the axis-aligned result.
+    An axis the map does not shrink keeps the image's own pixels (a grid of step 1 on pixel
+    centres), so that it is interpolated once, by the remainder, as it is without shear."""
     h, w = image.shape[:2]
     oh, ow = out_hw
-    fx, fy = (max(f, 1.0) for f in _shrink_factors(m))
+    fx, fy = _shrink_factors(m)
+    ox, oy = (m[0, 2] if fx > 1 else 0.0), (m[1, 2] if fy > 1 else 0.0)  # grid origins
+    fx, fy = max(fx, 1.0), max(fy, 1.0)
     corners = np.array([[-0.5, -0.5], [ow - 0.5, -0.5], [-0.5, oh - 0.5], [ow - 0.5, oh - 0.5]])
     x_in, y_in = (corners @ m[:, :2].T + m[:, 2]).T  # where the view's corners fall
-    # Grid steps k from output pixel (0, 0)'s input position, covering the view and a filter
-    # width around it, within the image (pixel centres -0.5 .. n - 0.5).
-    kx = _grid_steps(x_in.min() - fx, x_in.max() + fx, m[0, 2], fx, w)
-    ky = _grid_steps(y_in.min() - fy, y_in.max() + fy, m[1, 2], fy, h)
+    # Grid steps k from the origin (output pixel (0, 0)'s input position along a shrunk axis),
+    # covering the view and a filter width around it, within the image (-0.5 .. n - 0.5).
+    kx = _grid_steps(x_in.min() - fx, x_in.max() + fx, ox, fx, w)
+    ky = _grid_steps(y_in.min() - fy, y_in.max() + fy, oy, fy, h)
     if kx is None or ky is None:  # the view lies outside the image: edge pixels, unfiltered
         return _warp_general(image, m, xs, ys)
-    grid = np.array([[fx, 0.0, m[0, 2] + kx[0] * fx], [0.0, fy, m[1, 2] + ky[0] * fy]])
+    grid = np.array([[fx, 0.0, ox + kx[0] * fx], [0.0, fy, oy + ky[0] * fy]])
     inner = warp(image, grid, (ky[1] - ky[0] + 1, kx[1] - kx[0] + 1))  # anti-aliased
     rest = np.linalg.solve(np.vstack([grid, [0, 0, 1]]), np.vstack([m, [0, 0, 1]]))[:2]
     return _warp_general(inner, rest, xs, ys)

@@ -2,6 +2,7 @@
 shrinking), and the exported `preprocessor_config.json` against our evaluation batches."""
 
 import json
+import tracemalloc
 
 import numpy as np
 import pytest
@@ -80,6 +81,25 @@ def test_resize_matches_pil_float(in_hw, out_hw, box):
     assert np.abs(flipped[..., 0] - ref).max() <= 1e-5
 
 
+@pytest.mark.parametrize("hw, size", [((20000, 40), 64), ((40, 20000), 16)])  # up, down
+def test_resize_reads_only_the_view_of_a_long_image(hw, size):
+    """The evaluation view of a very tall or wide image (its centred square) is resampled
+    from the pixels its filter reads, not from whole rows or columns of the image: memory
+    and time follow the view (here ~0.1 MB of float32), not the image (20000 x 40)."""
+    image = _float_image(*hw, seed=7)[..., :1]
+    h, w = hw
+    box = warp.center_square(h, w)
+    tracemalloc.start()
+    ours = warp.warp(image, warp.box_matrix(box, size), size)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    print(f"{hw} -> {size}: peak {peak / 2**20:.2f} MiB, image {image.nbytes / 2**20:.2f} MiB")
+    assert peak < 2**19
+    x0, y0, bw, bh = box
+    ref = _pil(image[..., 0], (size, size), (x0, y0, x0 + bw, y0 + bh))
+    assert np.abs(ours[..., 0] - ref).max() <= 1e-5
+
+
 def test_shrinking_differs_from_plain_bilinear_and_sheared_views_do_not_antialias():
     image = np.random.default_rng(3).integers(0, 256, (32, 32, 3), dtype=np.uint8)
     matrix = warp.resize_matrix((32, 32), 8)
@@ -130,6 +150,30 @@ def test_sheared_shrink_geometry():
     )
     outside = warp.warp(image, warp.box_matrix((-150, 250, 300, 200), 30, shear_degrees=(9, 4)), 30)
     assert outside.shape == (30, 30, 3) and 0 <= outside.min() and outside.max() <= 255
+
+
+@pytest.mark.parametrize("transpose", [False, True])
+def test_sheared_view_that_shrinks_one_axis_interpolates_the_other_once(transpose):
+    """A sheared view that shrinks one axis only (x by 8, y enlarged by 1.6, and transposed):
+    the other axis is sampled once, bilinearly, as without shear, not resampled onto the
+    grid and then interpolated again. Lines constant along the shrunk axis (which its filter
+    leaves as they are) give plain bilinear sampling; a vanishing shear gives the
+    axis-aligned view."""
+    rng = np.random.default_rng(5)
+    lines = np.repeat(rng.integers(0, 256, (60, 1, 1), dtype=np.uint8), 200, axis=1)  # [60, 200]
+    image = rng.integers(0, 256, (60, 200, 3), dtype=np.uint8)
+    box, out, shear = (10.0, 5.3, 160.0, 40.0), (64, 20), (8.0, -6.0)
+    if transpose:
+        lines, image = lines.transpose(1, 0, 2), image.transpose(1, 0, 2)
+        box, out, shear = (5.3, 10.0, 40.0, 160.0), (20, 64), (-6.0, 8.0)
+    matrix = warp.box_matrix(box, out, shear_degrees=shear, flip=True)
+    assert max(warp._shrink_factors(matrix)) == 8 and min(warp._shrink_factors(matrix)) < 1
+    np.testing.assert_allclose(
+        warp.warp(lines, matrix, out), warp.warp(lines, matrix, out, _force_general=True), atol=1e-3
+    )
+    aligned = warp.warp(image, warp.box_matrix(box, out, flip=True), out)
+    tiny = warp.warp(image, warp.box_matrix(box, out, flip=True, shear_degrees=(1e-7, 1e-7)), out)
+    np.testing.assert_allclose(tiny, aligned, atol=1e-3)
 
 
 # ---------------------------------------------------------------------------- exported processor
