@@ -118,10 +118,11 @@ def scan_image_folder(root: str | pathlib.Path, what: str = "train_dir") -> list
 def decode_image(data: bytes) -> tuple[np.ndarray, str, bool]:
     """Decodes one image file's bytes with Pillow into uint8 RGB [H, W, 3].
 
-    EXIF orientation is applied (the image as viewers show it); animated GIF / WebP / PNG give
-    their first frame. Other modes are converted with Pillow's `convert("RGB")`: grey is
-    repeated, palettes are looked up, alpha is dropped (as torchvision's loader does), CMYK is
-    converted. 16-bit grey is scaled to 8 bits (v / 257, rounded) rather than clipped.
+    EXIF orientation is applied (the image as viewers show it; a malformed EXIF block, as some
+    tools write, is ignored); animated GIF / WebP / PNG give their first frame. Other modes are
+    converted with Pillow's `convert("RGB")`: grey is repeated, palettes are looked up, alpha is
+    dropped (as torchvision's loader does), CMYK is converted. 16-bit grey is scaled to 8 bits
+    (v / 257, rounded) rather than clipped.
 
     Returns:
       (pixels, the file's original mode (e.g. "L", "P", "RGBA"), whether `data` itself is a
@@ -133,7 +134,11 @@ def decode_image(data: bytes) -> tuple[np.ndarray, str, bool]:
     with Image.open(io.BytesIO(data)) as im:
         im.load()  # raises on truncated data
         mode = im.mode
-        rotated = im.getexif().get(ExifTags.Base.Orientation, 1) != 1
+        try:
+            orientation = im.getexif().get(ExifTags.Base.Orientation, 1)
+        except (OSError, ValueError, SyntaxError):  # malformed EXIF (the pixels are fine)
+            orientation = 1
+        rotated = orientation != 1
         as_is = (
             im.format in ("JPEG", "PNG")
             and mode in ("RGB", "L")

@@ -117,3 +117,17 @@ def test_image_folder_follows_linked_sub_folders_once(tmp_path, caplog):
         f"{train / 'cat' / 'batch1_loop'}: skipped, the same folder as "
         f"{os.path.realpath(train / 'cat')} was already listed",
     ]
+
+
+def test_decode_image_ignores_malformed_exif(tmp_path):
+    """A PNG whose eXIf chunk is not TIFF data (written by some tools, e.g. the repr of the
+    bytes, b"b'Exif\\x00..."; Pillow's `getexif` raises SyntaxError on it) is decoded as
+    stored, not skipped as undecodable: its pixels are fine, and no orientation is known."""
+    pixels = np.random.default_rng(0).integers(0, 256, (4, 6, 3), dtype=np.uint8)
+    path = tmp_path / "bad_exif.png"
+    Image.fromarray(pixels).save(path, exif=b"b'Exif\\x00\\x00MM\\x00*'")
+    with Image.open(path) as im, pytest.raises(SyntaxError):
+        im.getexif()
+    decoded, mode, as_is = imf.decode_image(path.read_bytes())
+    np.testing.assert_array_equal(decoded, pixels)
+    assert mode == "RGB" and as_is
