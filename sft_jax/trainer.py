@@ -343,11 +343,11 @@ class Trainer:
         meter = {"t0": time.time(), "count": 0, "unit": "tokens", "step0": start, "first": True}
         try:
             last_eval, preempted = self._loop(start, progress, meter, stop_after_step)
-        finally:
-            self.feed.close()  # also when a non-finite stop raises
-        self.bar.close()
-        self.mngr.wait_until_finished()
-        self.logger.close()
+        finally:  # also when a step raises: a checkpoint still being written is finished
+            self.feed.close()
+            self.bar.close()
+            self.mngr.wait_until_finished()
+            self.logger.close()
         if last_eval is None:  # nothing left to train: report the run's last evaluation
             rows = [r for r in log_lib.read_metrics(self.workdir) if r["split"] == "validation"]
             last_eval = (
