@@ -24,12 +24,21 @@ def config_threads(cfg: Any) -> int:
 
 
 def resolve_threads(threads: int) -> int:
-    """``train.prefetch_threads``: -1 (auto) = 0 on a CPU backend, else min(16, CPU count)."""
+    """``train.prefetch_threads``: -1 (auto) = 0 on a CPU backend, else min(16, the cores this
+    process may run on)."""
     if threads < -1:
         raise ValueError(f"train.prefetch_threads={threads}; use -1 (auto), 0 (inline) or N > 0")
     if threads == -1:
-        return 0 if jax.default_backend() == "cpu" else min(MAX_AUTO_THREADS, os.cpu_count() or 1)
+        return 0 if jax.default_backend() == "cpu" else min(MAX_AUTO_THREADS, usable_cores())
     return threads
+
+
+def usable_cores() -> int:
+    """Cores this process may run on: its CPU affinity (a container's or scheduler's CPU set,
+    e.g. ``taskset``), not the machine's count, where the platform reports one."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return os.cpu_count() or 1
 
 
 def read_ahead(dataset: Any, threads: int) -> Any:

@@ -68,3 +68,14 @@ def test_threads_resolve_by_backend_and_bad_values_are_named():
     assert feed.resolve_threads(0) == 0 and feed.resolve_threads(4) == 4
     with pytest.raises(ValueError, match="train.prefetch_threads=-2"):
         feed.resolve_threads(-2)
+
+
+def test_auto_threads_on_an_accelerator_follow_the_cores_this_process_may_use(monkeypatch):
+    """A GPU job pinned to 3 of a host's cores (a container's CPU set, taskset) reads on 3
+    threads, not on min(16, every core of the host)."""
+    monkeypatch.setattr(feed.jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(feed.os, "cpu_count", lambda: 64)
+    monkeypatch.setattr(feed.os, "sched_getaffinity", lambda pid: {4, 5, 6}, raising=False)
+    assert feed.resolve_threads(-1) == 3
+    monkeypatch.setattr(feed.os, "sched_getaffinity", lambda pid: set(range(40)), raising=False)
+    assert feed.resolve_threads(-1) == feed.MAX_AUTO_THREADS
