@@ -187,8 +187,9 @@ def _warp_prefiltered(
     sampled bilinearly by what remains of the map (about one grid pixel per output pixel).
     Without shear that remainder is a whole-pixel shift (and flip): the axis-aligned result
     inside the image (past its edge the grid, cut to the image, replicates its own filtered
-    edge values rather than the raw edge pixels). An axis the map does not shrink keeps the image's own pixels (a grid of step 1 on pixel
-    centres), so that it is interpolated once, by the remainder, as it is without shear."""
+    edge values rather than the raw edge pixels). An axis the map does not shrink keeps the
+    image's own pixels (a grid of step 1 on pixel centres), so that it is interpolated once,
+    by the remainder, as it is without shear."""
     h, w = image.shape[:2]
     oh, ow = out_hw
     fx, fy = _shrink_factors(m)

@@ -16,6 +16,7 @@ reference (which has no hidden layer).
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,7 @@ import numpy as np
 from flax import nnx
 
 from sft_jax.data.limits import ImageSpec
-from sft_jax.hf import io
+from sft_jax.hf import image_models, io
 from sft_jax.hf.mapping import (
     Rule,
     Transform,
@@ -228,6 +229,11 @@ def read_image_spec(path: str | Path) -> ImageSpec:
     """
     tensors, source, saved = _read(Path(path))
     cfg = _config(tensors, source, saved)
+    if Path(path).is_dir() and (Path(path) / image_models.PREPROCESSOR_NAME).is_file():
+        return image_models.read_image_spec(
+            path, default_size=cfg.image_size, default_mean=LITE_MEAN_RGB,
+            default_std=LITE_STD_RGB,
+        )  # fmt: skip
     return ImageSpec(size=cfg.image_size, mean=LITE_MEAN_RGB, std=LITE_STD_RGB, source=str(source))
 
 
@@ -246,9 +252,18 @@ def _config_json(model: EfficientNetForImageClassification) -> dict[str, Any]:
     return out
 
 
-def export_efficientnet(model: EfficientNetForImageClassification, out_dir: str | Path) -> Path:
+def export_efficientnet(
+    model: EfficientNetForImageClassification,
+    out_dir: str | Path,
+    *,
+    label_names: Sequence[str] | None = None,
+    image_spec: ImageSpec | None = None,
+) -> Path:
     """Writes ``model.safetensors`` (torch names, float32, running statistics included) and
-    ``config.json`` to ``out_dir``.
+    ``config.json`` (with ``id2label`` / ``label2id``) to ``out_dir``; with ``image_spec`` (the
+    run's input: resolution, normalization) also the ``preprocessor_config.json`` that
+    reproduces its evaluation view (``image_models.write_preprocessor_config``), which
+    ``read_image_spec`` then reads instead of the variant's native resolution.
 
     With a linear head the weights load into the torch reference
     (``EfficientNet.from_name(variant, num_classes=K).load_state_dict(..., strict=True)``); the
@@ -264,5 +279,8 @@ def export_efficientnet(model: EfficientNetForImageClassification, out_dir: str 
     for name in [k for k in tensors if k.endswith(".running_mean")]:
         tensors[name.replace(".running_mean", ".num_batches_tracked")] = np.zeros((), np.int64)
     io.write_safetensors(tensors, out / io.SAFETENSORS_NAME)
-    io.write_json(_config_json(model), out / "config.json")
+    config = {**_config_json(model), **image_models.label_maps(label_names, model.num_labels)}
+    io.write_json(config, out / "config.json")
+    if image_spec is not None:
+        image_models.write_preprocessor_config(image_spec, out)
     return out

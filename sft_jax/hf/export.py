@@ -45,7 +45,8 @@ def _exporters() -> dict[type, Callable[..., Path]]:
 
 def _image_exporters() -> dict[type, Callable[..., Path]]:
     """ResNet / ViT -> Hugging Face directories; EfficientNet-Lite -> the reference's state-dict
-    names in safetensors (see ``sft_jax.hf.efficientnet``)."""
+    names in safetensors (see ``sft_jax.hf.efficientnet``); each with the labels and, given an
+    ``image_spec``, the preprocessor config of the run's evaluation view."""
     from sft_jax.hf.efficientnet import export_efficientnet
     from sft_jax.hf.resnet import export_resnet
     from sft_jax.hf.vit import export_vit
@@ -59,13 +60,10 @@ def _image_exporters() -> dict[type, Callable[..., Path]]:
 
         return run
 
-    def efficientnet(model, out_dir, **_):
-        return export_efficientnet(model, out_dir)
-
     return {
         ResNetForImageClassification: hf(export_resnet),
         ViTForImageClassification: hf(export_vit),
-        EfficientNetForImageClassification: efficientnet,
+        EfficientNetForImageClassification: hf(export_efficientnet),
     }
 
 
@@ -113,7 +111,7 @@ def export_model(
             for causal LMs its end-of-turn ids join the generation config's EOS ids
             (``add_stop_ids``).
         image_spec: An image model's input (``data.limits.ImageSpec``), written as
-            ``preprocessor_config.json`` (ResNet, ViT).
+            ``preprocessor_config.json`` (ResNet, ViT, EfficientNet-Lite).
 
     Raises:
       TypeError: the model's family has no exporter yet.

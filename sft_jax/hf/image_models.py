@@ -209,11 +209,7 @@ def export_image_classifier(
             "has a single Linear classifier; export a model with head='linear' (or export the "
             "backbone's features yourself)"
         )
-    labels = labels or model.label_names or [f"LABEL_{i}" for i in range(model.num_labels)]
-    if len(labels) != model.num_labels:
-        raise ValueError(f"{len(labels)} label names for a {model.num_labels}-way model")
-    if len(set(labels)) != len(labels):
-        raise ValueError(f"label names must be unique, got {list(labels)}")
+    maps = label_maps(labels or model.label_names, model.num_labels)
     out = Path(out_dir)
     arrays = {p: np.asarray(v[...], np.float32) for p, v in flat_params(model, WEIGHTS).items()}
     tensors = fix_tensors(export_weights(arrays, rules))
@@ -221,14 +217,30 @@ def export_image_classifier(
     config = {
         **model.config.to_hf_dict(),
         "architectures": [architecture],
-        "id2label": {str(i): name for i, name in enumerate(labels)},
-        "label2id": {name: i for i, name in enumerate(labels)},
+        **maps,
         "dtype": "float32",
     }
     io.write_json(config, out / "config.json")
     if image_spec is not None:
         write_preprocessor_config(image_spec, out)
     return out
+
+
+def label_maps(labels: Sequence[str] | None, num_labels: int) -> dict[str, dict]:
+    """``config.json``'s ``id2label`` / ``label2id`` (``LABEL_i`` without names).
+
+    Raises:
+        ValueError: Not ``num_labels`` names, or repeated names.
+    """
+    labels = list(labels or [f"LABEL_{i}" for i in range(num_labels)])
+    if len(labels) != num_labels:
+        raise ValueError(f"{len(labels)} label names for a {num_labels}-way model")
+    if len(set(labels)) != len(labels):
+        raise ValueError(f"label names must be unique, got {labels}")
+    return {
+        "id2label": {str(i): name for i, name in enumerate(labels)},
+        "label2id": {name: i for i, name in enumerate(labels)},
+    }
 
 
 def _edge(value: Any, key: str, path: Path) -> int:

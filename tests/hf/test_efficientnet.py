@@ -12,8 +12,11 @@ import pytest
 import torch
 from flax import nnx
 
+from sft_jax.data.limits import ImageSpec
 from sft_jax.hf import io
 from sft_jax.hf.efficientnet import (
+    LITE_MEAN_RGB,
+    LITE_STD_RGB,
     STATE,
     export_efficientnet,
     load_efficientnet,
@@ -278,9 +281,16 @@ def test_export_round_trip_linear(tmp_path, lite0):
 def test_export_round_trip_mlp_head(tmp_path):
     # The same head shape as test_new_heads: its compiled forward is reused.
     model = load_efficientnet(shipped(0), num_labels=10, head="mlp", head_hidden=32, seed=1)
-    out = export_efficientnet(model, tmp_path)
+    labels = [f"class {i}" for i in range(10)]
+    spec = ImageSpec(112, LITE_MEAN_RGB, LITE_STD_RGB, "the run")  # trained at 112, not 224
+    out = export_efficientnet(model, tmp_path, label_names=labels, image_spec=spec)
     config = json.loads((out / "config.json").read_text())
     assert (config["num_labels"], config["head"], config["head_hidden"]) == (10, "mlp", 32)
+    assert config["id2label"]["3"] == "class 3" and config["label2id"]["class 9"] == 9
+    back_spec = read_image_spec(out)  # the run's view, from preprocessor_config.json
+    assert (back_spec.size, back_spec.mean, back_spec.std) == (112, spec.mean, spec.std)
+    with pytest.raises(ValueError, match="3 label names for a 10-way model"):
+        export_efficientnet(model, tmp_path / "bad", label_names=labels[:3])
     written = io.read_safetensors(out / "model.safetensors")
     assert {"_head.hidden.weight", "_fc.weight"} <= set(written)
     back = load_efficientnet(out)
