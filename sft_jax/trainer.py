@@ -84,7 +84,6 @@ class Trainer:
 
     def __init__(self, cfg: ml_collections.ConfigDict, workdir: str):
         self.cfg, self.workdir = cfg, workdir
-        os.makedirs(workdir, exist_ok=True)
         self.task = get_task(cfg.model.task)
         self.data, tokenizer = components.load_data(cfg)
         self.label_names = components.label_names(self.data)
@@ -101,6 +100,7 @@ class Trainer:
         self.total_steps = cfg.train.num_steps or self.steps_per_epoch * cfg.train.num_epochs
         self.eval_every = cfg.train.eval_every_steps or self.steps_per_epoch
         self._build_state(components.build_model(cfg, len(self.label_names)))
+        os.makedirs(workdir, exist_ok=True)  # only once data, model and config are good
         write_run_files(cfg, workdir, self._run_info())
         self.ckpt_opts = ckpt_lib.CheckpointOptions.from_config(cfg.checkpoint)
         self.mngr = ckpt_lib.make_manager(os.path.join(workdir, "checkpoints"), self.ckpt_opts)

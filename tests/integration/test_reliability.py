@@ -293,3 +293,15 @@ def test_killed_before_the_first_checkpoint_starts_clean(setup_dirs, reference, 
     shutil.copy(os.path.join(reference, "metrics.jsonl"), workdir / "metrics.jsonl")
     Trainer(make_config(*setup_dirs, **_SETTINGS), str(workdir)).run()
     assert_same_run(str(workdir), reference)
+
+
+def test_bad_data_stops_before_the_workdir_is_made(setup_dirs, tmp_path):
+    """A validation file with a label the training file lacks stops the run naming file, line
+    and field, and leaves no (empty) run directory behind."""
+    bad = tmp_path / "validation.csv"
+    bad.write_text("text,label\nso good,positive\nwhat,surprised\n")
+    workdir = tmp_path / "run"
+    cfg = make_config(*setup_dirs, **{"data.validation_file": str(bad)})
+    with pytest.raises(ValueError, match=rf"{bad}, line 3, field 'label'"):
+        Trainer(cfg, str(workdir))
+    assert not workdir.exists()
