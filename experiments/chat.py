@@ -62,8 +62,8 @@ def _reply(model, tokenizer, messages, turn: int) -> str | None:
     limit, max_new = position_limit(model), _MAX_NEW.value
     if limit is not None:
         if len(ids) >= limit:
-            print(f"The conversation is {len(ids)} tokens; the model holds {limit} positions. "
-                  "Message dropped: /reset clears the conversation.", file=sys.stderr)  # fmt: skip
+            print(f"The conversation is {len(ids)} tokens; the model holds {limit} positions: "
+                  "no room for a reply.", file=sys.stderr)  # fmt: skip
             return None
         max_new = min(max_new, limit - len(ids))
     (reply,) = generate_replies(
@@ -105,6 +105,7 @@ def main(argv):
             continue
         reply = _reply(model, tokenizer, messages + [{"role": "user", "content": text}], turn)
         if reply is None:
+            print("Message dropped; /reset clears the conversation.", file=sys.stderr)
             continue
         messages += [{"role": "user", "content": text}, {"role": "assistant", "content": reply}]
         turn += 1
