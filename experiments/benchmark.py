@@ -61,7 +61,7 @@ _DATA_CONFIG = flags.DEFINE_string(
     "data_config", None, "Also time this config's real input pipeline (configs/NAME.py[:ARG])."
 )
 _DROPOUT = flags.DEFINE_enum(
-    "dropout", "threefry", ["threefry", "hash"], "How dropout masks are drawn (layers.dropout)."
+    "dropout", "threefry", ["threefry", "hash"], "How dropout masks are drawn (dropout.dropout)."
 )
 _ATTENTION = flags.DEFINE_enum(
     "attention", "xla", ["xla", "cudnn"], "Attention kernel (cudnn: fused, GPU, bf16/fp16)."
@@ -169,14 +169,14 @@ def _run_policy(benchmark, spec, policy: str, mesh, run: dict) -> dict:
 def _measure(benchmark, spec, kw: dict) -> dict:
     """``run_jax`` here (under the attention / dropout / loss-chunk choices, the last set in
     ``main``) or in its own process."""
-    from sft_jax.models import layers
+    from sft_jax.models import attention, dropout
 
     if _ISOLATE.value:
         return benchmark.run_jax_isolated(
             spec, _ATTENTION.value, _DROPOUT.value, _LOSS_CHUNK.value, **kw
         )
-    with layers.attention_implementation(_ATTENTION.value):
-        with layers.dropout_implementation(_DROPOUT.value):
+    with attention.attention_implementation(_ATTENTION.value):
+        with dropout.dropout_implementation(_DROPOUT.value):
             return benchmark.run_jax(spec, **kw)
 
 

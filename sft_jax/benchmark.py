@@ -506,8 +506,8 @@ def run_jax_isolated(
     loss_chunk: int = 0,
     **kwargs: Any,
 ) -> dict[str, Any]:
-    """``run_jax`` in a fresh (spawned) process, under ``layers.attention_implementation``,
-    ``layers.dropout_implementation`` and ``lm_loss.loss_chunk_scope``: its device
+    """``run_jax`` in a fresh (spawned) process, under ``attention_implementation``,
+    ``dropout_implementation`` and ``lm_loss.loss_chunk_scope``: its device
     ``peak_bytes`` is then this run's own, not the running maximum of the runs before it. The
     caller must not hold the accelerator (JAX preallocates most of a GPU's memory in the first
     process that uses it)."""
@@ -517,13 +517,13 @@ def run_jax_isolated(
 
 
 def _run_jax_under(
-    spec: BenchSpec, attention: str, dropout: str, loss_chunk: int, kwargs: dict
+    spec: BenchSpec, attention_impl: str, dropout_impl: str, loss_chunk: int, kwargs: dict
 ) -> dict:
     from sft_jax import lm_loss
-    from sft_jax.models import layers
+    from sft_jax.models import attention, dropout
 
-    with layers.attention_implementation(attention), layers.dropout_implementation(dropout):
-        with lm_loss.loss_chunk_scope(loss_chunk):
+    with attention.attention_implementation(attention_impl):
+        with dropout.dropout_implementation(dropout_impl), lm_loss.loss_chunk_scope(loss_chunk):
             return run_jax(spec, **kwargs)
 
 

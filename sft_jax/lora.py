@@ -13,7 +13,7 @@ them alone. ``merge_lora`` folds the adapters into the kernels and restores plai
 modules: the parameter tree is the base model's again and the Hugging Face exporters apply.
 
 Adapter dropout needs a key that ``Dense`` call sites do not pass: each ``LoRADense`` reads the
-ambient one (``layers.dropout_scope``, opened by the tasks) folded with a salt fixed per layer.
+ambient one (``dropout.dropout_scope``, opened by the tasks) folded with a salt fixed per layer.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import ml_collections
 from flax import nnx
 
 from sft_jax import freezing
-from sft_jax.models import layers
+from sft_jax.models import dropout, layers
 
 Array = jax.Array
 
@@ -63,7 +63,7 @@ class LoRADense(layers.Dense):
         base: The layer to adapt; its Params are shared, not copied.
         rank: Adapter rank r >= 1.
         alpha: Scale numerator; the update is multiplied by ``alpha / rank``.
-        dropout: Dropout rate on the adapter's input (active inside a ``layers.dropout_scope``
+        dropout: Dropout rate on the adapter's input (active inside a ``dropout.dropout_scope``
             with a key).
         salt: Folded into the ambient dropout key so that every adapter draws its own mask.
         param_dtype: Storage dtype of ``lora_a``/``lora_b`` (default float32 whatever the
@@ -101,13 +101,13 @@ class LoRADense(layers.Dense):
     def __call__(self, x: Array) -> Array:
         """Applies base layer and adapter: [..., in] -> [..., out]."""
         y = super().__call__(x)  # [..., out]
-        h = layers.dropout(x.astype(self.dtype), self.dropout, self._dropout_rng())
+        h = dropout.dropout(x.astype(self.dtype), self.dropout, self._dropout_rng())
         h = jnp.dot(h, self.lora_a[...].astype(self.dtype))  # [..., r]
         h = jnp.dot(h, self.lora_b[...].astype(self.dtype))  # [..., out]
         return y + h * jnp.asarray(self.scale, self.dtype)
 
     def _dropout_rng(self) -> Array | None:
-        return layers.scoped_rng(self.salt) if self.dropout > 0.0 else None
+        return dropout.scoped_rng(self.salt) if self.dropout > 0.0 else None
 
     def merged_kernel(self) -> Array:
         """``kernel + scale * lora_a @ lora_b`` in float32, cast to the kernel's dtype."""

@@ -6,9 +6,9 @@ Kernel choices (config ``runtime.*``; each is a speed choice, every option compu
 function):
 
     attention    "xla" (default) | "cudnn": fused cuDNN attention on NVIDIA GPUs in bf16/fp16
-                 without attention dropout (``layers.attention_implementation``)
+                 without attention dropout (``attention.attention_implementation``)
     dropout      "threefry" (default) | "hash": how dropout masks are drawn
-                 (``layers.dropout_implementation``; different masks, same distribution)
+                 (``dropout.dropout_implementation``; different masks, same distribution)
     cpu_matmul   "xla" (default) | "onednn": XLA CPU's matmuls through oneDNN instead of its
                  default library (``CPU_MATMUL_FLAGS``; the flags are appended to ``XLA_FLAGS``,
                  which XLA reads when the CPU backend starts)
@@ -43,7 +43,7 @@ import jax
 
 from sft_jax import lm_loss
 from sft_jax.cpu_allocator import backends_started, set_cpu_allocator
-from sft_jax.models import layers
+from sft_jax.models import attention, dropout
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +117,8 @@ def setup_runtime(runtime_cfg: Any = None) -> dict[str, Any]:
                                          ("cpu_matmul", "xla"), ("loss_chunk", 0))}  # fmt: skip
     allocator = set_cpu_allocator(get("cpu_allocator", "auto"))  # before any backend starts
     set_cpu_matmul(kernels["cpu_matmul"])
-    layers.set_implementations(kernels["attention"], kernels["dropout"])
+    attention.set_attention(kernels["attention"])
+    dropout.set_dropout(kernels["dropout"])
     lm_loss.set_loss_chunk(kernels["loss_chunk"])
     distributed = bool(get("distributed", False)) or os.environ.get("SFT_JAX_DISTRIBUTED") == "1"
     if distributed and not _initialized:

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import optax
 
 from sft_jax import lm_loss
-from sft_jax.models import layers
+from sft_jax.models import dropout
 
 
 class ClassificationTask:
@@ -41,7 +41,7 @@ class ClassificationTask:
     def logits(
         self, model: Any, batch: dict, dropout_rng: jax.Array | None, train: bool = False
     ) -> jax.Array:
-        with layers.dropout_scope(dropout_rng):  # LoRA adapters read their key from it
+        with dropout.dropout_scope(dropout_rng):  # LoRA adapters read their key from it
             logits = self._forward(model, batch, dropout_rng, train)
         return logits.astype(jnp.float32)  # loss in float32 whatever the compute dtype
 
@@ -89,7 +89,7 @@ class CausalLMTask:
         return jnp.sum(batch["target_mask"].astype(jnp.float32))
 
     def logits(self, model: Any, batch: dict, dropout_rng: jax.Array | None) -> jax.Array:
-        with layers.dropout_scope(dropout_rng):  # LoRA adapters read their key from it
+        with dropout.dropout_scope(dropout_rng):  # LoRA adapters read their key from it
             logits = model(**self._inputs(batch), dropout_rng=dropout_rng)
         return logits.astype(jnp.float32)  # [B, T, V]
 
@@ -104,7 +104,7 @@ class CausalLMTask:
         chunk = lm_loss.loss_chunk()
         w = batch["target_mask"].astype(jnp.float32)  # [B, T]
         if chunk and hasattr(model, "lm_head_fn"):
-            with layers.dropout_scope(dropout_rng):  # also around the head (LoRA adapters)
+            with dropout.dropout_scope(dropout_rng):  # also around the head (LoRA adapters)
                 hidden = model.hidden_states(**self._inputs(batch), dropout_rng=dropout_rng)
                 head, params = model.lm_head_fn()
                 loss_sum, correct = lm_loss.chunked_loss_sums(

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from sft_jax.models import layers
+from sft_jax.models import attention, dropout, layers
 from sft_jax.models.config_base import HFConfig
 
 Array = jax.Array
@@ -126,7 +126,7 @@ class BertEmbeddings(nnx.Module):
         x = self.word_embeddings(input_ids)  # [B, T, H]
         x = x + self.token_type_embeddings(token_type_ids)
         x = x + self.position_embeddings(jnp.arange(t))[None]  # [1, T, H]
-        return layers.dropout(self.LayerNorm(x), self.dropout_rate, dropout_rng)
+        return dropout.dropout(self.LayerNorm(x), self.dropout_rate, dropout_rng)
 
 
 class BertSelfOutput(nnx.Module):
@@ -139,7 +139,7 @@ class BertSelfOutput(nnx.Module):
 
     def __call__(self, h: Array, residual: Array, dropout_rng=None) -> Array:
         """[B, T, n_in], residual [B, T, H] -> [B, T, H]."""
-        h = layers.dropout(self.dense(h), self.dropout_rate, dropout_rng)
+        h = dropout.dropout(self.dense(h), self.dropout_rate, dropout_rng)
         return self.LayerNorm(h + residual)
 
 
@@ -149,7 +149,7 @@ class BertAttention(nnx.Module):
     def __init__(self, cfg: BertConfig, *, rngs: nnx.Rngs):
         self.dropout_rate = cfg.attention_probs_dropout_prob
         # Named ``self`` to match Hugging Face's ``attention.self.query`` paths.
-        self.self = layers.SelfAttention(
+        self.self = attention.SelfAttention(
             cfg.hidden_size, cfg.num_attention_heads, out_proj=False,
             kernel_init=nnx.initializers.normal(cfg.initializer_range), dtype=cfg.dtype,
             param_dtype=cfg.param_dtype, rngs=rngs,
@@ -158,7 +158,7 @@ class BertAttention(nnx.Module):
 
     def __call__(self, x: Array, mask: Array | None, dropout_rng=None) -> Array:
         """[B, T, H] -> [B, T, H]."""
-        rng_probs, rng_out = layers.split_rng(dropout_rng, 2)
+        rng_probs, rng_out = dropout.split_rng(dropout_rng, 2)
         h = self.self(x, mask, dropout_rate=self.dropout_rate, dropout_rng=rng_probs)
         return self.output(h, x, rng_out)
 
@@ -187,7 +187,7 @@ class BertLayer(nnx.Module):
 
     def __call__(self, x: Array, mask: Array | None, dropout_rng=None) -> Array:
         """[B, T, H] -> [B, T, H]."""
-        rng_attn, rng_out = layers.split_rng(dropout_rng, 2)
+        rng_attn, rng_out = dropout.split_rng(dropout_rng, 2)
         x = self.attention(x, mask, rng_attn)
         return self.output(self.intermediate(x), x, rng_out)
 
@@ -257,8 +257,8 @@ class BertModel(nnx.Module):
             token_type_ids = jnp.zeros_like(input_ids)
         mask = None
         if attention_mask is not None:
-            mask = layers.make_attention_mask(input_ids.shape[1], padding_mask=attention_mask)
-        rng_emb, rng_enc = layers.split_rng(dropout_rng, 2)
+            mask = attention.make_attention_mask(input_ids.shape[1], padding_mask=attention_mask)
+        rng_emb, rng_enc = dropout.split_rng(dropout_rng, 2)
         x = self.embeddings(input_ids, token_type_ids, rng_emb)  # [B, T, H]
         x = self.encoder(x, mask, rng_enc)
         pooled = self.pooler(x) if self.pooler is not None else None
@@ -317,7 +317,7 @@ class BertForSequenceClassification(nnx.Module):
             token_type_ids: int [B, T]; None means zeros.
             dropout_rng: PRNG key; dropout is active iff given.
         """
-        rng_bert, rng_head = layers.split_rng(dropout_rng, 2)
+        rng_bert, rng_head = dropout.split_rng(dropout_rng, 2)
         _, pooled = self.bert(input_ids, attention_mask, token_type_ids, dropout_rng=rng_bert)
-        pooled = layers.dropout(pooled, self.classifier_dropout, rng_head)  # [B, H]
+        pooled = dropout.dropout(pooled, self.classifier_dropout, rng_head)  # [B, H]
         return self.classifier(pooled).astype(jnp.float32)

@@ -15,7 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from sft_jax.models.layers import Array, AttentionMask, make_attention_mask
+from sft_jax.models.attention import AttentionMask, make_attention_mask
+from sft_jax.models.layers import Array
 
 ROPE_TYPES = ("default", "linear", "llama3")
 

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from sft_jax.models import layers
+from sft_jax.models import dropout
 from sft_jax.models.config_base import HFConfig
 from sft_jax.models.conv import BatchNorm, Conv2d, global_avg_pool
 from sft_jax.models.heads import HeadConfig, ImageHead, LayerStructure
@@ -271,6 +271,6 @@ class EfficientNetForImageClassification(nnx.Module):
                 drop-connect.
             dropout_rng: PRNG key for dropout / drop-connect (used only with ``train``).
         """
-        rng_body, rng_head = layers.split_rng(dropout_rng if train else None, 2)
+        rng_body, rng_head = dropout.split_rng(dropout_rng if train else None, 2)
         features = self.efficientnet(pixel_values, train=train, dropout_rng=rng_body)
         return self.classifier(features, dropout_rng=rng_head).astype(jnp.float32)  # [B, K]

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from sft_jax.models import decoder, layers
+from sft_jax.models import attention, decoder, dropout, layers
 from sft_jax.models.config_base import HFConfig
 
 Array = jax.Array
@@ -102,17 +102,17 @@ class GPT2Attention(nnx.Module):
     def __call__(self, x, mask, kv=None, index=None, dropout_rng=None):
         """[B, T, E] -> ([B, T, E], updated (k, v) cache [B, S, N, D] or None)."""
         b, t, e = x.shape
-        rng_probs, rng_out = layers.split_rng(dropout_rng, 2)
+        rng_probs, rng_out = dropout.split_rng(dropout_rng, 2)
         q, k, v = jnp.split(self.c_attn(x), 3, axis=-1)  # 3 x [B, T, E]
         q, k, v = (a.reshape(b, t, self.num_heads, self.head_dim) for a in (q, k, v))
         if self.q_scale != 1.0:
             q = q * jnp.asarray(self.q_scale, q.dtype)
         if kv is not None:
             k, v = kv = decoder.write_kv(*kv, k, v, index)  # [B, S, N, D]
-        y = layers.dot_product_attention(
+        y = attention.dot_product_attention(
             q, k, v, mask, dropout_rate=self.attn_pdrop, dropout_rng=rng_probs
         ).reshape(b, t, e)
-        return layers.dropout(self.c_proj(y), self.resid_pdrop, rng_out), kv
+        return dropout.dropout(self.c_proj(y), self.resid_pdrop, rng_out), kv
 
 
 class GPT2MLP(nnx.Module):
@@ -126,7 +126,7 @@ class GPT2MLP(nnx.Module):
     def __call__(self, x: Array, dropout_rng=None) -> Array:
         """[B, T, E] -> [B, T, E]."""
         h = layers.get_activation(self.act)(self.c_fc(x))  # [B, T, I]
-        return layers.dropout(self.c_proj(h), self.resid_pdrop, dropout_rng)
+        return dropout.dropout(self.c_proj(h), self.resid_pdrop, dropout_rng)
 
 
 class GPT2Block(nnx.Module):
@@ -140,7 +140,7 @@ class GPT2Block(nnx.Module):
 
     def __call__(self, x, mask, kv=None, index=None, dropout_rng=None):
         """[B, T, E] -> ([B, T, E], updated layer cache or None)."""
-        rng_attn, rng_mlp = layers.split_rng(dropout_rng, 2)
+        rng_attn, rng_mlp = dropout.split_rng(dropout_rng, 2)
         h, kv = self.attn(self.ln_1(x), mask, kv, index, rng_attn)
         x = x + h
         return x + self.mlp(self.ln_2(x), rng_mlp), kv
@@ -201,9 +201,9 @@ class GPT2Model(nnx.Module):
         mask, positions, cache_mask = decoder.causal_lm_inputs(
             b, t, attention_mask, segment_ids, positions, cache
         )
-        rng_emb, rng_blocks = layers.split_rng(dropout_rng, 2)
+        rng_emb, rng_blocks = dropout.split_rng(dropout_rng, 2)
         x = self.wte(input_ids) + self.wpe(positions)  # [B, T, E]
-        x = layers.dropout(x, self.config.embd_pdrop, rng_emb)
+        x = dropout.dropout(x, self.config.embd_pdrop, rng_emb)
         x, cache = decoder.run_blocks(
             self.h, x, mask, cache, cache_mask, rng_blocks,
             lambda block, x, mask, kv, index, rng: block(x, mask, kv, index, rng),

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from sft_jax.models import layers
+from sft_jax.models import dropout, layers
 from sft_jax.models.layers import Array
 
 HEAD_KINDS = ("linear", "mlp")
@@ -95,7 +95,7 @@ class ImageHead(nnx.Module):
         x = features
         if self.kind == "mlp":
             x = jax.nn.relu(self.hidden(x))
-        x = layers.dropout(x, self.dropout, dropout_rng)
+        x = dropout.dropout(x, self.dropout, dropout_rng)
         return self.dense(x)
 
 

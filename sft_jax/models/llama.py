@@ -14,7 +14,7 @@ from typing import Any
 import jax
 from flax import nnx
 
-from sft_jax.models import decoder, layers
+from sft_jax.models import attention, decoder, layers
 from sft_jax.models.config_base import HFConfig
 
 Array = jax.Array
@@ -186,7 +186,7 @@ class LlamaAttention(nnx.Module):
         q, k = decoder.apply_rope(q, *rope), decoder.apply_rope(k, *rope)
         if kv is not None:
             k, v = kv = decoder.write_kv(*kv, k, v, index)  # [B, S, K, D]
-        y = layers.dot_product_attention(
+        y = attention.dot_product_attention(
             q, k, v, mask, dropout_rate=self.dropout_rate, dropout_rng=dropout_rng
         )
         return self.o_proj(y.reshape(b, t, self.num_heads * self.head_dim)), kv

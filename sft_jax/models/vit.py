@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from sft_jax.models import layers
+from sft_jax.models import attention, dropout, layers
 from sft_jax.models.config_base import HFConfig
 from sft_jax.models.conv import Conv2d
 from sft_jax.models.heads import HeadConfig, ImageHead, LayerStructure
@@ -168,7 +168,7 @@ class ViTEmbeddings(nnx.Module):
         x = self.patch_embeddings(pixel_values)  # [B, N, hidden]
         cls = jnp.broadcast_to(self.cls_token[...].astype(x.dtype), (b, 1, x.shape[-1]))
         x = jnp.concatenate([cls, x], axis=1) + self.position_embeddings[...].astype(x.dtype)
-        return layers.dropout(x, cfg.hidden_dropout_prob, dropout_rng)
+        return dropout.dropout(x, cfg.hidden_dropout_prob, dropout_rng)
 
 
 class ViTSelfOutput(nnx.Module):
@@ -179,7 +179,7 @@ class ViTSelfOutput(nnx.Module):
         self.dense = layers.config_dense(cfg, n_in, cfg.hidden_size, names, rngs)
 
     def __call__(self, h: Array, dropout_rng: Array | None = None) -> Array:
-        return layers.dropout(self.dense(h), self.dropout_rate, dropout_rng)
+        return dropout.dropout(self.dense(h), self.dropout_rate, dropout_rng)
 
 
 class ViTAttention(nnx.Module):
@@ -187,7 +187,7 @@ class ViTAttention(nnx.Module):
 
     def __init__(self, cfg: ViTConfig, *, rngs: nnx.Rngs):
         self.dropout_rate = cfg.attention_probs_dropout_prob
-        self.attention = layers.SelfAttention(
+        self.attention = attention.SelfAttention(
             cfg.hidden_size, cfg.num_attention_heads, use_bias=cfg.qkv_bias, out_proj=False,
             kernel_init=nnx.initializers.normal(cfg.initializer_range), dtype=cfg.dtype,
             param_dtype=cfg.param_dtype, rngs=rngs,
@@ -196,7 +196,7 @@ class ViTAttention(nnx.Module):
 
     def __call__(self, x: Array, dropout_rng: Array | None = None) -> Array:
         """[B, T, hidden] -> [B, T, hidden] (before the residual)."""
-        rng_probs, rng_out = layers.split_rng(dropout_rng, 2)
+        rng_probs, rng_out = dropout.split_rng(dropout_rng, 2)
         h = self.attention(x, dropout_rate=self.dropout_rate, dropout_rng=rng_probs)
         return self.output(h, rng_out)
 
@@ -226,7 +226,7 @@ class ViTLayer(nnx.Module):
 
     def __call__(self, x: Array, dropout_rng: Array | None = None) -> Array:
         """[B, T, hidden] -> [B, T, hidden]."""
-        rng_attn, rng_out = layers.split_rng(dropout_rng, 2)
+        rng_attn, rng_out = dropout.split_rng(dropout_rng, 2)
         x = x + self.attention(self.layernorm_before(x), rng_attn)
         return x + self.output(self.intermediate(self.layernorm_after(x)), rng_out)
 
@@ -262,13 +262,13 @@ class ViTModel(nnx.Module):
     def encode(self, pixel_values: Array, *, dropout_rng: Array | None = None) -> Array:
         """The final-LayerNorm sequence (HF's ``last_hidden_state``):
         [B, image_size, image_size, C] -> [B, 1 + num_patches, hidden]; dropout iff a key."""
-        rng_emb, rng_enc = layers.split_rng(dropout_rng, 2)
+        rng_emb, rng_enc = dropout.split_rng(dropout_rng, 2)
         x = self.embeddings(pixel_values, rng_emb)
         return self.layernorm(self.encoder(x, rng_enc))
 
     def __call__(self, pixel_values: Array, *, dropout_rng: Array | None = None) -> Array:
         """Pooled features: the final-LayerNorm [CLS] token, [B, H, W, C] -> [B, hidden]."""
-        rng_emb, rng_enc = layers.split_rng(dropout_rng, 2)
+        rng_emb, rng_enc = dropout.split_rng(dropout_rng, 2)
         x = self.encoder(self.embeddings(pixel_values, rng_emb), rng_enc)
         return self.layernorm(x[:, 0])  # LayerNorm is per token: normalize [CLS] only
 
@@ -325,6 +325,6 @@ class ViTForImageClassification(nnx.Module):
             train: Training mode: with ``dropout_rng``, hidden / attention / head dropout.
             dropout_rng: PRNG key for dropout (used only with ``train``).
         """
-        rng_vit, rng_head = layers.split_rng(dropout_rng if train else None, 2)
+        rng_vit, rng_head = dropout.split_rng(dropout_rng if train else None, 2)
         features = self.vit(pixel_values, dropout_rng=rng_vit)  # [B, hidden]
         return self.classifier(features, dropout_rng=rng_head).astype(jnp.float32)

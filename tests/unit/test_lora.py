@@ -13,7 +13,7 @@ from configs import text_cls
 from sft_jax import freezing, lora, optim, sharding, steps, tree_util
 from sft_jax.hf.export import export_model
 from sft_jax.hf.llama import load_llama
-from sft_jax.models import layers
+from sft_jax.models import dropout, layers
 from sft_jax.models.bert import BertConfig, BertForSequenceClassification
 from sft_jax.models.gpt2 import GPT2Config, GPT2LMHeadModel
 from sft_jax.models.llama import LlamaConfig, LlamaForCausalLM
@@ -231,14 +231,14 @@ def test_classification_task_passes_the_key_to_adapters():
 
 
 def test_dropout_scope_is_scoped():
-    assert layers.scoped_rng(3) is None
-    with layers.dropout_scope(jax.random.key(0)):
-        a, b = layers.scoped_rng(1), layers.scoped_rng(2)
+    assert dropout.scoped_rng(3) is None
+    with dropout.dropout_scope(jax.random.key(0)):
+        a, b = dropout.scoped_rng(1), dropout.scoped_rng(2)
         assert not np.array_equal(jax.random.key_data(a), jax.random.key_data(b))
-        with layers.dropout_scope(None):
-            assert layers.scoped_rng(1) is None
-        assert layers.scoped_rng(1) is not None
-    assert layers.scoped_rng(1) is None
+        with dropout.dropout_scope(None):
+            assert dropout.scoped_rng(1) is None
+        assert dropout.scoped_rng(1) is not None
+    assert dropout.scoped_rng(1) is None
 
 
 def test_bad_targets_and_rank_are_clear_errors():

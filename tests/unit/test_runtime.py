@@ -45,12 +45,12 @@ def test_cache_can_be_disabled(tmp_path, monkeypatch):
 _KERNELS = """
 import os
 from sft_jax import lm_loss
-from sft_jax.models import layers
+from sft_jax.models import attention, dropout
 from sft_jax.runtime import setup_runtime
 info = setup_runtime({"attention": "cudnn", "dropout": "hash", "cpu_matmul": "onednn",
                       "loss_chunk": 64})
 import jax, jax.numpy as jnp
-assert layers._attention_impl.get() == "cudnn" and layers._dropout_impl.get() == "hash"
+assert attention._attention_impl.get() == "cudnn" and dropout._dropout_impl.get() == "hash"
 assert lm_loss.loss_chunk() == 64 == info["loss_chunk"]
 x = jnp.ones((64, 64))
 text = jax.jit(lambda a: a @ a).lower(x).compile().as_text()

@@ -1,0 +1,181 @@
+"""Attention: masks, MHA and GQA, the XLA and cuDNN paths (GPU-only checks), the head-scores VJP."""
+
+import logging
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from sft_jax.models import attention
+
+
+def test_make_attention_mask_parts():
+    pad = jnp.array([[1, 1, 0]])
+    m = attention.make_attention_mask(3, padding_mask=pad)
+    assert m.shape == (1, 1, 1, 3) and m.dtype == jnp.bool_
+    causal = attention.make_attention_mask(3, causal=True)
+    np.testing.assert_array_equal(causal[0, 0], np.tril(np.ones((3, 3), bool)))
+    seg = attention.make_attention_mask(4, segment_ids=jnp.array([[1, 1, 2, 2]]), causal=True)
+    want = np.array([[1, 0, 0, 0], [1, 1, 0, 0], [0, 0, 1, 0], [0, 0, 1, 1]], bool)
+    np.testing.assert_array_equal(seg[0, 0], want)
+    # Decoding: 1 query over 4 cached keys sees all of them.
+    assert bool(attention.make_attention_mask(1, 4, causal=True).all())
+    assert attention.make_attention_mask(3) is None
+
+
+def test_attention_mask_materializes_causal_and_dense_parts():
+    seg = jnp.array([[1, 1, 2, 2]])
+    dense = attention.make_attention_mask(4, segment_ids=seg)
+    got = attention.AttentionMask(dense, causal=True).materialize(4, 4)
+    np.testing.assert_array_equal(
+        got, attention.make_attention_mask(4, segment_ids=seg, causal=True)
+    )
+    causal = attention.AttentionMask(causal=True).materialize(3, 3)
+    np.testing.assert_array_equal(causal, attention.make_attention_mask(3, causal=True))
+    assert attention.AttentionMask(dense).materialize(4, 4) is dense
+    assert attention.AttentionMask().materialize(4, 4) is None
+    with pytest.raises(ValueError, match="T == S, got T=1, S=4"):
+        attention.AttentionMask(causal=True).materialize(1, 4)
+    # A pytree with a static causal flag: it crosses jit and checkpoint boundaries.
+    parts = attention.AttentionMask(dense, causal=True)
+    (leaf,) = jax.tree.leaves(parts)
+    assert leaf is dense
+    through = jax.jit(jax.checkpoint(lambda m: m.materialize(4, 4)))(parts)
+    np.testing.assert_array_equal(through, got)
+
+
+@pytest.mark.parametrize("kv_heads", [2, 6])
+def test_attention_with_an_attention_mask_equals_its_dense_mask(kv_heads):
+    kq, kk, kv = jax.random.split(jax.random.key(1), 3)
+    q = jax.random.normal(kq, (2, 5, 6, 4))
+    k = jax.random.normal(kk, (2, 5, kv_heads, 4))
+    v = jax.random.normal(kv, (2, 5, kv_heads, 4))
+    parts = attention.AttentionMask(attention.make_attention_mask(5, padding_mask=jnp.array(
+        [[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])), causal=True)  # fmt: skip
+    want = attention.dot_product_attention(q, k, v, parts.materialize(5, 5))
+    np.testing.assert_array_equal(attention.dot_product_attention(q, k, v, parts), want)
+
+
+def test_gqa_equals_mha_with_repeated_kv_heads():
+    kq, kk, kv = jax.random.split(jax.random.key(0), 3)
+    q = jax.random.normal(kq, (2, 5, 6, 4))  # [B, T, N=6, D]
+    k = jax.random.normal(kk, (2, 5, 2, 4))  # K=2 heads, groups of 3
+    v = jax.random.normal(kv, (2, 5, 2, 4))
+    mask = attention.make_attention_mask(5, padding_mask=jnp.array([[1, 1, 1, 0, 0]] * 2))
+    got = attention.dot_product_attention(q, k, v, mask)
+    want = attention.dot_product_attention(q, jnp.repeat(k, 3, 2), jnp.repeat(v, 3, 2), mask)
+    np.testing.assert_allclose(got, want, atol=1e-6)
+    # Masked keys get no weight: changing them changes nothing.
+    v2 = v.at[:, 3:].set(100.0)
+    np.testing.assert_allclose(attention.dot_product_attention(q, k, v2, mask), got, atol=1e-6)
+
+
+def test_attention_implementation_selects_and_falls_back():
+    rng = np.random.default_rng(0)
+    q, k, v = (jnp.asarray(rng.normal(size=(1, 4, 2, 8)), jnp.float32) for _ in range(3))
+    ref = attention.dot_product_attention(q, k, v)
+    # "cudnn" only applies to bfloat16/float16 compute: float32 keeps the XLA path here (CPU).
+    with attention.attention_implementation("cudnn"):
+        assert not attention._fused_attention_applies(q, 0.0, None)
+        assert attention._fused_attention_applies(q.astype(jnp.bfloat16), 0.0, None)
+        assert not attention._fused_attention_applies(
+            q.astype(jnp.bfloat16), 0.1, jax.random.key(0)
+        )
+        np.testing.assert_array_equal(attention.dot_product_attention(q, k, v), ref)
+    assert not attention._fused_attention_applies(q.astype(jnp.bfloat16), 0.0, None)  # reset
+
+
+@pytest.mark.skipif(jax.default_backend() == "gpu", reason="checks a machine without cuDNN")
+def test_cudnn_attention_without_cudnn_falls_back_with_a_warning(caplog):
+    """A GPU config run on CPU (bfloat16 compute, runtime.attention='cudnn'): jax raises
+    "cuDNN is not detected"; the layer warns once and computes the XLA attention."""
+    rng = np.random.default_rng(0)
+    q, k, v = (jnp.asarray(rng.normal(size=(1, 4, 2, 8)), jnp.bfloat16) for _ in range(3))
+    ref = attention.dot_product_attention(q, k, v)
+    attention._warned.clear()
+    with caplog.at_level(logging.WARNING, logger=attention.__name__):
+        with attention.attention_implementation("cudnn"):
+            for _ in range(2):
+                np.testing.assert_array_equal(attention.dot_product_attention(q, k, v), ref)
+    warnings = [r.getMessage() for r in caplog.records if r.name == attention.__name__]
+    assert len(warnings) == 1 and "runtime.attention='cudnn' unavailable" in warnings[0]
+    with pytest.raises(ValueError, match="'flash'"):
+        with attention.attention_implementation("flash"):
+            pass
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="the cuDNN kernel needs an NVIDIA GPU")
+@pytest.mark.parametrize("packed", [True, False])
+def test_cudnn_attention_matches_xla_in_bfloat16(packed):
+    """Causal (cuDNN's causal mask type) + packed segments + padding, or causal alone, GQA:
+    outputs and gradients agree to bf16 rounding."""
+    from sft_jax.models.decoder import causal_lm_inputs
+
+    b, t, n, kv, d = 2, 256, 8, 2, 64
+    rng = np.random.default_rng(0)
+    q, k, v = (jnp.asarray(rng.normal(size=(b, t, h, d)), jnp.bfloat16) for h in (n, kv, kv))
+    seg = np.ones((b, t), np.int32)
+    if packed:
+        seg[:, 100:], seg[1, 200:] = 2, 0
+    mask, _, _ = causal_lm_inputs(b, t, segment_ids=jnp.asarray(seg) if packed else None)
+    assert mask.causal and (mask.dense is None) == (not packed)
+    real = jnp.asarray(seg != 0)[:, :, None, None]
+
+    def f(q, k, v):
+        out = attention.dot_product_attention(q, k, v, mask).astype(jnp.float32) * real
+        return (out * jnp.linspace(-1, 1, d)).sum(), out
+
+    results = {}
+    for impl in ("xla", "cudnn"):
+        with attention.attention_implementation(impl):
+            fn = jax.jit(jax.grad(f, argnums=(0, 1, 2), has_aux=True))
+            text = fn.lower(q, k, v).compile().as_text()  # the fused kernel: __cudnn$fmha...
+            assert ("__cudnn$fmha" in text) == (impl == "cudnn")
+            results[impl] = jax.tree.leaves(fn(q, k, v))
+    for a, r in zip(results["cudnn"], results["xla"]):
+        a, r = np.asarray(a, np.float32), np.asarray(r, np.float32)
+        assert np.abs(a - r).max() <= 0.01 * np.abs(r).max()
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="the cuDNN kernel needs an NVIDIA GPU")
+def test_cudnn_left_padded_prefill_keeps_padding_rows_finite():
+    """A left-padded prompt's padding queries see no key (the cache's dense mask): cuDNN must not
+    make them NaN, or the cached values of later layers carry NaN into decoding (0 * NaN)."""
+    from sft_jax.models.decoder import KVCache, causal_lm_inputs
+
+    b, t, n, d = 2, 64, 4, 64
+    real = np.ones((b, t), np.int32)
+    real[1, :40] = 0  # row 1 left-padded
+    cache = KVCache.create(1, b, t, n, d, jnp.bfloat16)
+    mask, _, _ = causal_lm_inputs(b, t, attention_mask=jnp.asarray(real), cache=cache)
+    rng = np.random.default_rng(0)
+    q, k, v = (jnp.asarray(rng.normal(size=(b, t, n, d)), jnp.bfloat16) for _ in range(3))
+    with attention.attention_implementation("cudnn"):
+        out = jax.jit(lambda q, k, v: attention.dot_product_attention(q, k, v, mask))(q, k, v)
+    assert np.isfinite(np.asarray(out, np.float32)).all()
+
+
+def test_masked_keys_get_no_attention_weight():
+    rng = np.random.default_rng(0)
+    q, k, v = (jnp.asarray(rng.normal(size=(1, 4, 2, 8)), jnp.float32) for _ in range(3))
+    keep = jnp.asarray([[1, 1, 0, 1]])
+    mask = attention.make_attention_mask(4, padding_mask=keep)
+    out = attention.dot_product_attention(q, k, v, mask)
+    # The same as attending over the unmasked keys only.
+    idx = jnp.asarray([0, 1, 3])
+    ref = attention.dot_product_attention(q, k[:, idx], v[:, idx])
+    np.testing.assert_allclose(out, ref, atol=1e-6)
+
+
+def test_head_scores_vjp_equals_autodiff_of_the_einsum():
+    kq, kk, kg = jax.random.split(jax.random.key(0), 3)
+    q = jax.random.normal(kq, (2, 5, 3, 4))  # [B, T, N, D]
+    k = jax.random.normal(kk, (2, 7, 3, 4))  # [B, S, N, D]
+    g = jax.random.normal(kg, (2, 3, 5, 7))  # [B, N, T, S]
+    out, vjp = jax.vjp(attention.head_scores, q, k)
+    ref, ref_vjp = jax.vjp(lambda a, b: jnp.einsum("btnd,bsnd->bnts", a, b), q, k)
+    np.testing.assert_allclose(out, ref, rtol=1e-6, atol=1e-6)
+    for got, want in zip(vjp(g), ref_vjp(g)):
+        assert got.shape == want.shape
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
