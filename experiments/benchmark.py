@@ -211,7 +211,7 @@ def main(argv):
     import flax
     import jax
 
-    from sft_jax import benchmark, lm_loss
+    from sft_jax import benchmark, benchmark_torch, lm_loss
     from sft_jax.runtime import set_cpu_allocator, set_cpu_matmul
 
     # Both before the first JAX computation starts the backend.
@@ -234,7 +234,7 @@ def main(argv):
         loss_chunk=_LOSS_CHUNK.value, cpu_allocator=allocator,
     )  # fmt: skip
     # Before any JAX device use: each torch run has the whole device and exits (see above).
-    torch_runs = [benchmark.run_torch(s, **run) for s in specs] if _TORCH.value else None
+    torch_runs = [benchmark_torch.run_torch(s, **run) for s in specs] if _TORCH.value else None
     results = []
     for i, spec in enumerate(specs):
         if _POLICIES.value:
