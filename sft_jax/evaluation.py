@@ -22,15 +22,12 @@ def _run(
     params: Any,
     batches: Iterable[dict],
     batch_sharding: Any,
-    max_batches: int,
     collect: Callable[[dict, dict], None],
 ) -> None:
     """Calls ``collect(host_outputs, host_batch)`` for each batch, one batch in flight so that
     host work overlaps the device step."""
     pending = None
-    for i, batch in enumerate(batches):
-        if max_batches and i >= max_batches:
-            break
+    for batch in batches:
         out = eval_step(params, sharding_lib.put_batch(batch, batch_sharding))
         if pending is not None:
             collect(jax.device_get(pending[0]), pending[1])
@@ -45,7 +42,6 @@ def evaluate_classification(
     batches: Iterable[dict],
     label_names: list[str],
     batch_sharding: Any,
-    max_batches: int = 0,
 ) -> dict:
     """Accuracy, macro/per-class P/R/F1, confusion matrix and mean loss over ``batches``.
 
@@ -55,7 +51,6 @@ def evaluate_classification(
       batches: host batches (dicts of numpy arrays with ``labels`` and ``example_mask``).
       label_names: class names, index = label id.
       batch_sharding: where batches go on the mesh.
-      max_batches: stop after this many batches (0 = all).
     """
     k = len(label_names)
     cm = np.zeros((k, k), np.int64)
@@ -69,7 +64,7 @@ def evaluate_classification(
         for key in sums:
             sums[key] += float(out[key])
 
-    _run(eval_step, params, batches, batch_sharding, max_batches, collect)
+    _run(eval_step, params, batches, batch_sharding, collect)
     result = metrics_lib.classification_metrics(cm, label_names)
     result["loss"] = sums["loss_sum"] / max(sums["weight"], 1.0)
     return result
@@ -80,7 +75,6 @@ def evaluate_lm(
     params: Any,
     batches: Iterable[dict],
     batch_sharding: Any,
-    max_batches: int = 0,
 ) -> dict:
     """Mean loss and perplexity over the target tokens of ``batches``.
 
@@ -89,7 +83,6 @@ def evaluate_lm(
       params: the parameters to evaluate.
       batches: host batches of ``sft_jax.data.lm``.
       batch_sharding: where batches go on the mesh.
-      max_batches: stop after this many batches (0 = all).
 
     Returns:
       ``loss`` (nats per target token), ``perplexity`` (exp of it), ``token_accuracy`` (argmax
@@ -102,7 +95,7 @@ def evaluate_lm(
         for key in sums:
             sums[key] += float(out[key])
 
-    _run(eval_step, params, batches, batch_sharding, max_batches, collect)
+    _run(eval_step, params, batches, batch_sharding, collect)
     w = max(sums["weight"], 1.0)
     loss = sums["loss_sum"] / w
     return {
@@ -121,11 +114,11 @@ def evaluate(
     batch_sharding: Any,
     *,
     label_names: list[str] | None = None,
-    max_batches: int = 0,
 ) -> dict:
-    """The task's held-out metrics (see the module docstring)."""
+    """The task's held-out metrics over ``batches`` (see the module docstring); a partial
+    evaluation passes a slice of the split."""
     if task_name == "causal_lm":
-        return evaluate_lm(eval_step, params, batches, batch_sharding, max_batches)
+        return evaluate_lm(eval_step, params, batches, batch_sharding)
     return evaluate_classification(
-        eval_step, params, batches, list(label_names or []), batch_sharding, max_batches
+        eval_step, params, batches, list(label_names or []), batch_sharding
     )
