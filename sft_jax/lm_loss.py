@@ -23,7 +23,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import optax
 
 Array = jax.Array
 _LOSS_CHUNK: contextvars.ContextVar[int] = contextvars.ContextVar("loss_chunk", default=0)
@@ -58,22 +57,54 @@ def loss_chunk() -> int:
 def token_stats(logits: Array, targets: Array) -> tuple[Array, Array]:
     """Per-token cross-entropy and argmax hits: logits [..., V] (any float dtype, computed in
     float32), int targets [...] -> (losses, hits), both float32 [...]."""
-    logits = logits.astype(jnp.float32)
-    losses = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
     hits = (jnp.argmax(logits, -1) == targets).astype(jnp.float32)
-    return losses, hits
+    return cross_entropy(logits, targets), hits
+
+
+@jax.custom_vjp
+def cross_entropy(logits: Array, targets: Array) -> Array:
+    """``logsumexp(logits) - logits[target]`` per token, float32 [...], of logits [..., V] in
+    any float dtype (computed in float32).
+
+    Its VJP writes the logits' gradient straight in their dtype, ``g * (softmax - onehot)``
+    computed in float32 in one elementwise pass (``xent_grad``). Autodiff of the float32 form
+    instead writes a float32 gradient, scatters the one-hot into it and converts it to the
+    logits' bfloat16: three passes over the [B, T, V] array, which for a small LM with a large
+    vocabulary is the largest of its step (README "Speed"). Only the logits and the [...]
+    log-normalizers are kept for the backward pass.
+    """
+    return _xent_fwd(logits, targets)[0]
+
+
+def _xent_fwd(logits: Array, targets: Array) -> tuple[Array, tuple[Array, Array, Array]]:
+    lse = jax.nn.logsumexp(logits.astype(jnp.float32), axis=-1)
+    picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    return lse - picked.astype(jnp.float32), (logits, targets, lse)
+
+
+def _xent_bwd(res: tuple[Array, Array, Array], g: Array) -> tuple[Array, None]:
+    logits, targets, lse = res
+    return xent_grad(logits, targets, lse, g), None  # integer targets: no cotangent
+
+
+def xent_grad(logits: Array, targets: Array, lse: Array, g: Array) -> Array:
+    """``g[..., None] * (softmax(logits) - onehot(targets))`` in the logits' dtype, computed in
+    float32 from the log-normalizers ``lse`` [...] (one elementwise pass; the one-hot is a
+    comparison with the vocabulary index, not a scatter)."""
+    probs = jnp.exp(logits.astype(jnp.float32) - lse[..., None])
+    onehot = jnp.arange(logits.shape[-1], dtype=targets.dtype) == targets[..., None]
+    return ((probs - onehot) * g[..., None]).astype(logits.dtype)
+
+
+cross_entropy.defvjp(_xent_fwd, _xent_bwd)
 
 
 def _head_grad(logits: Array, targets: Array, weights: Array) -> tuple[Array, Array, Array]:
     """Per-token cross-entropy, argmax hits and the gradient of ``sum(weights * losses)`` with
-    respect to the logits: ``weights * (softmax(logits) - onehot(targets))``, all float32."""
-    logits = logits.astype(jnp.float32)
-    lse = jax.nn.logsumexp(logits, axis=-1, keepdims=True)
-    picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)
-    losses = (lse - picked)[..., 0]
+    respect to the logits (in their dtype; ``xent_grad``)."""
+    losses, (_, _, lse) = _xent_fwd(logits, targets)
     hits = (jnp.argmax(logits, -1) == targets).astype(jnp.float32)
-    onehot = jax.nn.one_hot(targets, logits.shape[-1], dtype=jnp.float32)
-    return losses, hits, (jnp.exp(logits - lse) - onehot) * weights[..., None]
+    return losses, hits, xent_grad(logits, targets, lse, weights)
 
 
 def _chunked(x: Array, n: int, chunk: int) -> Array:
@@ -138,7 +169,8 @@ def chunked_loss_sums(
     three head matmuls per token as the whole-sequence loss.
 
     Args:
-        head: Pure LM head, ``(params, [B, c, H]) -> float32 logits [B, c, V]``.
+        head: Pure LM head, ``(params, [B, c, H]) -> logits [B, c, V]`` (any float dtype; the
+            loss is computed in float32, the logits' gradient comes back in their dtype).
         params: Its parameters (a pytree; gradients are accumulated in float32).
         hidden: Final hidden states [B, T, H].
         targets: int [B, T].

@@ -98,23 +98,27 @@ class CausalLMTask:
         return {k: batch[k] for k in ("input_ids", "segment_ids", "positions")}
 
     def _sums(self, model: Any, batch: dict, dropout_rng: jax.Array | None) -> dict:
-        """Loss, target-token count and correct argmax predictions, summed over target tokens;
-        in chunks of ``lm_loss.loss_chunk()`` positions where it is set and the model exposes
-        ``hidden_states`` / ``lm_head_fn``."""
-        chunk = lm_loss.loss_chunk()
+        """Loss, target-token count and correct argmax predictions, summed over target tokens.
+
+        Models that expose ``hidden_states`` / ``lm_head_fn`` (Llama family, GPT-2) hand the
+        loss their logits in the compute dtype (``lm_loss.cross_entropy`` works in float32 and
+        returns the logits' gradient in that dtype), in chunks of ``lm_loss.loss_chunk()``
+        positions where it is set."""
         w = batch["target_mask"].astype(jnp.float32)  # [B, T]
-        if chunk and hasattr(model, "lm_head_fn"):
+        if hasattr(model, "lm_head_fn"):
             with dropout.dropout_scope(dropout_rng):  # also around the head (LoRA adapters)
                 hidden = model.hidden_states(**self._inputs(batch), dropout_rng=dropout_rng)
                 head, params = model.lm_head_fn()
-                loss_sum, correct = lm_loss.chunked_loss_sums(
-                    head, params, hidden, batch["targets"], w, chunk
-                )
+                if lm_loss.loss_chunk():
+                    loss_sum, correct = lm_loss.chunked_loss_sums(
+                        head, params, hidden, batch["targets"], w, lm_loss.loss_chunk()
+                    )
+                    return {"loss_sum": loss_sum, "weight": jnp.sum(w), "correct": correct}
+                logits = head(params, hidden)
         else:
             logits = self.logits(model, batch, dropout_rng)
-            losses, hits = lm_loss.token_stats(logits, batch["targets"])
-            loss_sum, correct = jnp.sum(losses * w), jnp.sum(hits * w)
-        return {"loss_sum": loss_sum, "weight": jnp.sum(w), "correct": correct}
+        losses, hits = lm_loss.token_stats(logits, batch["targets"])
+        return {"loss_sum": jnp.sum(losses * w), "weight": jnp.sum(w), "correct": jnp.sum(hits * w)}
 
     def loss_sums(
         self, model: Any, batch: dict, dropout_rng: jax.Array | None

@@ -243,13 +243,14 @@ class CausalLM:
 
     def lm_head_fn(self) -> tuple[Callable[[Any, Array], Array], Any]:
         """The LM head as a pure function of its parameters: ``(head, params)`` with
-        ``head(params, x) == lm_logits(x)``, for the chunked loss (``sft_jax.lm_loss``), which
-        differentiates it with respect to ``params`` itself."""
+        ``head(params, x)`` the logits in the compute dtype (``lm_logits(x)`` before its
+        float32 cast), for the chunked loss (``sft_jax.lm_loss``), which differentiates it with
+        respect to ``params`` itself."""
         module, apply = self.head_parts()
         graphdef, params, rest = nnx.split(module, nnx.Param, ...)
 
         def head(p: Any, x: Array) -> Array:
-            return apply(nnx.merge(graphdef, p, rest), x).astype(jnp.float32)
+            return apply(nnx.merge(graphdef, p, rest), x)
 
         return head, params
 

@@ -4,6 +4,7 @@ whole-sequence loss."""
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 
@@ -17,6 +18,50 @@ def test_token_stats_exact_values():
     losses, hits = lm_loss.token_stats(logits, jnp.asarray([[1, 2]]))
     np.testing.assert_allclose(losses, [[-np.log(0.25), -np.log(0.7)]], rtol=1e-6)
     np.testing.assert_array_equal(hits, [[0.0, 1.0]])
+
+
+def _reference_loss(logits, targets, w):
+    """Autodiff's float32 cross-entropy (optax), the function ``cross_entropy`` must equal."""
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
+    return jnp.sum(losses * w)
+
+
+def _loss(logits, targets, w):
+    return jnp.sum(lm_loss.cross_entropy(logits, targets) * w)
+
+
+def test_cross_entropy_and_its_gradient_equal_autodiff_in_float32():
+    kl, kt, kw = jax.random.split(jax.random.key(0), 3)
+    logits = 3 * jax.random.normal(kl, (2, 5, 11))
+    targets = jax.random.randint(kt, (2, 5), 0, 11)
+    w = jax.random.uniform(kw, (2, 5))
+    np.testing.assert_allclose(
+        lm_loss.cross_entropy(logits, targets),
+        optax.softmax_cross_entropy_with_integer_labels(logits, targets),
+        rtol=1e-6,
+    )
+    grad = jax.grad(_loss)(logits, targets, w)
+    np.testing.assert_allclose(grad, jax.grad(_reference_loss)(logits, targets, w), atol=1e-7)
+    # by hand: w * (softmax - onehot)
+    by_hand = w[..., None] * (jax.nn.softmax(logits) - jax.nn.one_hot(targets, 11))
+    np.testing.assert_allclose(grad, by_hand, atol=1e-7)
+
+
+def test_cross_entropy_gradient_comes_back_in_bfloat16_without_a_scatter():
+    """bfloat16 logits: the float32 gradient rounded once to bfloat16, and no scatter of the
+    one-hot in the backward pass (autodiff's take_along_axis transpose)."""
+    kl, kt, kw = jax.random.split(jax.random.key(1), 3)
+    logits = (3 * jax.random.normal(kl, (2, 5, 11))).astype(jnp.bfloat16)
+    targets = jax.random.randint(kt, (2, 5), 0, 11)
+    w = jax.random.uniform(kw, (2, 5))
+    grad = jax.grad(_loss)(logits, targets, w)
+    assert grad.dtype == jnp.bfloat16
+    ref = jax.grad(_reference_loss)(logits, targets, w)  # bf16 too: f32 math, rounded once
+    np.testing.assert_allclose(
+        np.asarray(grad, np.float32), np.asarray(ref, np.float32), rtol=2**-7, atol=1e-6
+    )
+    assert "scatter" in str(jax.make_jaxpr(jax.grad(_reference_loss))(logits, targets, w))
+    assert "scatter" not in str(jax.make_jaxpr(jax.grad(_loss))(logits, targets, w))
 
 
 @pytest.mark.parametrize("chunk", [1, 3, 4, 16])  # T = 7: padded chunks, one chunk, chunk > T
