@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import logging
+import threading
 from typing import Any
 
 import jax
@@ -186,21 +187,56 @@ def dot_product_attention(
 
 def _cudnn_attention(q: Array, k: Array, v: Array, mask: AttentionMask) -> Array | None:
     """``jax.nn.dot_product_attention``'s cuDNN kernel, or None for shapes it refuses. The dense
-    part goes in as a mask (cuDNN adds it as a bias), the causal part as ``is_causal``."""
+    part goes in as a mask (cuDNN adds it as a bias, with no gradient computed for it:
+    ``_mask_without_gradient``), the causal part as ``is_causal``."""
     if mask.causal and q.shape[1] != k.shape[1]:
         return None  # the XLA path's materialize() names the error
     dense = mask.dense
     if dense is not None:
         dense = jnp.broadcast_to(dense, (q.shape[0], 1, q.shape[1], k.shape[1]))
     try:  # cuDNN checks the shapes while tracing (e.g. ViT's 197 tokens are refused)
-        return jax.nn.dot_product_attention(
-            q, k, v, mask=dense, is_causal=mask.causal, implementation="cudnn"
-        )
+        with _mask_without_gradient():
+            return jax.nn.dot_product_attention(
+                q, k, v, mask=dense, is_causal=mask.causal, implementation="cudnn"
+            )
     except NotImplementedError:
         return None  # shapes the fused kernel does not take: the XLA path
     except RuntimeError as e:  # no cuDNN here (a CPU or TPU run of a GPU config)
         _warn_once(f"runtime.attention='cudnn' unavailable ({e}); using the XLA attention")
         return None
+
+
+_no_bias_gradient = threading.Lock()
+
+
+@contextlib.contextmanager
+def _mask_without_gradient():
+    """Keeps jax's cuDNN wrapper from computing the gradient of the mask while tracing a call.
+
+    jax 0.10 (the pinned version) passes a mask to cuDNN as an additive bias and asks for that
+    bias's gradient whatever it is (``fused_attention_stablehlo.should_export_dbias`` returns
+    True): the backward kernel then writes a [B, N, T, S] score gradient and reduces it over
+    the heads, for a constant (a mask has no gradient). With it answering False, the backward
+    call returns dq, dk, dv only and jax's VJP gives the mask a zero cotangent, as before. Our
+    masks are the only biases traced here (the lock orders our calls; nothing else in the
+    process calls the cuDNN wrapper with a trainable bias). jax 0.11 dropped the function and
+    skips a boolean mask's gradient itself: there this does nothing.
+    """
+    try:
+        from jax._src.cudnn import fused_attention_stablehlo as fused
+    except ImportError:  # a jax without the module: nothing to switch
+        yield
+        return
+    if not callable(getattr(fused, "should_export_dbias", None)):  # jax >= 0.11
+        yield
+        return
+    with _no_bias_gradient:
+        export = fused.should_export_dbias
+        fused.should_export_dbias = lambda *args, **kwargs: False
+        try:
+            yield
+        finally:
+            fused.should_export_dbias = export
 
 
 _warned: set[str] = set()

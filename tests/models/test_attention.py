@@ -105,6 +105,34 @@ def test_cudnn_attention_without_cudnn_falls_back_with_a_warning(caplog):
             pass
 
 
+def test_cudnn_call_asks_for_no_mask_gradient(monkeypatch):
+    """While our cuDNN call traces, jax's wrapper is told not to export the bias (mask)
+    gradient, and its own answer is back afterwards, also when the call raises."""
+    from jax._src.cudnn import fused_attention_stablehlo as fused
+
+    if not hasattr(fused, "should_export_dbias"):
+        pytest.skip("jax >= 0.11 skips a boolean mask's gradient itself")
+    original = fused.should_export_dbias
+    seen = []
+
+    def fake_attention(q, k, v, *, mask, is_causal, implementation):
+        seen.append(fused.should_export_dbias(mask.shape, q.shape, "BTNH"))
+        if len(seen) == 2:
+            raise NotImplementedError("shape refused")
+        return q
+
+    monkeypatch.setattr(jax.nn, "dot_product_attention", fake_attention)
+    q = jnp.ones((1, 8, 2, 4), jnp.bfloat16)
+    mask = attention.AttentionMask(jnp.ones((1, 1, 8, 8), bool), causal=True)
+    with attention.attention_implementation("cudnn"):
+        out = attention.dot_product_attention(q, q, q, mask)
+        assert out is q
+        assert fused.should_export_dbias is original
+        attention.dot_product_attention(q, q, q, mask)  # refused: the XLA path
+    assert seen == [False, False]
+    assert fused.should_export_dbias is original and original((1,), (1,), "BTNH") is True
+
+
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="the cuDNN kernel needs an NVIDIA GPU")
 @pytest.mark.parametrize("packed", [True, False])
 def test_cudnn_attention_matches_xla_in_bfloat16(packed):
@@ -132,6 +160,15 @@ def test_cudnn_attention_matches_xla_in_bfloat16(packed):
             fn = jax.jit(jax.grad(f, argnums=(0, 1, 2), has_aux=True))
             text = fn.lower(q, k, v).compile().as_text()  # the fused kernel: __cudnn$fmha...
             assert ("__cudnn$fmha" in text) == (impl == "cudnn")
+            # No gradient of the mask: the backward call returns dq, dk, dv (and a workspace)
+            # but no [B, 1, T, S] bias gradient (_mask_without_gradient).
+            results_of_backward = [
+                line.split("custom-call(")[0]
+                for line in text.splitlines()
+                if "SoftmaxBackward" in line and "custom-call(" in line
+            ]
+            assert len(results_of_backward) == (impl == "cudnn")
+            assert not any(f"[{b},1,{t},{t}]" in r for r in results_of_backward)
             results[impl] = jax.tree.leaves(fn(q, k, v))
     for a, r in zip(results["cudnn"], results["xla"]):
         a, r = np.asarray(a, np.float32), np.asarray(r, np.float32)
