@@ -197,9 +197,9 @@ def _overrides(name: str) -> dict:
     """Config overrides from the flags for model ``name``."""
     if _ATTN_DROPOUT.value is None:
         return {}
-    from sft_jax import benchmark
+    from sft_jax import benchmark_shapes
 
-    config = benchmark.get_spec(name).config
+    config = benchmark_shapes.get_spec(name).config
     for field in ("attention_dropout", "attention_probs_dropout_prob"):  # Llama; BERT / ViT
         if hasattr(config, field):
             return {field: _ATTN_DROPOUT.value}
@@ -211,7 +211,7 @@ def main(argv):
     import flax
     import jax
 
-    from sft_jax import benchmark, benchmark_torch, lm_loss
+    from sft_jax import benchmark, benchmark_shapes, benchmark_torch, lm_loss
     from sft_jax.runtime import set_cpu_allocator, set_cpu_matmul
 
     # Both before the first JAX computation starts the backend.
@@ -224,7 +224,7 @@ def main(argv):
         raise app.UsageError("--optimizer needs --policies (e.g. --policies full)")
     names = [m.strip() for m in _MODELS.value.split(",") if m.strip()]
     specs = [
-        benchmark.get_spec(n, _DTYPE.value, _BATCH.value, _SEQ.value, **_overrides(n))
+        benchmark_shapes.get_spec(n, _DTYPE.value, _BATCH.value, _SEQ.value, **_overrides(n))
         for n in names
     ]
     mesh = tuple(int(x) for x in _MESH.value.split(","))

@@ -17,11 +17,10 @@ from sft_jax.benchmark import (
     CLIP_NORM,
     LEARNING_RATE,
     WEIGHT_DECAY,
-    BenchSpec,
-    make_batch,
     time_calls,
     time_pipelined,
 )
+from sft_jax.benchmark_shapes import BenchSpec, make_batch
 from sft_jax.models.resnet import ResNetConfig
 from sft_jax.models.vit import ViTConfig
 

@@ -19,8 +19,8 @@ from sft_jax.runtime import setup_runtime
 info = setup_runtime({"distributed": %(distributed)s})
 import jax
 import numpy as np
-from sft_jax import benchmark
-spec = benchmark.get_spec("tiny-bert", batch_size=8)
+from sft_jax import benchmark, benchmark_shapes
+spec = benchmark_shapes.get_spec("tiny-bert", batch_size=8)
 state, step_fn, batch, mesh, _ = benchmark.build_step(spec, mesh_shape=(-1, 1, 1))
 losses = []
 for _ in range(3):

@@ -9,55 +9,56 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from sft_jax import benchmark, benchmark_torch, tree_util
+from sft_jax import benchmark, benchmark_shapes, benchmark_torch, tree_util
 
 
 def test_flops_of_tiny_bert_match_hand_count():
-    spec = benchmark.get_spec("tiny-bert")  # H=16, L=2, 2 heads, I=32, 3 labels, B=2, T=8
+    spec = benchmark_shapes.get_spec("tiny-bert")  # H=16, L=2, 2 heads, I=32, 3 labels, B=2, T=8
     per_tok = 2 * (4 * 16 * 16 + 2 * 16 * 32)  # q, k, v, out + MLP in/out = 4096
     per_seq = 16 * 16 + 16 * 3  # pooler + classifier on [CLS] = 304
     attn = 12 * 2 * 16 * 8**2 * 2  # 12 * L * H * T^2 * B = 49152
-    assert benchmark.matmul_params(spec.config, 3) == (per_tok, per_seq)
-    assert benchmark.step_flops(spec) == 6 * per_tok * 16 + 6 * per_seq * 2 + attn == 446016
+    assert benchmark_shapes.matmul_params(spec.config, 3) == (per_tok, per_seq)
+    assert benchmark_shapes.step_flops(spec) == 6 * per_tok * 16 + 6 * per_seq * 2 + attn == 446016
 
 
 def test_flops_of_tiny_llama_match_hand_count():
-    spec = benchmark.get_spec("tiny-llama")  # H=16, L=2, 4 heads / 2 kv (D=4), I=32, V=64, tied
+    # H=16, L=2, 4 heads / 2 kv (D=4), I=32, V=64, tied
+    spec = benchmark_shapes.get_spec("tiny-llama")
     layer = 2 * 16 * 16 + 2 * 16 * 8 + 3 * 16 * 32  # q, o; k, v; gate, up, down = 2304
     per_tok = 2 * layer + 16 * 64  # + tied LM head = 5632
     attn = 12 * 2 * 16 * 8**2 * 2  # = 49152
-    assert benchmark.matmul_params(spec.config) == (per_tok, 0)
-    assert benchmark.step_flops(spec) == 6 * per_tok * 16 + attn == 589824
+    assert benchmark_shapes.matmul_params(spec.config) == (per_tok, 0)
+    assert benchmark_shapes.step_flops(spec) == 6 * per_tok * 16 + attn == 589824
 
 
 @pytest.mark.parametrize("name", ["tiny-bert", "tiny-llama"])
 def test_matmul_params_equal_the_models_matmul_weights(name):
     """Every Dense kernel (and the tied LM head's table), none of the lookup tables."""
-    spec = benchmark.get_spec(name)
-    params = nnx.to_pure_dict(nnx.state(benchmark.build_model(spec), nnx.Param))
+    spec = benchmark_shapes.get_spec(name)
+    params = nnx.to_pure_dict(nnx.state(benchmark_shapes.build_model(spec), nnx.Param))
     flat = tree_util.flatten_to_dict(params)
     n = sum(x.size for k, x in flat.items() if k.endswith("kernel"))
     if spec.task == "causal_lm":  # tied: the embedding is the LM head's matrix
         n += flat["model/embed_tokens/embedding"].size
-    assert sum(benchmark.matmul_params(spec.config, spec.num_labels)) == n
+    assert sum(benchmark_shapes.matmul_params(spec.config, spec.num_labels)) == n
 
 
 def test_full_size_shapes_are_the_published_ones():
-    count = lambda name: sum(benchmark.matmul_params(benchmark.get_spec(name).config))
+    count = lambda name: sum(benchmark_shapes.matmul_params(benchmark_shapes.get_spec(name).config))
     # Llama-3.2-1B: 1.236e9 params, of which the 128256 x 2048 table is the (tied) head.
     assert count("llama-1b") == 16 * (2 * 2048 * 2048 + 2 * 2048 * 512 + 3 * 2048 * 8192) + (
         128256 * 2048
     )
-    assert benchmark.get_spec("smollm2-135m").seq_len == 1024
-    assert benchmark.get_spec("bert-base", batch_size=4).batch_size == 4
-    assert benchmark.get_spec("minilm-l6", "bfloat16").config.param_dtype == "float32"
+    assert benchmark_shapes.get_spec("smollm2-135m").seq_len == 1024
+    assert benchmark_shapes.get_spec("bert-base", batch_size=4).batch_size == 4
+    assert benchmark_shapes.get_spec("minilm-l6", "bfloat16").config.param_dtype == "float32"
     with pytest.raises(ValueError, match="unknown model"):
-        benchmark.get_spec("gpt-5")
+        benchmark_shapes.get_spec("gpt-5")
 
 
 def test_mfu_arithmetic():
-    assert benchmark.mfu(1e12, 0.5, 4e12) == pytest.approx(0.5)  # 2e12 FLOP/s of 4e12
-    assert benchmark.mfu(1e12, 0.5, None) is None
+    assert benchmark_shapes.mfu(1e12, 0.5, 4e12) == pytest.approx(0.5)  # 2e12 FLOP/s of 4e12
+    assert benchmark_shapes.mfu(1e12, 0.5, None) is None
 
 
 @pytest.mark.parametrize(
@@ -77,7 +78,7 @@ def test_mfu_arithmetic():
     ],
 )
 def test_peak_table_lookup(kind, dtype, want):
-    assert benchmark.peak_flops(kind, dtype) == want
+    assert benchmark_shapes.peak_flops(kind, dtype) == want
 
 
 def test_time_pipelined_waits_once_after_all_calls():
@@ -121,7 +122,7 @@ def test_generation_speed_waits_for_the_warmup_call_before_timing():
 
 
 def test_tiny_bert_end_to_end():
-    r = benchmark.run_jax(benchmark.get_spec("tiny-bert"), warmup=1, steps_=2)
+    r = benchmark.run_jax(benchmark_shapes.get_spec("tiny-bert"), warmup=1, steps_=2)
     assert r["step_ms"] > 0 and r["first_call_s"] > 0 and len(r["step_ms_all"]) == 2
     assert r["compilations"] == 1 and r["host_page_faults_per_step"] >= 0
     assert r["host_max_rss_bytes"] > 0
@@ -136,7 +137,7 @@ def test_tiny_bert_end_to_end():
 
 
 def test_tiny_llama_data_parallel_bfloat16():
-    spec = benchmark.get_spec("tiny-llama", "bfloat16")
+    spec = benchmark_shapes.get_spec("tiny-llama", "bfloat16")
     r = benchmark.run_jax(spec, warmup=0, steps_=1, mesh_shape=(2, 1, 1), peak=1e9)
     assert r["num_devices"] == 2 and r["peak_flops"] == 2e9
     assert r["compilations"] == 1 and r["dtype"] == "bfloat16"
@@ -146,7 +147,7 @@ def test_tiny_llama_data_parallel_bfloat16():
 def test_torch_side_runs_the_same_shape():
     pytest.importorskip("torch")
     pytest.importorskip("transformers")
-    r = benchmark_torch.run_torch(benchmark.get_spec("tiny-bert"), warmup=0, steps_=2)
+    r = benchmark_torch.run_torch(benchmark_shapes.get_spec("tiny-bert"), warmup=0, steps_=2)
     assert r["step_ms"] > 0 and len(r["step_ms_all"]) == 2 and r["pipelined_step_ms"] > 0
     assert np.isfinite(r["loss"]) and abs(r["loss"] - math.log(3)) < 0.1
 
@@ -184,7 +185,7 @@ TINY_LLAMA = {
 @pytest.mark.parametrize("name,expected", [("tiny-bert", TINY_BERT), ("tiny-llama", TINY_LLAMA)])
 def test_policies_train_the_expected_parameters(name, expected):
     assert TINY_BERT == {"head_only": 51, "bitfit": 371, "lora:8": 3635, "full": 6371}
-    spec = benchmark.get_spec(name)
+    spec = benchmark_shapes.get_spec(name)
     state_bytes = {}
     for policy, n in expected.items():
         state, _, _, _, trainable = benchmark.build_step(spec, policy=policy)
@@ -198,7 +199,7 @@ def test_policies_train_the_expected_parameters(name, expected):
 
 
 def test_policy_optimizer_and_inapplicable_policies():
-    bert, llama = benchmark.get_spec("tiny-bert"), benchmark.get_spec("tiny-llama")
+    bert, llama = benchmark_shapes.get_spec("tiny-bert"), benchmark_shapes.get_spec("tiny-llama")
     state, *_ = benchmark.build_step(bert, policy="full", optimizer="sgd")
     assert 4 * 6371 <= tree_util.nbytes(state.opt_state) <= 4 * 6371 + 64  # momentum only
     # No biases for BitFit, and a causal LM has no new task head.
@@ -209,7 +210,8 @@ def test_policy_optimizer_and_inapplicable_policies():
 
 
 def test_policy_run_reports_sizes_and_estimated_peak():
-    r = benchmark.run_jax(benchmark.get_spec("tiny-bert"), warmup=0, steps_=1, policy="lora:8")
+    spec = benchmark_shapes.get_spec("tiny-bert")
+    r = benchmark.run_jax(spec, warmup=0, steps_=1, policy="lora:8")
     assert (r["policy"], r["optimizer"], r["num_trainable_params"]) == ("lora:8", "adamw", 3635)
     assert r["num_params"] == 6371 + 2 * 1792  # base model + adapters
     assert r["compilations"] == 1  # the memory analysis reused the step's compilation
@@ -239,16 +241,16 @@ def test_command_line_policies_table(tmp_path):
 
 def test_image_shapes_count_convolution_flops():
     """ResNet-50 and ViT-B/16 at 224 px: the published forward GMACs (4.09 and 17.56)."""
-    resnet, vit = (benchmark.get_spec(n, batch_size=1) for n in ("resnet-50", "vit-b16"))
+    resnet, vit = (benchmark_shapes.get_spec(n, batch_size=1) for n in ("resnet-50", "vit-b16"))
     assert resnet.task == vit.task == "image_classification" and resnet.unit == "images"
-    assert benchmark.forward_flops(resnet) == 8_178_368_512
-    assert benchmark.forward_flops(vit) == 35_127_656_448
-    assert benchmark.step_flops(vit) == 3 * 35_127_656_448
-    assert benchmark.get_spec("vit-b16", seq_len=384).config.image_size == 384
+    assert benchmark_shapes.forward_flops(resnet) == 8_178_368_512
+    assert benchmark_shapes.forward_flops(vit) == 35_127_656_448
+    assert benchmark_shapes.step_flops(vit) == 3 * 35_127_656_448
+    assert benchmark_shapes.get_spec("vit-b16", seq_len=384).config.image_size == 384
 
 
 def test_image_step_trains_and_keeps_batch_norm_statistics_out_of_the_optimizer():
-    r = benchmark.run_jax(benchmark.get_spec("tiny-resnet"), warmup=0, steps_=1)
+    r = benchmark.run_jax(benchmark_shapes.get_spec("tiny-resnet"), warmup=0, steps_=1)
     assert r["unit"] == "images" and r["throughput_per_s"] == 2 / (r["step_ms"] / 1e3)
     # BatchNorm running statistics are in the state but neither trained nor in AdamW's moments.
     assert np.isfinite(r["loss"]) and r["num_trainable_params"] < r["num_params"]
@@ -257,7 +259,7 @@ def test_image_step_trains_and_keeps_batch_norm_statistics_out_of_the_optimizer(
 
 def test_profile_lists_the_step_operations(tmp_path):
     r = benchmark.run_jax(
-        benchmark.get_spec("tiny-bert"), warmup=0, steps_=1, profile_dir=str(tmp_path)
+        benchmark_shapes.get_spec("tiny-bert"), warmup=0, steps_=1, profile_dir=str(tmp_path)
     )
     ops = r["profile_ops"]
     assert ops and all(o["ms"] >= 0 and o["count"] > 0 for o in ops)

@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from sft_jax import benchmark, flop_count, tasks
+from sft_jax import benchmark_shapes, flop_count, tasks
 
 
 def test_dense_einsum_and_convolution():
@@ -40,8 +40,8 @@ def test_while_loops_are_refused():
 
 @pytest.mark.parametrize("name", ["tiny-bert", "tiny-llama"])
 def test_forward_count_times_three_is_the_benchmarks_hand_formula(name):
-    spec = benchmark.get_spec(name)
-    model, batch = benchmark.build_model(spec), benchmark.make_batch(spec)
+    spec = benchmark_shapes.get_spec(name)
+    model, batch = benchmark_shapes.build_model(spec), benchmark_shapes.make_batch(spec)
     task = tasks.get_task(spec.task)
     forward = flop_count.matmul_flops(lambda b: task.logits(model, b, None), batch)
-    assert 3 * forward == benchmark.step_flops(spec)
+    assert 3 * forward == benchmark_shapes.step_flops(spec)

@@ -160,9 +160,9 @@ def test_task_loss_and_gradients_are_the_same_in_chunks(kind):
 
 def test_chunked_loss_trains_the_same_on_a_data_fsdp_tensor_mesh():
     """Three steps of the tiny Llama on a 2 x 2 x 2 mesh (vocab-sharded head): the same loss."""
-    from sft_jax import benchmark
+    from sft_jax import benchmark, benchmark_shapes
 
-    spec = benchmark.get_spec("tiny-llama", "float32", 4)  # 4 rows over data x fsdp
+    spec = benchmark_shapes.get_spec("tiny-llama", "float32", 4)  # 4 rows over data x fsdp
     whole = benchmark.run_jax(spec, warmup=0, steps_=1, mesh_shape=(2, 2, 2))
     with lm_loss.loss_chunk_scope(3):  # T = 8: chunks of 3, 3 and 2 (+1 padding)
         chunked = benchmark.run_jax(spec, warmup=0, steps_=1, mesh_shape=(2, 2, 2))
