@@ -71,12 +71,21 @@ def cross_entropy(logits: Array, targets: Array) -> Array:
     instead writes a float32 gradient, scatters the one-hot into it and converts it to the
     logits' bfloat16: three passes over the [B, T, V] array, which for a small LM with a large
     vocabulary is the largest of its step (README "Speed"). Only the logits and the [...]
-    log-normalizers are kept for the backward pass.
+    log-normalizers are kept for the backward pass. Being a ``custom_vjp``, it has
+    reverse-mode derivatives only (no ``jax.jvp``).
     """
     return _xent_fwd(logits, targets)[0]
 
 
+def _vocab_index(targets: Array, vocab: int) -> Array:
+    """int32 targets, negative ones counted from the end as indexing does (``take_along_axis``
+    in the loss and the one-hot comparison in its gradient then pick the same entry)."""
+    targets = targets.astype(jnp.int32)
+    return jnp.where(targets < 0, targets + vocab, targets)
+
+
 def _xent_fwd(logits: Array, targets: Array) -> tuple[Array, tuple[Array, Array, Array]]:
+    targets = _vocab_index(targets, logits.shape[-1])
     lse = jax.nn.logsumexp(logits.astype(jnp.float32), axis=-1)
     picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
     return lse - picked.astype(jnp.float32), (logits, targets, lse)
@@ -92,7 +101,8 @@ def xent_grad(logits: Array, targets: Array, lse: Array, g: Array) -> Array:
     float32 from the log-normalizers ``lse`` [...] (one elementwise pass; the one-hot is a
     comparison with the vocabulary index, not a scatter)."""
     probs = jnp.exp(logits.astype(jnp.float32) - lse[..., None])
-    onehot = jnp.arange(logits.shape[-1], dtype=targets.dtype) == targets[..., None]
+    targets = _vocab_index(targets, logits.shape[-1])
+    onehot = jnp.arange(logits.shape[-1], dtype=jnp.int32) == targets[..., None]
     return ((probs - onehot) * g[..., None]).astype(logits.dtype)
 
 

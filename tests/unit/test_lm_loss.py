@@ -47,6 +47,21 @@ def test_cross_entropy_and_its_gradient_equal_autodiff_in_float32():
     np.testing.assert_allclose(grad, by_hand, atol=1e-7)
 
 
+@pytest.mark.parametrize("dtype", [jnp.int8, jnp.int32])
+def test_cross_entropy_negative_and_narrow_targets_agree_with_autodiff(dtype):
+    """Negative targets count from the end (as indexing does) in the loss and its gradient
+    alike; int8 targets over a 300-word vocabulary get the right one-hot."""
+    logits = jax.random.normal(jax.random.key(2), (2, 3, 300))
+    targets = jnp.asarray([[-1, 0, 5], [127, -3, 299 if dtype == jnp.int32 else 100]], dtype)
+    w = jnp.ones((2, 3))
+    np.testing.assert_allclose(_loss(logits, targets, w), _reference_loss(logits, targets, w))
+    np.testing.assert_allclose(
+        jax.grad(_loss)(logits, targets, w),
+        jax.grad(_reference_loss)(logits, targets, w),
+        atol=1e-7,
+    )
+
+
 def test_cross_entropy_gradient_comes_back_in_bfloat16_without_a_scatter():
     """bfloat16 logits: the float32 gradient rounded once to bfloat16, and no scatter of the
     one-hot in the backward pass (autodiff's take_along_axis transpose)."""
