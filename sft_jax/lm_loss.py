@@ -16,16 +16,16 @@ function (float32 sums in another order).
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import functools
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
+from sft_jax.models.trace_setting import TraceSetting
+
 Array = jax.Array
-_LOSS_CHUNK: contextvars.ContextVar[int] = contextvars.ContextVar("loss_chunk", default=0)
 
 
 def _checked(chunk: int) -> int:
@@ -34,19 +34,17 @@ def _checked(chunk: int) -> int:
     return chunk
 
 
+_LOSS_CHUNK = TraceSetting("loss_chunk", 0, _checked)
+
+
 def set_loss_chunk(chunk: int) -> None:
     """Sets the chunk length (positions; 0 = whole sequence) for the rest of the context."""
-    _LOSS_CHUNK.set(_checked(chunk))
+    _LOSS_CHUNK.set(chunk)
 
 
-@contextlib.contextmanager
-def loss_chunk_scope(chunk: int) -> Iterator[None]:
+def loss_chunk_scope(chunk: int) -> contextlib.AbstractContextManager[None]:
     """Uses chunk length ``chunk`` for steps traced inside the block."""
-    token = _LOSS_CHUNK.set(_checked(chunk))
-    try:
-        yield
-    finally:
-        _LOSS_CHUNK.reset(token)
+    return _LOSS_CHUNK.scope(chunk)
 
 
 def loss_chunk() -> int:

@@ -6,7 +6,6 @@ cuDNN's fused kernel on NVIDIA GPUs), and the ``SelfAttention`` module of the en
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import logging
 import threading
 from typing import Any
@@ -15,7 +14,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
-from sft_jax.models.dropout import checked_choice, dropout
+from sft_jax.models import trace_setting
+from sft_jax.models.dropout import dropout
 from sft_jax.models.layers import Array, Dense, Initializer, default_kernel_init
 
 
@@ -91,11 +91,10 @@ class AttentionMask:
 
 
 ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn")
-_attention_impl: contextvars.ContextVar[str] = contextvars.ContextVar("attention", default="xla")
+_IMPLEMENTATION = trace_setting.choice("attention", ATTENTION_IMPLEMENTATIONS, "xla")
 
 
-@contextlib.contextmanager
-def attention_implementation(name: str):
+def attention_implementation(name: str) -> contextlib.AbstractContextManager[None]:
     """Selects the attention kernel for models traced inside the block.
 
     ``"xla"`` (default): the einsum + float32 softmax below, on every backend. ``"cudnn"``:
@@ -106,22 +105,18 @@ def attention_implementation(name: str):
     step (a cached trace keeps the kernel it was traced with). On an H200 the cuDNN kernel
     matches the XLA path to bfloat16 rounding (outputs and gradients, causal + packed + GQA).
     """
-    token = _attention_impl.set(checked_choice("attention", name, ATTENTION_IMPLEMENTATIONS))
-    try:
-        yield
-    finally:
-        _attention_impl.reset(token)
+    return _IMPLEMENTATION.scope(name)
 
 
 def set_attention(name: str) -> None:
     """Sets the attention kernel for the rest of the current context (the process's main thread
     for the command-line entry points), as ``attention_implementation`` does for a block."""
-    _attention_impl.set(checked_choice("attention", name, ATTENTION_IMPLEMENTATIONS))
+    _IMPLEMENTATION.set(name)
 
 
 def _fused_attention_applies(q: Array, dropout_rate: float, dropout_rng: Array | None) -> bool:
     return (
-        _attention_impl.get() == "cudnn"
+        _IMPLEMENTATION.get() == "cudnn"
         and q.dtype in (jnp.bfloat16, jnp.float16)
         and (dropout_rng is None or dropout_rate == 0.0)
     )

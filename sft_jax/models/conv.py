@@ -17,9 +17,8 @@ the whole batch does under ``jit``.
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -27,6 +26,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from sft_jax.models.layers import Array, Initializer, make_param
+from sft_jax.models.trace_setting import TraceSetting
 
 Padding = str | int | Sequence[tuple[int, int]]
 
@@ -165,18 +165,13 @@ def depthwise_conv_shifted(
     return out
 
 
-_BATCH_AXIS: contextvars.ContextVar[str | None] = contextvars.ContextVar("batch_axis", default=None)
+_BATCH_AXIS: TraceSetting[str | None] = TraceSetting("batch_axis", None)
 
 
-@contextlib.contextmanager
-def batch_axis_scope(axis_name: str | None) -> Iterator[None]:
+def batch_axis_scope(axis_name: str | None) -> contextlib.AbstractContextManager[None]:
     """BatchNorm layers traced inside the block average their batch statistics over the mapped
     axis ``axis_name`` (None: each call sees its whole batch)."""
-    token = _BATCH_AXIS.set(axis_name)
-    try:
-        yield
-    finally:
-        _BATCH_AXIS.reset(token)
+    return _BATCH_AXIS.scope(axis_name)
 
 
 def _batch_moments(x32: Array) -> tuple[Array, Array, Any]:

@@ -10,12 +10,13 @@ a per-layer key from it. ``dropout_implementation`` / ``set_dropout`` choose how
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
+
+from sft_jax.models import trace_setting
 
 Array = jax.Array
 
@@ -35,7 +36,7 @@ def dropout(x: Array, rate: float, rng: Array | None) -> Array:
         return x
     if rate >= 1.0:
         return jnp.zeros_like(x)
-    if _dropout_impl.get() == "hash":
+    if _IMPLEMENTATION.get() == "hash":
         keep = hashed_keep_mask(rng, 1.0 - rate, x.shape)
     else:
         keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
@@ -43,11 +44,10 @@ def dropout(x: Array, rate: float, rng: Array | None) -> Array:
 
 
 DROPOUT_IMPLEMENTATIONS = ("threefry", "hash")
-_dropout_impl: contextvars.ContextVar[str] = contextvars.ContextVar("dropout", default="threefry")
+_IMPLEMENTATION = trace_setting.choice("dropout", DROPOUT_IMPLEMENTATIONS, "threefry")
 
 
-@contextlib.contextmanager
-def dropout_implementation(name: str):
+def dropout_implementation(name: str) -> contextlib.AbstractContextManager[None]:
     """Selects how dropout masks are drawn in models traced inside the block.
 
     ``"threefry"`` (default): ``jax.random.bernoulli`` with the key. ``"hash"``: a
@@ -56,25 +56,14 @@ def dropout_implementation(name: str):
     BERT step. Both are deterministic functions of the key; they draw different masks. Like
     ``attention_implementation``, the choice is read when a function is traced.
     """
-    token = _dropout_impl.set(checked_choice("dropout", name, DROPOUT_IMPLEMENTATIONS))
-    try:
-        yield
-    finally:
-        _dropout_impl.reset(token)
+    return _IMPLEMENTATION.scope(name)
 
 
 def set_dropout(name: str) -> None:
     """Sets the dropout-mask implementation for the rest of the current context (the process's
     main thread for the command-line entry points), as ``dropout_implementation`` does for a
     block."""
-    _dropout_impl.set(checked_choice("dropout", name, DROPOUT_IMPLEMENTATIONS))
-
-
-def checked_choice(kind: str, name: str, choices: tuple[str, ...]) -> str:
-    """``name`` if it is one of ``choices``, else a ValueError naming the ``kind`` and choices."""
-    if name not in choices:
-        raise ValueError(f"{kind} implementation {name!r}; use one of {choices}")
-    return name
+    _IMPLEMENTATION.set(name)
 
 
 def _fmix32(h: Array) -> Array:
@@ -104,15 +93,14 @@ def split_rng(rng: Array | None, num: int) -> list[Array | None]:
 
 
 # The ambient dropout key (already folded with _SCOPE_STREAM), or None outside a training call.
-_SCOPED_KEY: contextvars.ContextVar[Array | None] = contextvars.ContextVar(
-    "sft_jax_scoped_dropout_key", default=None
+_SCOPED_KEY: trace_setting.TraceSetting[Array | None] = trace_setting.TraceSetting(
+    "sft_jax_scoped_dropout_key", None
 )
 # Separates scoped keys from the fold_in(rng, i) / split(rng) keys that models derive themselves.
 _SCOPE_STREAM = 0x5C0E
 
 
-@contextlib.contextmanager
-def dropout_scope(rng: Array | None) -> Iterator[None]:
+def dropout_scope(rng: Array | None) -> contextlib.AbstractContextManager[None]:
     """Makes ``rng`` the ambient dropout key while the block runs (None: no dropout).
 
     For layers whose callers pass no key (e.g. a LoRA adapter behind a ``Dense`` call site). The
@@ -124,11 +112,7 @@ def dropout_scope(rng: Array | None) -> Iterator[None]:
         rng: PRNG key, or None for inference (``scoped_rng`` then returns None).
     """
     key = None if rng is None else jax.random.fold_in(rng, _SCOPE_STREAM)
-    token = _SCOPED_KEY.set(key)
-    try:
-        yield
-    finally:
-        _SCOPED_KEY.reset(token)
+    return _SCOPED_KEY.scope(key)
 
 
 def scoped_rng(salt: int) -> Array | None:

@@ -50,7 +50,7 @@ from sft_jax.runtime import setup_runtime
 info = setup_runtime({"attention": "cudnn", "dropout": "hash", "cpu_matmul": "onednn",
                       "loss_chunk": 64})
 import jax, jax.numpy as jnp
-assert attention._attention_impl.get() == "cudnn" and dropout._dropout_impl.get() == "hash"
+assert attention._IMPLEMENTATION.get() == "cudnn" and dropout._IMPLEMENTATION.get() == "hash"
 assert lm_loss.loss_chunk() == 64 == info["loss_chunk"]
 x = jnp.ones((64, 64))
 text = jax.jit(lambda a: a @ a).lower(x).compile().as_text()
