@@ -92,8 +92,9 @@ def runtime() -> ml_collections.ConfigDict:
     # not faulted in from the OS every step (sft_jax.cpu_allocator; auto: reuse on CPU-only
     # installs).
     c.cpu_allocator = "auto"
-    # Kernel choices (speed only; sft_jax.runtime): attention xla|cudnn (GPU, bf16, no attention
-    # dropout), dropout threefry|hash (different masks), cpu_matmul xla|onednn.
+    # Kernel choices (speed only; sft_jax.runtime): attention xla|cudnn|cudnn_packed (GPU, bf16,
+    # no attention dropout; cudnn_packed: packed rows without a dense segment mask), dropout
+    # threefry|hash (different masks), cpu_matmul xla|onednn.
     c.attention = "xla"
     c.dropout = "threefry"
     c.cpu_matmul = "xla"

@@ -64,8 +64,10 @@ _DROPOUT = flags.DEFINE_enum(
     "dropout", "threefry", ["threefry", "hash"], "How dropout masks are drawn (dropout.dropout)."
 )
 _ATTENTION = flags.DEFINE_enum(
-    "attention", "xla", ["xla", "cudnn"], "Attention kernel (cudnn: fused, GPU, bf16/fp16)."
-)
+    "attention", "xla", ["xla", "cudnn", "cudnn_packed"],
+    "Attention kernel (cudnn: fused, GPU, bf16/fp16; cudnn_packed: also packed rows in cuDNN's "
+    "packed layout).",
+)  # fmt: skip
 _CPU_MATMUL = flags.DEFINE_enum(
     "cpu_matmul", "xla", ["xla", "onednn"], "XLA CPU matmul library (runtime.cpu_matmul)."
 )

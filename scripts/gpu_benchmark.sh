@@ -27,6 +27,10 @@ bench smollm2-135m_b64 --models smollm2-135m --batch_size 64 --attention cudnn -
   --profile "$profile"
 bench smollm2-135m_b64_loss_chunk256 --models smollm2-135m --batch_size 64 --attention cudnn \
   --loss_chunk 256 --steps 6
+# A/B: packed rows (the benchmark's LM batch carries segment ids) in cuDNN's packed layout
+# instead of a dense segment mask (sft_jax/models/cudnn_attention.py).
+bench smollm2-135m_b64_cudnn_packed --models smollm2-135m --batch_size 64 \
+  --attention cudnn_packed --steps 6 --profile "$profile"
 bench bert-base_b256 --models bert-base --batch_size 256 --attention cudnn \
   --attention_dropout 0 --dropout hash --steps 6 --profile "$profile"
 # A/B: cuBLASLt matmuls with fused bias / GELU epilogues (the elementwise work around BERT's

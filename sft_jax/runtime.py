@@ -6,7 +6,9 @@ Kernel choices (config ``runtime.*``; each is a speed choice, every option compu
 function):
 
     attention    "xla" (default) | "cudnn": fused cuDNN attention on NVIDIA GPUs in bf16/fp16
-                 without attention dropout (``attention.attention_implementation``)
+                 without attention dropout (``attention.attention_implementation``) |
+                 "cudnn_packed": the same, packed rows in cuDNN's packed layout instead of a
+                 dense segment mask (``sft_jax.models.cudnn_attention``)
     dropout      "threefry" (default) | "hash": how dropout masks are drawn
                  (``dropout.dropout_implementation``; different masks, same distribution)
     cpu_matmul   "xla" (default) | "onednn": XLA CPU's matmuls through oneDNN instead of its

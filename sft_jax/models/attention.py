@@ -6,15 +6,13 @@ cuDNN's fused kernel on NVIDIA GPUs), and the ``SelfAttention`` module of the en
 from __future__ import annotations
 
 import contextlib
-import logging
-import threading
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
-from sft_jax.models import trace_setting
+from sft_jax.models import cudnn_attention, trace_setting
 from sft_jax.models.dropout import dropout
 from sft_jax.models.layers import Array, Dense, Initializer, default_kernel_init
 
@@ -73,12 +71,15 @@ class AttentionMask:
     query i sees keys 0..i). ``dot_product_attention`` takes it wherever it takes a bool mask:
     the XLA path applies ``materialize()``; the cuDNN kernel gets ``causal`` as its causal mask
     type, which skips the key blocks above the diagonal instead of reading a dense mask over
-    all of them (and the dense part, where there is one, as its mask). A pytree whose ``causal``
-    is static, so it can cross ``jit`` / ``checkpoint`` boundaries.
+    all of them (and the dense part, where there is one, as its mask). ``segment_ids``: the
+    [B, T] packed-segment ids when ``dense`` was made from them alone (no separate padding
+    mask), for cuDNN's packed layout (``cudnn_attention``). A pytree whose ``causal`` is static,
+    so it can cross ``jit`` / ``checkpoint`` boundaries.
     """
 
     dense: Array | None = None
     causal: bool = struct.field(pytree_node=False, default=False)
+    segment_ids: Array | None = None
 
     def materialize(self, q_len: int, kv_len: int) -> Array | None:
         """The whole mask as one bool array [B or 1, 1, T, S], or None when nothing is masked."""
@@ -90,7 +91,7 @@ class AttentionMask:
         return tril if self.dense is None else jnp.logical_and(self.dense, tril)
 
 
-ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn")
+ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn", "cudnn_packed")
 _IMPLEMENTATION = trace_setting.choice("attention", ATTENTION_IMPLEMENTATIONS, "xla")
 
 
@@ -104,6 +105,8 @@ def attention_implementation(name: str) -> contextlib.AbstractContextManager[Non
     The choice is read when a function is traced: select it before the first call of a jitted
     step (a cached trace keeps the kernel it was traced with). On an H200 the cuDNN kernel
     matches the XLA path to bfloat16 rounding (outputs and gradients, causal + packed + GQA).
+    ``"cudnn_packed"``: the same, with packed rows (``AttentionMask.segment_ids``) in cuDNN's
+    packed layout instead of a dense segment mask (``cudnn_attention``; not yet run on a GPU).
     """
     return _IMPLEMENTATION.scope(name)
 
@@ -116,7 +119,7 @@ def set_attention(name: str) -> None:
 
 def _fused_attention_applies(q: Array, dropout_rate: float, dropout_rng: Array | None) -> bool:
     return (
-        _IMPLEMENTATION.get() == "cudnn"
+        _IMPLEMENTATION.get() in ("cudnn", "cudnn_packed")
         and q.dtype in (jnp.bfloat16, jnp.float16)
         and (dropout_rng is None or dropout_rate == 0.0)
     )
@@ -172,75 +175,17 @@ def dot_product_attention(
     """
     if not isinstance(mask, AttentionMask):
         mask = AttentionMask(mask)
-    if _fused_attention_applies(q, dropout_rate, dropout_rng):
-        out = _cudnn_attention(q, k, v, mask)
+    if _fused_attention_applies(q, dropout_rate, dropout_rng) and (
+        not mask.causal or q.shape[1] == k.shape[1]  # else materialize() names the error
+    ):
+        out = cudnn_attention.fused_attention(
+            q, k, v, mask.dense, mask.causal, mask.segment_ids,
+            packed=_IMPLEMENTATION.get() == "cudnn_packed",
+        )  # fmt: skip
         if out is not None:
             return out
     return _xla_attention(q, k, v, mask.materialize(q.shape[1], k.shape[1]), dropout_rate,
                           dropout_rng)  # fmt: skip
-
-
-def _cudnn_attention(q: Array, k: Array, v: Array, mask: AttentionMask) -> Array | None:
-    """``jax.nn.dot_product_attention``'s cuDNN kernel, or None for shapes it refuses. The dense
-    part goes in as a mask (cuDNN adds it as a bias, with no gradient computed for it:
-    ``_mask_without_gradient``), the causal part as ``is_causal``."""
-    if mask.causal and q.shape[1] != k.shape[1]:
-        return None  # the XLA path's materialize() names the error
-    dense = mask.dense
-    if dense is not None:
-        dense = jnp.broadcast_to(dense, (q.shape[0], 1, q.shape[1], k.shape[1]))
-    try:  # cuDNN checks the shapes while tracing (e.g. ViT's 197 tokens are refused)
-        with _mask_without_gradient():
-            return jax.nn.dot_product_attention(
-                q, k, v, mask=dense, is_causal=mask.causal, implementation="cudnn"
-            )
-    except NotImplementedError:
-        return None  # shapes the fused kernel does not take: the XLA path
-    except RuntimeError as e:  # no cuDNN here (a CPU or TPU run of a GPU config)
-        _warn_once(f"runtime.attention='cudnn' unavailable ({e}); using the XLA attention")
-        return None
-
-
-_no_bias_gradient = threading.Lock()
-
-
-@contextlib.contextmanager
-def _mask_without_gradient():
-    """Keeps jax's cuDNN wrapper from computing the gradient of the mask while tracing a call.
-
-    jax 0.10 (the pinned version) passes a mask to cuDNN as an additive bias and asks for that
-    bias's gradient whatever it is (``fused_attention_stablehlo.should_export_dbias`` returns
-    True): the backward kernel then writes a [B, N, T, S] score gradient and reduces it over
-    the heads, for a constant (a mask has no gradient). With it answering False, the backward
-    call returns dq, dk, dv only and jax's VJP gives the mask a zero cotangent, as before. Our
-    masks are the only biases traced here (the lock orders our calls; nothing else in the
-    process calls the cuDNN wrapper with a trainable bias). jax 0.11 dropped the function and
-    skips a boolean mask's gradient itself: there this does nothing.
-    """
-    try:
-        from jax._src.cudnn import fused_attention_stablehlo as fused
-    except ImportError:  # a jax without the module: nothing to switch
-        yield
-        return
-    if not callable(getattr(fused, "should_export_dbias", None)):  # jax >= 0.11
-        yield
-        return
-    with _no_bias_gradient:
-        export = fused.should_export_dbias
-        fused.should_export_dbias = lambda *args, **kwargs: False
-        try:
-            yield
-        finally:
-            fused.should_export_dbias = export
-
-
-_warned: set[str] = set()
-
-
-def _warn_once(message: str) -> None:
-    if message not in _warned:
-        _warned.add(message)
-        logging.getLogger(__name__).warning(message)
 
 
 def _xla_attention(

@@ -183,7 +183,9 @@ def causal_lm_inputs(
     if segment_ids is not None:
         padding = real * (segment_ids != 0)
     dense = make_attention_mask(t, padding_mask=padding, segment_ids=segment_ids)
-    return AttentionMask(dense, causal=True), positions, None
+    # cuDNN's packed layout may replace the dense mask only where it comes from segments alone.
+    packed = segment_ids if attention_mask is None else None
+    return AttentionMask(dense, causal=True, segment_ids=packed), positions, None
 
 
 def run_blocks(

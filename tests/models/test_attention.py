@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sft_jax.models import attention
+from sft_jax.models import attention, cudnn_attention
 
 
 def test_make_attention_mask_parts():
@@ -87,22 +87,91 @@ def test_attention_implementation_selects_and_falls_back():
 
 
 @pytest.mark.skipif(jax.default_backend() == "gpu", reason="checks a machine without cuDNN")
-def test_cudnn_attention_without_cudnn_falls_back_with_a_warning(caplog):
+@pytest.mark.parametrize("impl", ["cudnn", "cudnn_packed"])
+def test_cudnn_attention_without_cudnn_falls_back_with_a_warning(caplog, impl):
     """A GPU config run on CPU (bfloat16 compute, runtime.attention='cudnn'): jax raises
-    "cuDNN is not detected"; the layer warns once and computes the XLA attention."""
+    "cuDNN is not detected"; the layer warns once and computes the XLA attention (packed
+    segments too)."""
+    from sft_jax.models.decoder import causal_lm_inputs
+
     rng = np.random.default_rng(0)
-    q, k, v = (jnp.asarray(rng.normal(size=(1, 4, 2, 8)), jnp.bfloat16) for _ in range(3))
-    ref = attention.dot_product_attention(q, k, v)
-    attention._warned.clear()
-    with caplog.at_level(logging.WARNING, logger=attention.__name__):
-        with attention.attention_implementation("cudnn"):
+    q, k, v = (jnp.asarray(rng.normal(size=(2, 8, 2, 8)), jnp.bfloat16) for _ in range(3))
+    seg = jnp.asarray([[1, 1, 1, 2, 2, 2, 2, 0], [1, 1, 1, 1, 1, 1, 1, 1]])
+    mask, _, _ = causal_lm_inputs(2, 8, segment_ids=seg)
+    ref = attention.dot_product_attention(q, k, v, mask)
+    cudnn_attention._warned.clear()
+    with caplog.at_level(logging.WARNING, logger=cudnn_attention.__name__):
+        with attention.attention_implementation(impl):
             for _ in range(2):
-                np.testing.assert_array_equal(attention.dot_product_attention(q, k, v), ref)
-    warnings = [r.getMessage() for r in caplog.records if r.name == attention.__name__]
+                out = attention.dot_product_attention(q, k, v, mask)
+                np.testing.assert_array_equal(out, ref)
+    warnings = [r.getMessage() for r in caplog.records if r.name == cudnn_attention.__name__]
     assert len(warnings) == 1 and "runtime.attention='cudnn' unavailable" in warnings[0]
     with pytest.raises(ValueError, match="'flash'"):
         with attention.attention_implementation("flash"):
             pass
+
+
+def test_segment_spans_describe_each_rows_segments():
+    """cuDNN's packed layout: per row, the length and start of segments 1..M (-1 past the last
+    segment, and in the extra offset column); padding (0) belongs to none."""
+    seg = jnp.asarray([[1, 1, 2, 2, 2, 3, 0, 0], [1, 1, 1, 1, 1, 1, 1, 1], [0] * 8])
+    lengths, offsets = cudnn_attention.segment_spans(seg, 4)
+    np.testing.assert_array_equal(lengths, [[2, 3, 1, -1], [8, -1, -1, -1], [-1, -1, -1, -1]])
+    np.testing.assert_array_equal(
+        offsets, [[0, 2, 5, -1, -1], [0, -1, -1, -1, -1], [-1, -1, -1, -1, -1]]
+    )
+    assert lengths.dtype == offsets.dtype == jnp.int32
+
+
+def test_causal_lm_mask_carries_segments_only_when_they_alone_make_it():
+    from sft_jax.models.decoder import causal_lm_inputs
+
+    seg = jnp.asarray([[1, 1, 2, 0]])
+    mask, _, _ = causal_lm_inputs(1, 4, segment_ids=seg)
+    np.testing.assert_array_equal(mask.segment_ids, seg)
+    mask, _, _ = causal_lm_inputs(1, 4, attention_mask=jnp.asarray([[1, 1, 1, 0]]), segment_ids=seg)
+    assert mask.segment_ids is None and mask.dense is not None
+
+
+@pytest.mark.parametrize("kv", [8, 2])
+def test_cudnn_packed_layout_traces_through_jaxs_wrapper(monkeypatch, kv):
+    """Without a GPU: with jax's cuDNN version and device checks answered, the packed-layout
+    attention traces forward and backward through jax's internal wrapper (its argument and
+    shape checks), both branches of the cond: packed (softmax statistics for B x M segments)
+    and dense. Grouped-query heads take the dense mask alone on a jax whose packed layout
+    strides the keys by the query heads (jax 0.10)."""
+    from jax._src.cudnn import fused_attention_stablehlo as fused
+
+    from sft_jax.models.decoder import causal_lm_inputs
+
+    monkeypatch.setattr(fused, "check_cudnn_version", lambda: 91000)
+    monkeypatch.setattr(fused, "check_compute_capability", lambda capability: True)
+    b, t, n, d = 2, 256, 8, 64
+    seg = np.ones((b, t), np.int32)
+    seg[:, 100:], seg[1, 200:] = 2, 0
+    mask, _, _ = causal_lm_inputs(b, t, segment_ids=jnp.asarray(seg))
+    rng = np.random.default_rng(0)
+    q, k, v = (jnp.asarray(rng.normal(size=(b, t, h, d)), jnp.bfloat16) for h in (n, kv, kv))
+
+    def f(q, k, v):
+        return attention.dot_product_attention(q, k, v, mask).astype(jnp.float32).sum()
+
+    with attention.attention_implementation("cudnn_packed"):
+        text = str(jax.make_jaxpr(jax.grad(f, argnums=(0, 1, 2)))(q, k, v))
+    m = cudnn_attention.PACKED_MAX_SEGMENTS
+    packed = kv == n or cudnn_attention._kv_offsets_use_kv_heads()
+    assert ("cond[" in text) == packed
+    assert text.count("dot_product_attention_fwd_wrapper[") == 1 + packed
+    assert text.count("dot_product_attention_bwd_wrapper[") == 1 + packed
+    assert (f"f32[{b * m},{n},{t}]" in text) == packed  # the packed softmax statistics
+
+
+def test_packed_layout_needs_contiguous_segments():
+    seg = jnp.asarray([[1, 1, 2, 2, 2, 3, 0, 0], [1, 1, 2, 2, 1, 0, 0, 0]])
+    lengths, offsets = cudnn_attention.segment_spans(seg, 4)
+    assert bool(cudnn_attention._contiguous(seg[:1], lengths[:1], offsets[:1]))
+    assert not bool(cudnn_attention._contiguous(seg[1:], lengths[1:], offsets[1:]))
 
 
 def test_cudnn_call_asks_for_no_mask_gradient(monkeypatch):
@@ -155,11 +224,11 @@ def test_cudnn_attention_matches_xla_in_bfloat16(packed):
         return (out * jnp.linspace(-1, 1, d)).sum(), out
 
     results = {}
-    for impl in ("xla", "cudnn"):
+    for impl in ("xla", "cudnn", "cudnn_packed"):
         with attention.attention_implementation(impl):
             fn = jax.jit(jax.grad(f, argnums=(0, 1, 2), has_aux=True))
             text = fn.lower(q, k, v).compile().as_text()  # the fused kernel: __cudnn$fmha...
-            assert ("__cudnn$fmha" in text) == (impl == "cudnn")
+            assert ("__cudnn$fmha" in text) == (impl != "xla")
             # No gradient of the mask: the backward call returns dq, dk, dv (and a workspace)
             # but no [B, 1, T, S] bias gradient (_mask_without_gradient).
             results_of_backward = [
@@ -167,12 +236,36 @@ def test_cudnn_attention_matches_xla_in_bfloat16(packed):
                 for line in text.splitlines()
                 if "SoftmaxBackward" in line and "custom-call(" in line
             ]
-            assert len(results_of_backward) == (impl == "cudnn")
+            assert bool(results_of_backward) == (impl != "xla")
             assert not any(f"[{b},1,{t},{t}]" in r for r in results_of_backward)
             results[impl] = jax.tree.leaves(fn(q, k, v))
-    for a, r in zip(results["cudnn"], results["xla"]):
-        a, r = np.asarray(a, np.float32), np.asarray(r, np.float32)
-        assert np.abs(a - r).max() <= 0.01 * np.abs(r).max()
+    for impl in ("cudnn", "cudnn_packed"):
+        for a, r in zip(results[impl], results["xla"]):
+            a, r = np.asarray(a, np.float32), np.asarray(r, np.float32)
+            assert np.abs(a - r).max() <= 0.01 * np.abs(r).max(), impl
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="the cuDNN kernel needs an NVIDIA GPU")
+def test_cudnn_packed_rows_with_more_segments_than_the_layout_takes_use_the_dense_mask():
+    """A row of 20 segments (more than PACKED_MAX_SEGMENTS) next to a row of 3: the batch takes
+    the dense-mask branch and still equals the XLA path."""
+    from sft_jax.models.decoder import causal_lm_inputs
+
+    b, t, n, d = 2, 256, 4, 64
+    seg = np.zeros((b, t), np.int32)
+    seg[0] = np.repeat(np.arange(1, 21), 13)[:t]  # 20 segments
+    seg[1, :100], seg[1, 100:180], seg[1, 180:250] = 1, 2, 3
+    assert seg[0].max() > cudnn_attention.PACKED_MAX_SEGMENTS
+    mask, _, _ = causal_lm_inputs(b, t, segment_ids=jnp.asarray(seg))
+    rng = np.random.default_rng(1)
+    q, k, v = (jnp.asarray(rng.normal(size=(b, t, n, d)), jnp.bfloat16) for _ in range(3))
+    real = jnp.asarray(seg != 0)[:, :, None, None]
+    outs = {}
+    for impl in ("xla", "cudnn_packed"):
+        with attention.attention_implementation(impl):
+            out = jax.jit(lambda q, k, v: attention.dot_product_attention(q, k, v, mask))(q, k, v)
+        outs[impl] = np.asarray(out.astype(jnp.float32) * real)
+    assert np.abs(outs["cudnn_packed"] - outs["xla"]).max() <= 0.01 * np.abs(outs["xla"]).max()
 
 
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="the cuDNN kernel needs an NVIDIA GPU")
