@@ -69,7 +69,7 @@ def load_data(cfg: ml_collections.ConfigDict):
         data = load_image_classification(cfg.data, data_dir(cfg))
         return data, run_image_spec(cfg, model_dir(cfg))
     if is_lm(cfg):
-        from sft_jax.data.chat_builders import load_chat_data
+        from sft_jax.data.chat_sources import load_chat_data
         from sft_jax.data.limits import check_max_length, read_model_limits
         from sft_jax.data.lm import load_chat_tokenizer
 

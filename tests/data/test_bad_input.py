@@ -13,7 +13,7 @@ import pytest
 import tokenizers
 from tokenizers import models, normalizers, pre_tokenizers, processors
 
-from sft_jax.data import builders, chat_builders, files, lm, text
+from sft_jax.data import builders, chat_sources, files, lm, text
 from sft_jax.data.files import DataFileError, Fields
 from sft_jax.data.limits import (
     ModelLimits,
@@ -36,7 +36,7 @@ _CHAT = json.dumps({"messages": CONV[1:3]}) + "\n"
 def _load(kind: str, path: pathlib.Path, data_dir: pathlib.Path):
     if kind == "text":
         return builders.load_text_classification(files_data_cfg(train_file=str(path)), data_dir)
-    return chat_builders.load_chat_data(chat_data_cfg(train_file=str(path)), data_dir)
+    return chat_sources.load_chat_data(chat_data_cfg(train_file=str(path)), data_dir)
 
 
 # ---------------------------------------------------------------------------- unreadable files

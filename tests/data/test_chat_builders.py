@@ -6,7 +6,7 @@ import pickle
 
 import pytest
 
-from sft_jax.data import chat_builders, instruct_tasks
+from sft_jax.data import chat_builders, chat_sources, instruct_tasks
 from sft_jax.data.files import DataFileError
 from tests.tiny_chat import chat_data_cfg
 
@@ -119,7 +119,7 @@ def test_split_positions():
 @pytest.fixture(scope="module")
 def chatterbot(tmp_path_factory):
     data_dir = tmp_path_factory.mktemp("chatterbot")
-    return data_dir, chat_builders.load_chat_data(chat_data_cfg(name="chatterbot"), data_dir)
+    return data_dir, chat_sources.load_chat_data(chat_data_cfg(name="chatterbot"), data_dir)
 
 
 def _records(source) -> list[dict]:
@@ -173,7 +173,7 @@ def test_chat_files_round_trip(tmp_path):
     ]
     train = _write(tmp_path / "train.jsonl", _jsonl(*rows[:2]) + "\n  \n" + _jsonl(rows[2]))
     val = _write(tmp_path / "val.jsonl", _jsonl(rows[0]))
-    data = chat_builders.load_chat_data(
+    data = chat_sources.load_chat_data(
         chat_data_cfg(train_file=train, validation_file=val), tmp_path / "data"
     )
     assert sorted(data.sources) == ["train", "validation"]
@@ -191,13 +191,13 @@ def test_chat_files_custom_field_and_instruct_jsonl(tmp_path):
     examples = instruct_tasks.make_examples(3, seed=4)
     path = tmp_path / "tasks.jsonl"
     instruct_tasks.write_jsonl(examples, path)
-    data = chat_builders.load_chat_data(chat_data_cfg(train_file=str(path)), tmp_path / "data")
+    data = chat_sources.load_chat_data(chat_data_cfg(train_file=str(path)), tmp_path / "data")
     got = _records(data.sources["train"])
     assert [(r["messages"], r["answer"]) for r in got] == [
         (e["messages"], e["answer"]) for e in examples
     ]
     conv = _write(tmp_path / "conv.jsonl", _jsonl({"conv": [_user("x"), _bot("y")]}))
-    data = chat_builders.load_chat_data(
+    data = chat_sources.load_chat_data(
         chat_data_cfg(train_file=conv, messages_field="conv"), tmp_path / "data"
     )
     assert data.sources["train"][0]["messages"] == [_user("x"), _bot("y")]
@@ -268,7 +268,7 @@ def test_bad_chat_files_error_before_writing(tmp_path, train, val, match):
     val_path = _write(tmp_path / "val.jsonl", val) if val is not None else ""
     cfg = chat_data_cfg(train_file=str(train_path), validation_file=val_path)
     with pytest.raises(DataFileError, match=match):
-        chat_builders.load_chat_data(cfg, tmp_path / "data")
+        chat_sources.load_chat_data(cfg, tmp_path / "data")
     assert not (tmp_path / "data").exists()  # validated before anything was written
 
 
@@ -288,7 +288,7 @@ _SIZES = {"train": 12, "validation": 3, "test": 4}
 def tasks(tmp_path_factory):
     data_dir = tmp_path_factory.mktemp("tasks")
     cfg = chat_data_cfg(name="instruct_tasks", task_sizes=_SIZES, task_seed=3)
-    return data_dir, chat_builders.load_chat_data(cfg, data_dir)
+    return data_dir, chat_sources.load_chat_data(cfg, data_dir)
 
 
 def test_instruct_tasks_equal_make_splits(tasks):
@@ -318,8 +318,8 @@ def test_instruct_tasks_config_per_sizes_and_seed(tmp_path):
 def test_max_train_examples_subset_is_deterministic(tasks):
     data_dir, full = tasks
     cfg = chat_data_cfg(name="instruct_tasks", task_sizes=_SIZES, task_seed=3, max_train_examples=5)
-    small = chat_builders.load_chat_data(cfg, data_dir)
-    again = chat_builders.load_chat_data(cfg, data_dir)
+    small = chat_sources.load_chat_data(cfg, data_dir)
+    again = chat_sources.load_chat_data(cfg, data_dir)
     train = _records(small.sources["train"])
     assert len(small.sources["train"]) == 5 and len(train) == 5
     assert train == _records(again.sources["train"])
@@ -341,6 +341,6 @@ def test_chat_source_indexing_and_pickle(tasks):
 
 def test_unknown_name_and_missing_train_file(tmp_path):
     with pytest.raises(ValueError, match=r"'imdb'; expected one of \['instruct_tasks', 'chat"):
-        chat_builders.load_chat_data(chat_data_cfg(name="imdb"), tmp_path)
+        chat_sources.load_chat_data(chat_data_cfg(name="imdb"), tmp_path)
     with pytest.raises(ValueError, match="needs data.train_file"):
-        chat_builders.load_chat_data(chat_data_cfg(name="files"), tmp_path)
+        chat_sources.load_chat_data(chat_data_cfg(name="files"), tmp_path)
