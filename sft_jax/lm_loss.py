@@ -55,8 +55,19 @@ def loss_chunk() -> int:
 def token_stats(logits: Array, targets: Array) -> tuple[Array, Array]:
     """Per-token cross-entropy and argmax hits: logits [..., V] (any float dtype, computed in
     float32), int targets [...] -> (losses, hits), both float32 [...]."""
-    hits = (jnp.argmax(logits, -1) == targets).astype(jnp.float32)
-    return cross_entropy(logits, targets), hits
+    return cross_entropy(logits, targets), _hits(logits, targets)
+
+
+def weighted_sums(logits: Array, targets: Array, weights: Array) -> tuple[Array, Array]:
+    """``sum(weights * losses)`` and ``sum(weights * hits)`` of ``token_stats`` (the
+    whole-sequence counterpart of ``chunked_loss_sums``)."""
+    losses, hits = token_stats(logits, targets)
+    return jnp.sum(losses * weights), jnp.sum(hits * weights)
+
+
+def _hits(logits: Array, targets: Array) -> Array:
+    """1.0 where the argmax of ``logits`` [..., V] is the target, float32 [...]."""
+    return (jnp.argmax(logits, -1) == targets).astype(jnp.float32)
 
 
 @jax.custom_vjp
@@ -111,8 +122,7 @@ def _head_grad(logits: Array, targets: Array, weights: Array) -> tuple[Array, Ar
     """Per-token cross-entropy, argmax hits and the gradient of ``sum(weights * losses)`` with
     respect to the logits (in their dtype; ``xent_grad``)."""
     losses, (_, _, lse) = _xent_fwd(logits, targets)
-    hits = (jnp.argmax(logits, -1) == targets).astype(jnp.float32)
-    return losses, hits, xent_grad(logits, targets, lse, weights)
+    return losses, _hits(logits, targets), xent_grad(logits, targets, lse, weights)
 
 
 def _chunked(x: Array, n: int, chunk: int) -> Array:

@@ -104,21 +104,19 @@ class CausalLMTask:
         loss their logits in the compute dtype (``lm_loss.cross_entropy`` works in float32 and
         returns the logits' gradient in that dtype), in chunks of ``lm_loss.loss_chunk()``
         positions where it is set."""
+        chunk, targets = lm_loss.loss_chunk(), batch["targets"]
         w = batch["target_mask"].astype(jnp.float32)  # [B, T]
         if hasattr(model, "lm_head_fn"):
             with dropout.dropout_scope(dropout_rng):  # also around the head (LoRA adapters)
                 hidden = model.hidden_states(**self._inputs(batch), dropout_rng=dropout_rng)
                 head, params = model.lm_head_fn()
-                if lm_loss.loss_chunk():
-                    loss_sum, correct = lm_loss.chunked_loss_sums(
-                        head, params, hidden, batch["targets"], w, lm_loss.loss_chunk()
-                    )
-                    return {"loss_sum": loss_sum, "weight": jnp.sum(w), "correct": correct}
-                logits = head(params, hidden)
+                if chunk:
+                    sums = lm_loss.chunked_loss_sums(head, params, hidden, targets, w, chunk)
+                else:
+                    sums = lm_loss.weighted_sums(head(params, hidden), targets, w)
         else:
-            logits = self.logits(model, batch, dropout_rng)
-        losses, hits = lm_loss.token_stats(logits, batch["targets"])
-        return {"loss_sum": jnp.sum(losses * w), "weight": jnp.sum(w), "correct": jnp.sum(hits * w)}
+            sums = lm_loss.weighted_sums(self.logits(model, batch, dropout_rng), targets, w)
+        return {"loss_sum": sums[0], "weight": jnp.sum(w), "correct": sums[1]}
 
     def loss_sums(
         self, model: Any, batch: dict, dropout_rng: jax.Array | None

@@ -275,9 +275,7 @@ def export_efficientnet(
     """
     out = Path(out_dir)
     state = {p: np.asarray(v[...], dtype=np.float32) for p, v in flat_params(model, STATE).items()}
-    tensors = export_weights(state, EFFICIENTNET_RULES)
-    for name in [k for k in tensors if k.endswith(".running_mean")]:
-        tensors[name.replace(".running_mean", ".num_batches_tracked")] = np.zeros((), np.int64)
+    tensors = image_models.add_num_batches_tracked(export_weights(state, EFFICIENTNET_RULES))
     io.write_safetensors(tensors, out / io.SAFETENSORS_NAME)
     config = {**_config_json(model), **image_models.label_maps(label_names, model.num_labels)}
     io.write_json(config, out / "config.json")
