@@ -93,9 +93,11 @@ def runtime() -> ml_collections.ConfigDict:
     # installs).
     c.cpu_allocator = "auto"
     # Kernel choices (speed only; sft_jax.runtime): attention xla|cudnn|cudnn_packed (GPU, bf16,
-    # no attention dropout; cudnn_packed: packed rows without a dense segment mask), dropout
+    # no attention dropout; cudnn_packed: segment ids as cuDNN sequence lengths, up to
+    # packed_max_segments per row (1: padded rows), instead of a dense mask), dropout
     # threefry|hash (different masks), cpu_matmul xla|onednn.
     c.attention = "xla"
+    c.packed_max_segments = 16
     c.dropout = "threefry"
     c.cpu_matmul = "xla"
     # Causal LM loss in chunks of this many positions (0 = whole sequence; sft_jax.lm_loss): only

@@ -4,7 +4,8 @@
       resnet-50,vit-b16] [--attention_dropout P]
       [--dtype float32|bfloat16] [--batch_size B] [--seq_len T] [--steps 10] [--warmup 2]
       [--mesh 1,1,1] [--peak_flops F] [--torch] [--out benchmark.json]
-      [--attention xla|cudnn] [--dropout threefry|hash] [--cpu_matmul xla|onednn]
+      [--attention xla|cudnn|cudnn_packed [--packed_max_segments M]] [--dropout threefry|hash]
+      [--loss_chunk C] [--cpu_matmul xla|onednn]
       [--cpu_allocator auto|reuse|system]
       [--policies head_only,bitfit,lora:8,full [--optimizer adamw] [--isolate]]
 
@@ -65,8 +66,12 @@ _DROPOUT = flags.DEFINE_enum(
 )
 _ATTENTION = flags.DEFINE_enum(
     "attention", "xla", ["xla", "cudnn", "cudnn_packed"],
-    "Attention kernel (cudnn: fused, GPU, bf16/fp16; cudnn_packed: also packed rows in cuDNN's "
-    "packed layout).",
+    "Attention kernel (cudnn: fused, GPU, bf16/fp16; cudnn_packed: also segment ids as cuDNN "
+    "sequence lengths / packed layout instead of a dense mask).",
+)  # fmt: skip
+_MAX_SEGMENTS = flags.DEFINE_integer(
+    "packed_max_segments", 16, "Segments per row cudnn_packed describes (runtime."
+    "packed_max_segments; 1 = padded rows: the benchmark's rows are one sequence each)."
 )  # fmt: skip
 _CPU_MATMUL = flags.DEFINE_enum(
     "cpu_matmul", "xla", ["xla", "onednn"], "XLA CPU matmul library (runtime.cpu_matmul)."
@@ -168,18 +173,18 @@ def _run_policy(benchmark, spec, policy: str, mesh, run: dict) -> dict:
                 "error": str(e)}  # fmt: skip
 
 
-def _measure(benchmark, spec, kw: dict) -> dict:
-    """``run_jax`` here (under the attention / dropout / loss-chunk choices, the last set in
-    ``main``) or in its own process."""
-    from sft_jax.models import attention, dropout
+def _kernels():
+    from sft_jax.kernel_choices import Kernels
 
+    return Kernels(_ATTENTION.value, _DROPOUT.value, _LOSS_CHUNK.value, _MAX_SEGMENTS.value)
+
+
+def _measure(benchmark, spec, kw: dict) -> dict:
+    """``run_jax`` here (under the flags' kernel choices, set in ``main``) or in its own
+    process."""
     if _ISOLATE.value:
-        return benchmark.run_jax_isolated(
-            spec, _ATTENTION.value, _DROPOUT.value, _LOSS_CHUNK.value, **kw
-        )
-    with attention.attention_implementation(_ATTENTION.value):
-        with dropout.dropout_implementation(_DROPOUT.value):
-            return benchmark.run_jax(spec, **kw)
+        return benchmark.run_jax_isolated(spec, _kernels(), **kw)
+    return benchmark.run_jax(spec, **kw)
 
 
 def _pipeline(spec: str) -> dict:
@@ -213,13 +218,13 @@ def main(argv):
     import flax
     import jax
 
-    from sft_jax import benchmark, benchmark_shapes, benchmark_torch, lm_loss
+    from sft_jax import benchmark, benchmark_shapes, benchmark_torch
     from sft_jax.runtime import set_cpu_allocator, set_cpu_matmul
 
     # Both before the first JAX computation starts the backend.
     allocator = set_cpu_allocator(_CPU_ALLOCATOR.value)
     set_cpu_matmul(_CPU_MATMUL.value)
-    lm_loss.set_loss_chunk(_LOSS_CHUNK.value)
+    _kernels().set()
     if _POLICIES.value and _TORCH.value:
         raise app.UsageError("--torch times the all-parameters AdamW step: not with --policies")
     if _OPTIMIZER.value != "adamw" and not _POLICIES.value:
@@ -231,10 +236,7 @@ def main(argv):
     ]
     mesh = tuple(int(x) for x in _MESH.value.split(","))
     run = dict(warmup=_WARMUP.value, steps_=_STEPS.value, seed=_SEED.value)
-    kernels = dict(
-        attention=_ATTENTION.value, dropout=_DROPOUT.value, cpu_matmul=_CPU_MATMUL.value,
-        loss_chunk=_LOSS_CHUNK.value, cpu_allocator=allocator,
-    )  # fmt: skip
+    kernels = dict(_kernels().as_dict(), cpu_matmul=_CPU_MATMUL.value, cpu_allocator=allocator)
     # Before any JAX device use: each torch run has the whole device and exits (see above).
     torch_runs = [benchmark_torch.run_torch(s, **run) for s in specs] if _TORCH.value else None
     results = []

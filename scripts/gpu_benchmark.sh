@@ -27,12 +27,18 @@ bench smollm2-135m_b64 --models smollm2-135m --batch_size 64 --attention cudnn -
   --profile "$profile"
 bench smollm2-135m_b64_loss_chunk256 --models smollm2-135m --batch_size 64 --attention cudnn \
   --loss_chunk 256 --steps 6
-# A/B: packed rows (the benchmark's LM batch carries segment ids) in cuDNN's packed layout
-# instead of a dense segment mask (sft_jax/models/cudnn_attention.py).
-bench smollm2-135m_b64_cudnn_packed --models smollm2-135m --batch_size 64 \
-  --attention cudnn_packed --steps 6 --profile "$profile"
+# A/B: the segment ids (the benchmark's LM batch carries them, one sequence per row) as cuDNN
+# sequence lengths (M = 1) or its packed layout (M = 16) instead of a dense segment mask
+# (sft_jax/models/cudnn_attention.py).
+bench smollm2-135m_b64_cudnn_packed_m1 --models smollm2-135m --batch_size 64 \
+  --attention cudnn_packed --packed_max_segments 1 --steps 6 --profile "$profile"
+bench smollm2-135m_b64_cudnn_packed_m16 --models smollm2-135m --batch_size 64 \
+  --attention cudnn_packed --packed_max_segments 16 --steps 6 --profile "$profile"
 bench bert-base_b256 --models bert-base --batch_size 256 --attention cudnn \
   --attention_dropout 0 --dropout hash --steps 6 --profile "$profile"
+# A/B: BERT's padding mask as cuDNN sequence lengths instead of a dense [B, 1, T, T] mask.
+bench bert-base_b256_cudnn_packed_m1 --models bert-base --batch_size 256 \
+  --attention cudnn_packed --packed_max_segments 1 --attention_dropout 0 --dropout hash --steps 6
 # A/B: cuBLASLt matmuls with fused bias / GELU epilogues (the elementwise work around BERT's
 # matmuls is what keeps it under 50% MFU; README "Speed").
 XLA_FLAGS="$XLA_FLAGS --xla_gpu_enable_cublaslt=true" bench bert-base_b256_cublaslt \

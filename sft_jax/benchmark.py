@@ -36,6 +36,7 @@ from sft_jax.benchmark_shapes import (
     peak_flops,
     step_flops,
 )
+from sft_jax.kernel_choices import Kernels
 from sft_jax.train_state import (
     StepSetup,
     create_train_state,
@@ -266,31 +267,20 @@ def run_jax(
 
 
 def run_jax_isolated(
-    spec: BenchSpec,
-    attention: str = "xla",
-    dropout: str = "threefry",
-    loss_chunk: int = 0,
-    **kwargs: Any,
+    spec: BenchSpec, kernels: Kernels = Kernels(), **kwargs: Any
 ) -> dict[str, Any]:
-    """``run_jax`` in a fresh (spawned) process, under ``attention_implementation``,
-    ``dropout_implementation`` and ``lm_loss.loss_chunk_scope``: its device
+    """``run_jax`` in a fresh (spawned) process, under ``kernels.scope()``: its device
     ``peak_bytes`` is then this run's own, not the running maximum of the runs before it. The
     caller must not hold the accelerator (JAX preallocates most of a GPU's memory in the first
     process that uses it)."""
     ctx = multiprocessing.get_context("spawn")
     with futures.ProcessPoolExecutor(max_workers=1, mp_context=ctx) as pool:
-        return pool.submit(_run_jax_under, spec, attention, dropout, loss_chunk, kwargs).result()
+        return pool.submit(_run_jax_under, spec, kernels, kwargs).result()
 
 
-def _run_jax_under(
-    spec: BenchSpec, attention_impl: str, dropout_impl: str, loss_chunk: int, kwargs: dict
-) -> dict:
-    from sft_jax import lm_loss
-    from sft_jax.models import attention, dropout
-
-    with attention.attention_implementation(attention_impl):
-        with dropout.dropout_implementation(dropout_impl), lm_loss.loss_chunk_scope(loss_chunk):
-            return run_jax(spec, **kwargs)
+def _run_jax_under(spec: BenchSpec, kernels: Kernels, kwargs: dict) -> dict:
+    with kernels.scope():
+        return run_jax(spec, **kwargs)
 
 
 def _summary(

@@ -17,6 +17,12 @@ function):
     loss_chunk   0 (default) | positions: a causal LM's loss from its hidden states that many
                  positions at a time, so only one chunk's logits exist at once
                  (``sft_jax.lm_loss``; a memory choice, float sums in another order)
+    packed_max_segments
+                 16 (default) | M: segments per row that "cudnn_packed" passes as lengths and
+                 offsets (1: padded rows, one sequence per row from token 0); a batch with a
+                 row it does not describe takes the dense mask (``cudnn_attention``)
+
+All but cpu_matmul are read while a step is traced (``sft_jax.kernel_choices.Kernels``).
 
 Memory: ``cpu_allocator`` "auto" (default) | "reuse" | "system": whether freed host memory stays
 in the process so that XLA CPU's per-step buffer is not faulted in from the OS on every step
@@ -43,9 +49,8 @@ from typing import Any
 
 import jax
 
-from sft_jax import lm_loss
 from sft_jax.cpu_allocator import backends_started, set_cpu_allocator
-from sft_jax.models import attention, dropout
+from sft_jax.kernel_choices import Kernels
 
 log = logging.getLogger(__name__)
 
@@ -105,23 +110,21 @@ def setup_runtime(runtime_cfg: Any = None) -> dict[str, Any]:
     Args:
       runtime_cfg: optional config block with ``distributed`` (bool),
         ``compilation_cache_dir`` (str), ``cpu_allocator`` and the kernel choices
-        ``attention``, ``dropout``, ``cpu_matmul``, ``loss_chunk`` (module doc); missing keys
-        fall back to the environment / defaults.
+        ``attention``, ``dropout``, ``cpu_matmul``, ``loss_chunk``, ``packed_max_segments``
+        (module doc); missing keys fall back to the environment / defaults.
 
     Returns:
       What was set up: ``{"distributed": bool, "process": i, "num_processes": n,
       "compilation_cache_dir": str | None, "cpu_allocator": "reuse" | "system", "attention",
-      "dropout", "cpu_matmul", "loss_chunk"}``.
+      "dropout", "cpu_matmul", "loss_chunk", "packed_max_segments"}``.
     """
     global _initialized
     get = (lambda k, d: runtime_cfg.get(k, d)) if runtime_cfg is not None else (lambda k, d: d)
-    kernels = {k: get(k, d) for k, d in (("attention", "xla"), ("dropout", "threefry"),
-                                         ("cpu_matmul", "xla"), ("loss_chunk", 0))}  # fmt: skip
+    kernels = Kernels.from_config(get)
+    cpu_matmul = get("cpu_matmul", "xla")
     allocator = set_cpu_allocator(get("cpu_allocator", "auto"))  # before any backend starts
-    set_cpu_matmul(kernels["cpu_matmul"])
-    attention.set_attention(kernels["attention"])
-    dropout.set_dropout(kernels["dropout"])
-    lm_loss.set_loss_chunk(kernels["loss_chunk"])
+    set_cpu_matmul(cpu_matmul)
+    kernels.set()
     distributed = bool(get("distributed", False)) or os.environ.get("SFT_JAX_DISTRIBUTED") == "1"
     if distributed and not _initialized:
         _initialize_distributed(get)
@@ -139,7 +142,8 @@ def setup_runtime(runtime_cfg: Any = None) -> dict[str, Any]:
         "num_processes": jax.process_count(),
         "compilation_cache_dir": cache,
         "cpu_allocator": allocator,
-        **kernels,
+        "cpu_matmul": cpu_matmul,
+        **kernels.as_dict(),
     }
     log.info("runtime: %s", info)
     return info

@@ -63,6 +63,12 @@ class Rows:
     def __len__(self) -> int:
         return len(self.rows)
 
+    @property
+    def max_segments(self) -> int:
+        """The most conversations in one row (what ``runtime.packed_max_segments`` must cover
+        for cuDNN's packed layout to take every batch)."""
+        return max((int(r["segment_ids"].max()) for r in self.rows), default=0)
+
 
 def load_chat_tokenizer(model_path: str | Path) -> Any:
     """The tokenizer (with chat template) of a Hugging Face directory or a GGUF file.
@@ -176,11 +182,13 @@ def chat_lm_rows(
 
 def _log_rows(out: Rows, seq_len: int) -> None:
     log.info(
-        "%d conversations -> %d rows of %d tokens (%.0f%% filled, %d cut to fit, %d dropped)",
+        "%d conversations -> %d rows of %d tokens (%.0f%% filled, at most %d per row, %d cut "
+        "to fit, %d dropped)",
         out.num_conversations,
         len(out.rows),
         seq_len,
         100.0 * out.num_tokens / max(len(out.rows) * seq_len, 1),
+        out.max_segments,
         out.num_truncated,
         out.num_dropped,
     )

@@ -71,10 +71,13 @@ class AttentionMask:
     query i sees keys 0..i). ``dot_product_attention`` takes it wherever it takes a bool mask:
     the XLA path applies ``materialize()``; the cuDNN kernel gets ``causal`` as its causal mask
     type, which skips the key blocks above the diagonal instead of reading a dense mask over
-    all of them (and the dense part, where there is one, as its mask). ``segment_ids``: the
-    [B, T] packed-segment ids when ``dense`` was made from them alone (no separate padding
-    mask), for cuDNN's packed layout (``cudnn_attention``). A pytree whose ``causal`` is static,
-    so it can cross ``jit`` / ``checkpoint`` boundaries.
+    all of them (and the dense part, where there is one, as its mask). ``segment_ids``: [B, T]
+    ids (1, 2, ... per sequence, 0 on padding) that say which keys each real token sees as
+    ``dense`` does: the packed-segment ids when ``dense`` was made from them alone, or an
+    encoder's padding mask as one segment per row; cuDNN then gets sequence lengths (and
+    offsets) instead of the dense mask (``cudnn_attention``; padding tokens' outputs become
+    zeros there). A pytree whose ``causal`` is static, so it can cross ``jit`` / ``checkpoint``
+    boundaries.
     """
 
     dense: Array | None = None
@@ -105,8 +108,9 @@ def attention_implementation(name: str) -> contextlib.AbstractContextManager[Non
     The choice is read when a function is traced: select it before the first call of a jitted
     step (a cached trace keeps the kernel it was traced with). On an H200 the cuDNN kernel
     matches the XLA path to bfloat16 rounding (outputs and gradients, causal + packed + GQA).
-    ``"cudnn_packed"``: the same, with packed rows (``AttentionMask.segment_ids``) in cuDNN's
-    packed layout instead of a dense segment mask (``cudnn_attention``; not yet run on a GPU).
+    ``"cudnn_packed"``: the same, with a mask made from segment ids
+    (``AttentionMask.segment_ids``: packed rows, padding) passed as cuDNN's sequence lengths
+    and packed layout instead of a dense mask (``cudnn_attention``; not yet run on a GPU).
     """
     return _IMPLEMENTATION.scope(name)
 

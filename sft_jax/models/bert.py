@@ -257,7 +257,10 @@ class BertModel(nnx.Module):
             token_type_ids = jnp.zeros_like(input_ids)
         mask = None
         if attention_mask is not None:
-            mask = attention.make_attention_mask(input_ids.shape[1], padding_mask=attention_mask)
+            dense = attention.make_attention_mask(input_ids.shape[1], padding_mask=attention_mask)
+            # The padding as one segment per row too, for cuDNN's sequence lengths
+            # (runtime.attention='cudnn_packed'); real tokens attend to the same keys.
+            mask = attention.AttentionMask(dense, segment_ids=attention_mask.astype(jnp.int32))
         rng_emb, rng_enc = dropout.split_rng(dropout_rng, 2)
         x = self.embeddings(input_ids, token_type_ids, rng_emb)  # [B, T, H]
         x = self.encoder(x, mask, rng_enc)

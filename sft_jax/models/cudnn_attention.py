@@ -3,16 +3,25 @@
 ``fused_attention`` calls ``jax.nn.dot_product_attention``'s cuDNN kernel with the mask in two
 parts: causality as cuDNN's causal mask type (it skips the key blocks above the diagonal) and
 the rest (padding, packed segments) as a dense mask, which cuDNN adds as a bias. With
-``packed`` (``runtime.attention='cudnn_packed'``), rows packed with several sequences go to
-cuDNN's packed (THD) layout instead: each row's segment offsets and lengths
-(``segment_spans``) replace the dense [B, 1, T, T] segment mask, which cuDNN otherwise reads
-for every head. jax exposes that layout only in its internal module
-``jax._src.cudnn.fused_attention_stablehlo`` (the same one ``jax.nn`` calls), and it needs a
-static number of segments per row: a batch with a row of more than ``PACKED_MAX_SEGMENTS``
-segments, or with a segment id in two runs, takes the dense mask (a ``lax.cond``; under
-differentiation both branches' residuals are kept), so every real token's result is the same
-either way (padding tokens come out as zeros in the packed branch). Grouped-query heads take
-the dense mask on a jax whose packed layout strides the keys by the query heads (jax 0.10).
+``packed`` (``runtime.attention='cudnn_packed'``), a mask made from segment ids alone goes to
+cuDNN as each row's segment lengths (and offsets) instead of the dense [B, 1, T, T] mask, which
+cuDNN otherwise reads for every head, and cuDNN skips the blocks outside the segments. The
+number of segments per row it describes is static, M
+(``MAX_SEGMENTS``: ``runtime.packed_max_segments``, default ``PACKED_MAX_SEGMENTS``):
+
+- M = 1, padded rows (one sequence per row from token 0, then padding; BERT's padding mask):
+  ``jax.nn.dot_product_attention``'s sequence lengths (cuDNN's padding mask type).
+- M > 1, packed rows: cuDNN's packed (THD) layout, with the segment offsets
+  (``segment_spans``), which jax exposes only in its internal module
+  ``jax._src.cudnn.fused_attention_stablehlo`` (the one ``jax.nn`` calls). cuDNN's softmax
+  statistics then take B x M x N x T floats per layer (M x those of M = 1), and it may walk
+  every (row, segment slot) pair. Grouped-query heads take the dense mask on a jax whose packed
+  layout strides the keys by the query heads (jax 0.10).
+
+A batch that the layout does not describe (a row with more than M segments, a segment id in two
+runs, with M = 1 a sequence not starting at token 0) takes the dense mask (a ``lax.cond``;
+under differentiation both branches' residuals are kept), so every real token's result is the
+same either way (padding tokens come out as zeros in the lengths branch).
 Not yet run on a GPU: ``tests/models/test_attention.py`` has the GPU checks against the XLA
 path (one device; under a batch-sharded mesh the offsets rely on sharding propagation).
 """
@@ -23,15 +32,28 @@ import contextlib
 import functools
 import logging
 import threading
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 
+from sft_jax.models.trace_setting import TraceSetting
+
 Array = jax.Array
-PACKED_MAX_SEGMENTS = 16  # segments per row in the packed layout; rows with more: dense mask
+PACKED_MAX_SEGMENTS = 16  # default segments per row described; rows with more: dense mask
 
 _log = logging.getLogger(__name__)
 _warned: set[str] = set()
+
+
+def _checked_segments(m: int) -> int:
+    if isinstance(m, bool) or not isinstance(m, int) or m < 1:
+        raise ValueError(f"runtime.packed_max_segments={m!r}; use a positive int (1: padded rows)")
+    return m
+
+
+# Segments per row that cudnn_packed describes (runtime.packed_max_segments; 1: padded rows).
+MAX_SEGMENTS = TraceSetting("packed_max_segments", PACKED_MAX_SEGMENTS, _checked_segments)
 
 
 def fused_attention(
@@ -57,9 +79,9 @@ def fused_attention(
     try:  # cuDNN checks the shapes while tracing
         if packed and segment_ids is not None:
             try:
-                return _packed_or_dense(q, k, v, dense, causal, segment_ids)
+                return _segments_or_dense(q, k, v, dense, causal, segment_ids)
             except NotImplementedError:  # e.g. the packed layout before Hopper
-                _warn_once("cuDNN's packed attention layout refused here; using its dense mask")
+                _warn_once("cuDNN's segment lengths refused here; using its dense mask")
         return _dense(q, k, v, dense, causal)
     except NotImplementedError:
         return None  # shapes the fused kernel does not take: the XLA path
@@ -68,13 +90,16 @@ def fused_attention(
         return None
 
 
-def _dense(q: Array, k: Array, v: Array, dense: Array | None, causal: bool) -> Array:
+def _dense(
+    q: Array, k: Array, v: Array, dense: Array | None, causal: bool, seqlen: Array | None = None
+) -> Array:
     if dense is not None:
         dense = jnp.broadcast_to(dense, (q.shape[0], 1, q.shape[1], k.shape[1]))
     with _mask_without_gradient():
         return jax.nn.dot_product_attention(
-            q, k, v, mask=dense, is_causal=causal, implementation="cudnn"
-        )
+            q, k, v, mask=dense, is_causal=causal, query_seq_lengths=seqlen,
+            key_value_seq_lengths=seqlen, implementation="cudnn",
+        )  # fmt: skip
 
 
 def segment_spans(segment_ids: Array, max_segments: int) -> tuple[Array, Array]:
@@ -91,35 +116,56 @@ def segment_spans(segment_ids: Array, max_segments: int) -> tuple[Array, Array]:
     return jnp.where(present, lengths, -1), offsets
 
 
-def _packed_or_dense(
+def _segments_or_dense(
     q: Array, k: Array, v: Array, dense: Array | None, causal: bool, segment_ids: Array
 ) -> Array:
-    """The packed layout when every row has at most ``PACKED_MAX_SEGMENTS`` segments, each in
-    one contiguous run, else the dense mask (both are traced; the batch picks one at run time,
-    and under differentiation both branches' residuals are kept)."""
+    """The segment lengths (M = 1) or packed layout (M > 1) when they describe every row, else
+    the dense mask (both are traced; the batch picks one at run time, and under
+    differentiation both branches' residuals are kept)."""
+    m = MAX_SEGMENTS.get()
+    lengths, offsets = segment_spans(segment_ids, m)
+    fits = described(segment_ids, lengths, offsets)
+    if m == 1:
+        seqlen = jnp.maximum(lengths[:, 0], 0)
+        call = lambda q, k, v: _dense(q, k, v, None, causal, seqlen)
+    else:
+        call = _packed_call(q, k, causal, lengths, offsets)
+    real = (segment_ids != 0)[:, :, None, None]  # padding tokens belong to no segment
+
+    def segments(q: Array, k: Array, v: Array) -> Array:
+        # cuDNN reads and writes only tokens inside a segment: zero the rest on the way in
+        # (their gradients then are zeros, whatever cuDNN leaves there) and on the way out.
+        out = call(*(jnp.where(real, x, jnp.zeros((), x.dtype)) for x in (q, k, v)))
+        return jnp.where(real, out, jnp.zeros((), out.dtype))
+
+    return jax.lax.cond(fits, segments, lambda q, k, v: _dense(q, k, v, dense, causal), q, k, v)
+
+
+def _packed_call(
+    q: Array, k: Array, causal: bool, lengths: Array, offsets: Array
+) -> Callable[[Array, Array, Array], Array]:
+    """cuDNN's packed layout: attention within each described segment."""
     from jax._src.cudnn import fused_attention_stablehlo as fused
 
     if k.shape[2] != q.shape[2] and not _kv_offsets_use_kv_heads():
         raise NotImplementedError("this jax's packed layout strides keys by the query heads")
-    lengths, offsets = segment_spans(segment_ids, PACKED_MAX_SEGMENTS)
     mask_type = fused.MaskType.CAUSAL if causal else fused.MaskType.NO_MASK
-    real = (segment_ids != 0)[:, :, None, None]  # padding tokens belong to no segment
+    return lambda q, k, v: fused.dot_product_attention(
+        q, k, v, q_seqlen=lengths, kv_seqlen=lengths, q_offsets=offsets, kv_offsets=offsets,
+        scale=q.shape[-1] ** -0.5, mask_type=mask_type, qkv_layout="BTNH",
+    )  # fmt: skip
 
-    def packed(q: Array, k: Array, v: Array) -> Array:
-        # cuDNN reads and writes only tokens inside a segment: zero the rest on the way in
-        # (their gradients then are zeros, whatever cuDNN leaves there) and on the way out.
-        q, k, v = (jnp.where(real, x, jnp.zeros((), x.dtype)) for x in (q, k, v))
-        out = fused.dot_product_attention(
-            q, k, v, q_seqlen=lengths, kv_seqlen=lengths, q_offsets=offsets,
-            kv_offsets=offsets, scale=q.shape[-1] ** -0.5, mask_type=mask_type,
-            qkv_layout="BTNH",
-        )  # fmt: skip
-        return jnp.where(real, out, jnp.zeros((), out.dtype))
 
+def described(segment_ids: Array, lengths: Array, offsets: Array) -> Array:
+    """Whether ``segment_spans``'s lengths and offsets (M = ``lengths.shape[1]``) describe every
+    row of ``segment_ids``: at most M segments, each one contiguous run, and with M = 1 (cuDNN's
+    sequence lengths) the sequence starting at token 0."""
     fits = jnp.logical_and(
-        jnp.max(segment_ids) <= PACKED_MAX_SEGMENTS, _contiguous(segment_ids, lengths, offsets)
+        jnp.max(segment_ids) <= lengths.shape[1], _contiguous(segment_ids, lengths, offsets)
     )
-    return jax.lax.cond(fits, packed, lambda q, k, v: _dense(q, k, v, dense, causal), q, k, v)
+    if lengths.shape[1] == 1:
+        fits = jnp.logical_and(fits, jnp.all(offsets[:, 0] <= 0))
+    return fits
 
 
 def _contiguous(segment_ids: Array, lengths: Array, offsets: Array) -> Array:

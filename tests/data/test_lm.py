@@ -26,6 +26,7 @@ def test_packed_rows_exact(tok):
     # CONV (17) fills row 1; the two SHORT conversations (6 + 6) share row 2.
     assert len(rows) == 2 and rows.num_conversations == 3 and rows.num_truncated == 0
     assert rows.num_tokens == 29 and rows.num_loss_tokens == 5 + 2 + 2 and rows.pad_id == 1
+    assert rows.max_segments == 2
     np.testing.assert_array_equal(rows.rows[0]["segment_ids"], [1] * 17 + [0])
     r = rows.rows[1]
     np.testing.assert_array_equal(r["input_ids"], [4, 12, 2, 5, 11, 2] * 2 + [1] * 6)
@@ -42,6 +43,7 @@ def test_packing_counts_conversations_cut_to_fit(tok):
 def test_unpacked_rows_one_conversation_each_and_truncation(tok):
     rows = lm.chat_lm_rows(source(1, 2), tok, seq_len=9, pack=False, seed=0, shuffle=False)
     assert len(rows) == 3 and rows.num_truncated == 1  # CONV cut to 9 tokens
+    assert rows.max_segments == 1
     np.testing.assert_array_equal(rows.rows[0]["segment_ids"], [1] * 9)
     np.testing.assert_array_equal(rows.rows[0]["loss_mask"], [0] * 8 + [1])  # "hello" is left
     np.testing.assert_array_equal(rows.rows[2]["segment_ids"], [1] * 6 + [0] * 3)

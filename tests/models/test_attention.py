@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from sft_jax.models import attention, cudnn_attention
 
@@ -134,19 +135,24 @@ def test_causal_lm_mask_carries_segments_only_when_they_alone_make_it():
     assert mask.segment_ids is None and mask.dense is not None
 
 
-@pytest.mark.parametrize("kv", [8, 2])
-def test_cudnn_packed_layout_traces_through_jaxs_wrapper(monkeypatch, kv):
-    """Without a GPU: with jax's cuDNN version and device checks answered, the packed-layout
-    attention traces forward and backward through jax's internal wrapper (its argument and
-    shape checks), both branches of the cond: packed (softmax statistics for B x M segments)
-    and dense. Grouped-query heads take the dense mask alone on a jax whose packed layout
-    strides the keys by the query heads (jax 0.10)."""
+def _answer_cudnn_checks(monkeypatch):
+    """Without a GPU: jax's cuDNN version and device checks answered, so its wrapper traces."""
     from jax._src.cudnn import fused_attention_stablehlo as fused
-
-    from sft_jax.models.decoder import causal_lm_inputs
 
     monkeypatch.setattr(fused, "check_cudnn_version", lambda: 91000)
     monkeypatch.setattr(fused, "check_compute_capability", lambda capability: True)
+
+
+@pytest.mark.parametrize("kv, m", [(8, 16), (2, 16), (8, 1), (2, 1)])
+def test_cudnn_packed_layout_traces_through_jaxs_wrapper(monkeypatch, kv, m):
+    """The segment-lengths attention traces forward and backward through jax's cuDNN wrapper
+    (its argument and shape checks), both branches of the cond: segments (M > 1: the packed
+    layout, softmax statistics for B x M segments; M = 1: sequence lengths, cuDNN's padding
+    mask type) and dense. Grouped-query heads take the dense mask alone on a jax whose packed
+    layout strides the keys by the query heads (jax 0.10); sequence lengths take them."""
+    from sft_jax.models.decoder import causal_lm_inputs
+
+    _answer_cudnn_checks(monkeypatch)
     b, t, n, d = 2, 256, 8, 64
     seg = np.ones((b, t), np.int32)
     seg[:, 100:], seg[1, 200:] = 2, 0
@@ -158,13 +164,59 @@ def test_cudnn_packed_layout_traces_through_jaxs_wrapper(monkeypatch, kv):
         return attention.dot_product_attention(q, k, v, mask).astype(jnp.float32).sum()
 
     with attention.attention_implementation("cudnn_packed"):
-        text = str(jax.make_jaxpr(jax.grad(f, argnums=(0, 1, 2)))(q, k, v))
-    m = cudnn_attention.PACKED_MAX_SEGMENTS
-    packed = kv == n or cudnn_attention._kv_offsets_use_kv_heads()
-    assert ("cond[" in text) == packed
-    assert text.count("dot_product_attention_fwd_wrapper[") == 1 + packed
-    assert text.count("dot_product_attention_bwd_wrapper[") == 1 + packed
-    assert (f"f32[{b * m},{n},{t}]" in text) == packed  # the packed softmax statistics
+        with cudnn_attention.MAX_SEGMENTS.scope(m):
+            text = str(jax.make_jaxpr(jax.grad(f, argnums=(0, 1, 2)))(q, k, v))
+    segments = m == 1 or kv == n or cudnn_attention._kv_offsets_use_kv_heads()
+    assert ("cond[" in text) == segments
+    assert text.count("dot_product_attention_fwd_wrapper[") == 1 + segments
+    assert text.count("dot_product_attention_bwd_wrapper[") == 1 + segments
+    assert ("PADDING_CAUSAL" in text) == (m == 1)
+    if m > 1:
+        assert (f"f32[{b * m},{n},{t}]" in text) == segments  # the packed softmax statistics
+
+
+def test_bert_padding_goes_to_cudnn_as_sequence_lengths(monkeypatch):
+    """BERT's padding mask rides along as one segment per row: with cudnn_packed and M = 1
+    the encoder's attention traces cuDNN's (non-causal) padding mask type."""
+    from sft_jax.models.bert import BertConfig, BertModel
+
+    _answer_cudnn_checks(monkeypatch)
+    cfg = BertConfig(
+        vocab_size=32, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+        intermediate_size=32, max_position_embeddings=16, dtype="bfloat16",
+    )  # fmt: skip
+    model = BertModel(cfg, rngs=nnx.Rngs(0))
+    ids, pad = jnp.ones((2, 8), jnp.int32), jnp.asarray([[1] * 8, [1] * 5 + [0] * 3])
+    with attention.attention_implementation("cudnn_packed"):
+        with cudnn_attention.MAX_SEGMENTS.scope(1):
+            text = str(jax.make_jaxpr(lambda i, p: model(i, p)[0])(ids, pad))
+    assert "cond[" in text and "mask_type=MaskType.PADDING" in text
+    assert "PADDING_CAUSAL" not in text
+
+
+@pytest.mark.parametrize(
+    "rows, m, want",
+    [
+        ([[1, 1, 1, 0], [1, 1, 1, 1]], 1, True),  # padded rows
+        ([[0, 1, 1, 0]], 1, False),  # the sequence starts after token 0
+        ([[1, 1, 2, 0]], 1, False),  # two sequences in a row
+        ([[1, 1, 2, 0]], 2, True),
+        ([[0, 1, 1, 2]], 2, True),  # packed offsets may start anywhere
+        ([[1, 2, 1, 0]], 2, False),  # segment 1 in two runs
+        ([[1, 2, 3, 0]], 2, False),  # more segments than described
+        ([[0, 0, 0, 0]], 1, True),  # an empty row (evaluation filler)
+    ],
+)
+def test_segment_lengths_describe_rows_or_send_the_batch_to_the_dense_mask(rows, m, want):
+    seg = jnp.asarray(rows)
+    assert bool(cudnn_attention.described(seg, *cudnn_attention.segment_spans(seg, m))) == want
+
+
+def test_packed_max_segments_is_checked():
+    for bad in (0, -1, True, "4", 2.0):
+        with pytest.raises(ValueError, match="runtime.packed_max_segments"):
+            cudnn_attention.MAX_SEGMENTS.set(bad)
+    assert cudnn_attention.MAX_SEGMENTS.get() == cudnn_attention.PACKED_MAX_SEGMENTS
 
 
 def test_packed_layout_needs_contiguous_segments():
@@ -184,7 +236,7 @@ def test_cudnn_call_asks_for_no_mask_gradient(monkeypatch):
     original = fused.should_export_dbias
     seen = []
 
-    def fake_attention(q, k, v, *, mask, is_causal, implementation):
+    def fake_attention(q, k, v, *, mask, is_causal, implementation, **seq_lengths):
         seen.append(fused.should_export_dbias(mask.shape, q.shape, "BTNH"))
         if len(seen) == 2:
             raise NotImplementedError("shape refused")
@@ -243,6 +295,42 @@ def test_cudnn_attention_matches_xla_in_bfloat16(packed):
         for a, r in zip(results[impl], results["xla"]):
             a, r = np.asarray(a, np.float32), np.asarray(r, np.float32)
             assert np.abs(a - r).max() <= 0.01 * np.abs(r).max(), impl
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="the cuDNN kernel needs an NVIDIA GPU")
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("m", [1, 16])
+def test_cudnn_padded_rows_as_sequence_lengths_match_xla(causal, m):
+    """Padded rows (one sequence per row from token 0; a decoder's segment ids, or an encoder's
+    padding mask) as cuDNN sequence lengths (M = 1) or a one-segment packed layout (M = 16):
+    real tokens' outputs and gradients equal the XLA path's to bf16 rounding."""
+    from sft_jax.models.decoder import causal_lm_inputs
+
+    b, t, n, kv, d = 2, 256, 8, 2, 64
+    seg = np.ones((b, t), np.int32)
+    seg[1, 180:] = 0
+    if causal:
+        mask, _, _ = causal_lm_inputs(b, t, segment_ids=jnp.asarray(seg))
+    else:  # as BertModel builds it
+        dense = attention.make_attention_mask(t, padding_mask=jnp.asarray(seg))
+        mask = attention.AttentionMask(dense, segment_ids=jnp.asarray(seg))
+    rng = np.random.default_rng(2)
+    q, k, v = (jnp.asarray(rng.normal(size=(b, t, h, d)), jnp.bfloat16) for h in (n, kv, kv))
+    real = jnp.asarray(seg != 0)[:, :, None, None]
+
+    def f(q, k, v):
+        out = attention.dot_product_attention(q, k, v, mask).astype(jnp.float32) * real
+        return (out * jnp.linspace(-1, 1, d)).sum(), out
+
+    results = {}
+    for impl in ("xla", "cudnn_packed"):
+        with attention.attention_implementation(impl):
+            with cudnn_attention.MAX_SEGMENTS.scope(m):
+                fn = jax.jit(jax.grad(f, argnums=(0, 1, 2), has_aux=True))
+                results[impl] = jax.tree.leaves(fn(q, k, v))
+    for a, r in zip(results["cudnn_packed"], results["xla"]):
+        a, r = np.asarray(a, np.float32), np.asarray(r, np.float32)
+        assert np.abs(a - r).max() <= 0.01 * np.abs(r).max()
 
 
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="the cuDNN kernel needs an NVIDIA GPU")

@@ -45,13 +45,14 @@ def test_cache_can_be_disabled(tmp_path, monkeypatch):
 _KERNELS = """
 import os
 from sft_jax import lm_loss
-from sft_jax.models import attention, dropout
+from sft_jax.models import attention, cudnn_attention, dropout
 from sft_jax.runtime import setup_runtime
 info = setup_runtime({"attention": "cudnn", "dropout": "hash", "cpu_matmul": "onednn",
-                      "loss_chunk": 64})
+                      "loss_chunk": 64, "packed_max_segments": 1})
 import jax, jax.numpy as jnp
 assert attention._IMPLEMENTATION.get() == "cudnn" and dropout._IMPLEMENTATION.get() == "hash"
 assert lm_loss.loss_chunk() == 64 == info["loss_chunk"]
+assert cudnn_attention.MAX_SEGMENTS.get() == 1 == info["packed_max_segments"]
 x = jnp.ones((64, 64))
 text = jax.jit(lambda a: a @ a).lower(x).compile().as_text()
 print(info["cpu_matmul"], "onednn" in os.environ["XLA_FLAGS"], "onednn" in text)
@@ -79,3 +80,19 @@ def test_cpu_matmul_after_the_backend_started_is_an_error():
         set_cpu_matmul("onednn")
     with pytest.raises(ValueError, match="runtime.cpu_matmul='mkl'"):
         set_cpu_matmul("mkl")
+
+
+def test_kernel_choices_scope_restores_every_choice():
+    from sft_jax import lm_loss
+    from sft_jax.kernel_choices import Kernels
+    from sft_jax.models import attention, cudnn_attention, dropout
+
+    def now():
+        return (attention._IMPLEMENTATION.get(), dropout._IMPLEMENTATION.get(),
+                lm_loss.loss_chunk(), cudnn_attention.MAX_SEGMENTS.get())  # fmt: skip
+
+    before = now()
+    with Kernels("cudnn_packed", "hash", 32, 4).scope():
+        assert now() == ("cudnn_packed", "hash", 32, 4)
+    assert now() == before == ("xla", "threefry", 0, 16)
+    assert Kernels.from_config({"loss_chunk": 8}.get) == Kernels(loss_chunk=8)
