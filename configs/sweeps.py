@@ -1,6 +1,6 @@
 """Named ablation sweeps for ``experiments.ablate`` (``--sweep NAME``).
 
-``get_sweep(name)`` returns a dict (``sft_jax.ablation.Sweep.from_dict``):
+``get_sweep(name)`` returns a dict (``sft_jax.sweep.Sweep.from_dict``):
 
   ``axes``       ``{config key: [values]}``: the grid is their product (times ``--seeds``);
                  the first key varies slowest; the first two keys are the summary's pivot

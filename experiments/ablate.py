@@ -7,7 +7,7 @@
   python -m experiments.ablate --workdir DIR --report_only   # summary.md + PNGs from results.csv
 
 ``--sweep``: a name from ``configs/sweeps.py`` (``get_sweep(NAME)``; another file with
-``--sweep path/to/file.py:NAME``), or inline ``KEY=V1,V2;KEY2=V3,V4``. See ``sft_jax.ablation``
+``--sweep path/to/file.py:NAME``), or inline ``KEY=V1,V2;KEY2=V3,V4``. See ``sft_jax.sweep``
 for the order in which the config file, the sweep's base and per-value overrides, the cell's
 values and ``--config.KEY=VALUE`` flags apply (flags last; they may not name a swept key).
 ``--seeds N`` runs every grid point with seeds ``config.seed`` .. ``config.seed + N - 1``.
@@ -47,12 +47,12 @@ _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def _load_sweep():
     """``--sweep``; a relative ``--sweeps_file`` missing here is looked up in the repository."""
-    from sft_jax import ablation
+    from sft_jax.sweep import load_sweep
 
     path = _SWEEPS_FILE.value
     if not os.path.exists(path) and not os.path.isabs(path):
         path = os.path.join(_ROOT, path)
-    return ablation.load_sweep(_SWEEP.value, path)
+    return load_sweep(_SWEEP.value, path)
 
 
 def _report_keys(workdir: str) -> tuple[list[str], str]:
@@ -76,13 +76,13 @@ def _config_spec() -> str:
 def _print_plan(sweep, seeds: list[int], cfg, cli: dict) -> None:
     """``--dry_run``: the base (with the flags) once, then per cell every value it runs with
     that differs from that line, including overrides that replace a base value."""
-    from sft_jax import ablation
+    from sft_jax.sweep import apply_overrides, expand, final_overrides
 
     base = {**sweep.base, **cli}
     print("base", json.dumps(base, default=repr))
-    for cell in ablation.expand(sweep, seeds):
-        overrides = ablation.final_overrides(cell, cli)
-        ablation.apply_overrides(cfg, overrides)  # validates
+    for cell in expand(sweep, seeds):
+        overrides = final_overrides(cell, cli)
+        apply_overrides(cfg, overrides)  # validates
         own = {k: v for k, v in overrides.items() if k not in base or base[k] != v}
         print(cell.slug, json.dumps(own, default=repr))
 

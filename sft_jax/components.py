@@ -79,7 +79,7 @@ def load_data(cfg: ml_collections.ConfigDict):
         )
         return load_chat_data(cfg.data, data_dir(cfg)), load_chat_tokenizer(model_dir(cfg))
     from sft_jax.data.builders import load_text_classification
-    from sft_jax.data.text import load_tokenizer
+    from sft_jax.data.tokenizer import load_tokenizer
 
     data = load_text_classification(cfg.data, data_dir(cfg))
     return data, load_tokenizer(model_dir(cfg))

@@ -86,7 +86,7 @@ def tokenizer_id_limit(tokenizer: Any) -> int:
     """One past the largest id a tokenizer can emit (added and special tokens included).
 
     Args:
-      tokenizer: a `sft_jax.data.text.TextTokenizer`, a `tokenizers.Tokenizer` or a
+      tokenizer: a `sft_jax.data.tokenizer.TextTokenizer`, a `tokenizers.Tokenizer` or a
         transformers tokenizer.
     """
     backend = getattr(tokenizer, "backend", tokenizer)

@@ -13,7 +13,7 @@ import pytest
 import tokenizers
 from tokenizers import models, normalizers, pre_tokenizers, processors
 
-from sft_jax.data import builders, chat_sources, files, lm, text
+from sft_jax.data import builders, chat_sources, files, lm, text, tokenizer
 from sft_jax.data.files import DataFileError, Fields
 from sft_jax.data.limits import (
     ModelLimits,
@@ -219,7 +219,7 @@ def _dataset(tok, source, **kw):
 
 
 def test_long_examples_are_truncated_with_one_warning_and_a_count(tmp_path, caplog):
-    tok = text.load_tokenizer(_tokenizer_dir(tmp_path / "tok"))
+    tok = tokenizer.load_tokenizer(_tokenizer_dir(tmp_path / "tok"))
     with caplog.at_level(logging.WARNING, logger="sft_jax.data.text"):
         ds = _dataset(tok, _LONG)
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
@@ -235,7 +235,7 @@ def test_long_examples_are_truncated_with_one_warning_and_a_count(tmp_path, capl
 
 
 def test_long_examples_are_rejected_when_truncation_is_off(tmp_path):
-    tok = text.load_tokenizer(_tokenizer_dir(tmp_path / "tok"))
+    tok = tokenizer.load_tokenizer(_tokenizer_dir(tmp_path / "tok"))
     with pytest.raises(
         ValueError,
         match=r"^2 of 4 examples of split 'train' are longer than data.max_length=8 tokens "
@@ -247,7 +247,7 @@ def test_long_examples_are_rejected_when_truncation_is_off(tmp_path):
 
 def test_max_length_past_the_model_positions_is_rejected(tmp_path):
     d = _tokenizer_dir(tmp_path / "m", {"vocab_size": 12, "max_position_embeddings": 6})
-    tok = text.load_tokenizer(d)
+    tok = tokenizer.load_tokenizer(d)
     assert tok.max_positions == 6
     with pytest.raises(
         ValueError,
@@ -340,9 +340,9 @@ def test_text_tokenizer_bigger_than_the_model_vocab_is_rejected(tmp_path):
         match=r"tokenizer\.json vs .*config\.json: the tokenizer has 12 token ids \(up to 11\) "
         r"but the model's embedding has only 10 rows",
     ):
-        text.load_tokenizer(d)
+        tokenizer.load_tokenizer(d)
     (d / "config.json").write_text(json.dumps({"vocab_size": 12}))
-    assert tokenizer_id_limit(text.load_tokenizer(d)) == 12
+    assert tokenizer_id_limit(tokenizer.load_tokenizer(d)) == 12
 
 
 def test_chat_tokenizer_bigger_than_the_model_vocab_is_rejected(tmp_path):

