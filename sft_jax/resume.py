@@ -3,7 +3,10 @@
 ``restore_latest`` walks the kept checkpoints from the newest down: a step that fails to restore
 (truncated or corrupted files) is reported, moved aside to ``<step>.corrupt-<time>`` (nothing
 is deleted) and the previous one is tried; one written with another configuration stops the
-resume with an error instead (``checkpoint.CheckpointMismatchError``). ``check_data_order``
+resume with an error instead (``checkpoint.CheckpointMismatchError``), as does a failure that
+says nothing about the files (out of memory, permissions, an interrupted or timed-out read:
+``is_transient``), which moves nothing. A directory whose checkpoints were all moved aside
+does not start over silently: ``restore_latest`` raises until they are removed. ``check_data_order``
 logs a hash of each epoch's batches (a ``split="data"`` row in metrics.jsonl) and, when the
 epoch was already logged by an earlier run, checks that the resumed run sees the very same
 batches.
@@ -11,6 +14,8 @@ batches.
 
 from __future__ import annotations
 
+import errno
+import glob
 import hashlib
 import logging
 import os
@@ -39,6 +44,27 @@ def _quarantine(mngr: ocp.CheckpointManager, step: int) -> str:
     return dst
 
 
+# Failures of the machine or the moment, not of the checkpoint's files: moving it aside would
+# lose a good checkpoint (and, with every step moved, restart the run from step 0).
+_TRANSIENT_TYPES = (MemoryError, PermissionError, TimeoutError, ConnectionError, InterruptedError)
+_TRANSIENT_ERRNOS = {errno.ENOSPC, errno.ENOMEM}
+_TRANSIENT_TEXT = ("RESOURCE_EXHAUSTED", "out of memory", "Out of memory", "DEADLINE_EXCEEDED")
+
+
+def is_transient(e: BaseException) -> bool:
+    """Whether a restore failure is the machine's or the moment's (memory, permissions,
+    interruption, timeouts), not damaged files."""
+    if isinstance(e, _TRANSIENT_TYPES):
+        return True
+    if isinstance(e, OSError) and e.errno in _TRANSIENT_ERRNOS:
+        return True
+    return any(text in str(e) for text in _TRANSIENT_TEXT)
+
+
+def _moved_aside(mngr: ocp.CheckpointManager) -> list[str]:
+    return sorted(glob.glob(os.path.join(str(mngr.directory), "*.corrupt-*")))
+
+
 def restore_latest(
     mngr: ocp.CheckpointManager, like: TrainState, eval_params: bool = False
 ) -> tuple[TrainState, dict, int] | None:
@@ -50,7 +76,9 @@ def restore_latest(
     from ``like``'s) is not damaged: that stops the resume, and nothing is moved.
 
     Raises:
-      RuntimeError: checkpoints exist but none restores.
+      RuntimeError: checkpoints exist but none restores, or none exists and earlier ones were
+        moved aside (remove those to start from step 0), or a restore failed for a reason
+        that is not the files (``is_transient``; nothing is moved: run again).
       checkpoint.CheckpointMismatchError: the newest readable checkpoint is not ``like``'s tree.
     """
     steps = sorted(mngr.all_steps(), reverse=True)
@@ -61,6 +89,11 @@ def restore_latest(
         except ckpt_lib.CheckpointMismatchError:
             raise  # the configuration changed, the files are fine: never move them aside
         except Exception as e:  # noqa: BLE001 (Orbax raises many kinds for damaged files)
+            if is_transient(e):
+                raise RuntimeError(
+                    f"checkpoint step {step} in {mngr.directory} could not be restored now "
+                    f"({type(e).__name__}); its files were left in place: run again"
+                ) from e
             moved = _quarantine(mngr, step)
             log.error(
                 "checkpoint step %d cannot be restored (%s: %s); moved it to %s and trying the "
@@ -72,6 +105,13 @@ def restore_latest(
             )
     if steps:
         raise RuntimeError(f"none of the checkpoints {steps} in {mngr.directory} restores")
+    moved = _moved_aside(mngr)
+    if moved:
+        raise RuntimeError(
+            f"{mngr.directory} holds no checkpoint that restores, only ones moved aside as "
+            f"damaged: {[os.path.basename(m) for m in moved]}; remove them (or use a new "
+            "workdir) to start again from step 0"
+        )
     return None
 
 

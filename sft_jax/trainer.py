@@ -162,7 +162,7 @@ class Trainer:
             self.mngr, self.runner.canonical(self.state), optim.has_eval_params(self.cfg.optimizer)
         )
         if restored is None:  # a fresh start; drop rows of an attempt that saved no checkpoint
-            log_lib.truncate_after(self.workdir, 0)
+            log_lib.truncate_after(self.workdir, -1)  # its epoch-0 data row too
             return progress
         state, progress, step = restored
         self.state = self.runner.place(state)

@@ -295,6 +295,36 @@ def test_killed_before_the_first_checkpoint_starts_clean(setup_dirs, reference, 
     assert_same_run(str(workdir), reference)
 
 
+class CrashingTrainer(Trainer):
+    """Fails when reading the batch of ``crash_at`` (an OOM, a bug, a kill)."""
+
+    crash_at = None
+
+    def _batch(self, step):
+        if step == self.crash_at:
+            raise RuntimeError("crashed before the first checkpoint")
+        return super()._batch(step)
+
+
+def test_restart_with_another_seed_after_a_crash_before_any_checkpoint(setup_dirs, tmp_path):
+    """Nothing to resume, so nothing of the crashed attempt is checked against: a fresh start
+    drops its rows, the epoch-0 data hash too (a corrected seed or data file then runs)."""
+    workdir = str(tmp_path / "run")
+    crashing = CrashingTrainer(make_config(*setup_dirs, num_steps=4, eval_every_steps=4), workdir)
+    crashing.crash_at = 2
+    with pytest.raises(RuntimeError, match="crashed before the first checkpoint"):
+        crashing.run()
+    first = [r for r in log_lib.read_metrics(workdir) if r["split"] == "data"]
+    cfg = make_config(*setup_dirs, num_steps=4, eval_every_steps=4)
+    with cfg.unlocked():
+        cfg.seed = 1
+    Trainer(cfg, workdir).run()
+    data = [r for r in log_lib.read_metrics(workdir) if r["split"] == "data"]
+    assert len(first) == len(data) == 1 and first[0]["order_hash"] != data[0]["order_hash"]
+    train = [r["step"] for r in log_lib.read_metrics(workdir) if r["split"] == "train"]
+    assert train == [1, 2, 3, 4]
+
+
 def test_bad_data_stops_before_the_workdir_is_made(setup_dirs, tmp_path):
     """A validation file with a label the training file lacks stops the run naming file, line
     and field, and leaves no (empty) run directory behind."""

@@ -61,6 +61,60 @@ def test_damaged_newest_checkpoint_is_moved_aside_and_the_previous_restores(tmp_
     assert not np.array_equal(restored.params["dense"]["kernel"], state.params["dense"]["kernel"])
 
 
+def test_a_restore_that_fails_for_the_machine_moves_nothing(tmp_path, monkeypatch):
+    """Out of device memory while restoring says nothing about the files: the error names the
+    step, every checkpoint stays where it is, and the next attempt restores the newest."""
+    saved_run(tmp_path, steps=2)
+    opts = ckpt.CheckpointOptions(keep_latest=2, keep_best=0, async_save=False)
+    like, _, _ = build()
+    real = ckpt.restore_train_state
+
+    def out_of_memory(*args, **kwargs):
+        raise RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 4 bytes")
+
+    monkeypatch.setattr(ckpt, "restore_train_state", out_of_memory)
+    with pytest.raises(RuntimeError, match="checkpoint step 2 .* could not be restored now"):
+        resume.restore_latest(ckpt.make_manager(str(tmp_path), opts), like)
+    assert sorted(os.listdir(tmp_path)) == ["1", "2"]
+    monkeypatch.setattr(ckpt, "restore_train_state", real)
+    _, progress, step = resume.restore_latest(ckpt.make_manager(str(tmp_path), opts), like)
+    assert (step, progress) == (2, {"next_batch": 2})
+
+
+@pytest.mark.parametrize(
+    "error, transient",
+    [
+        (MemoryError(), True),
+        (PermissionError(13, "denied"), True),
+        (OSError(28, "No space left on device"), True),
+        (ValueError("RESOURCE_EXHAUSTED: out of memory"), True),
+        (ValueError("Failed to decode the array"), False),
+        (OSError(5, "Input/output error"), False),
+        (KeyError("params"), False),
+    ],
+)
+def test_which_restore_failures_are_transient(error, transient):
+    assert resume.is_transient(error) == transient
+
+
+def test_no_checkpoint_left_but_moved_aside_ones_is_an_error_not_a_fresh_start(tmp_path):
+    """Every checkpoint damaged: the first resume moves them aside and fails; a second one must
+    not start over from step 0 silently (the moved checkpoints name the way out)."""
+    saved_run(tmp_path, steps=1)
+    for root, _, files in os.walk(tmp_path / "1" / "train"):
+        for name in files:
+            if name != "_METADATA":
+                with open(os.path.join(root, name), "r+b") as f:
+                    f.truncate(3)
+    opts = ckpt.CheckpointOptions(keep_latest=1, keep_best=0, async_save=False)
+    like, _, _ = build()
+    with pytest.raises(RuntimeError, match=r"none of the checkpoints \[1\]"):
+        resume.restore_latest(ckpt.make_manager(str(tmp_path), opts), like)
+    with pytest.raises(RuntimeError, match=r"only ones moved aside as damaged: \['1.corrupt-"):
+        resume.restore_latest(ckpt.make_manager(str(tmp_path), opts), like)
+    assert resume.restore_latest(ckpt.make_manager(str(tmp_path / "new"), opts), like) is None
+
+
 @pytest.mark.parametrize("keep_latest, keep_best", [(0, 2), (0, 0), (1, -1)])
 def test_retention_that_would_drop_the_newest_checkpoint_is_an_error(
     tmp_path, keep_latest, keep_best
