@@ -17,7 +17,7 @@ from sft_jax import sharding as sharding_lib
 from sft_jax.data import feed as feed_lib
 from sft_jax.evaluation import evaluate
 from sft_jax.tasks import get_task
-from sft_jax.train_state import shardings_of, split_model
+from sft_jax.train_state import split_model
 
 
 def evaluate_model(
@@ -47,10 +47,11 @@ def evaluate_model(
     # Read ahead on an accelerator, as training does (train.prefetch_threads; same batches).
     ds = feed_lib.read_ahead(ds, feed_lib.config_threads(cfg))
     graphdef, params = split_model(model)
+    # A pretrained model sits on one device; a restored run's on its mesh: place both on this one.
+    param_sh = sharding_lib.param_shardings(model, mesh)
+    params = jax.device_put(params, param_sh)
     batch_sh = sharding_lib.batch_sharding(mesh)
-    eval_step = steps.make_eval_step(
-        graphdef, get_task(cfg.model.task), shardings_of(params), batch_sh
-    )
+    eval_step = steps.make_eval_step(graphdef, get_task(cfg.model.task), param_sh, batch_sh)
     result = evaluate(cfg.model.task, eval_step, params, ds, batch_sh, label_names=label_names)
     if components.is_lm(cfg):
         from sft_jax.gen_eval import exact_match_eval

@@ -27,7 +27,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from sft_jax import optimizers, tree_util
 from sft_jax.models import conv
-from sft_jax.sharding import PMAP_AXIS
+from sft_jax.sharding import PMAP_AXIS, replicated
 from sft_jax.train_state import StepSetup, TrainState
 
 
@@ -257,9 +257,14 @@ def make_pmap_train_step(
 def make_eval_step(
     graphdef: nnx.GraphDef, task: Any, param_shardings: Any, batch_sharding: Any
 ) -> Callable[[Any, dict], dict]:
-    """``jit(params, batch) -> per-example outputs`` (predictions, loss sums)."""
+    """``jit(params, batch) -> per-example outputs`` (predictions, loss sums), replicated on
+    every device, so that each process of a multi-host run can read them whole."""
 
     def eval_step(params, batch):
         return task.eval_outputs(nnx.merge(graphdef, params), batch)
 
-    return jax.jit(eval_step, in_shardings=(param_shardings, batch_sharding))
+    return jax.jit(
+        eval_step,
+        in_shardings=(param_shardings, batch_sharding),
+        out_shardings=replicated(batch_sharding.mesh),
+    )

@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 import torch
@@ -81,6 +82,15 @@ def test_full_sft_evaluate_chat_export(model_dir, tmp_path):
     assert [r["step"] for r in evals] == [3, 6]
     assert evals[1]["loss"] < evals[0]["loss"]  # it learns
     assert final["perplexity"] == pytest.approx(np.exp(final["loss"]), rel=1e-6)
+
+    # The pretrained model as built (on one device; experiments.evaluate --config) is evaluated
+    # on the config's mesh, here all 8 devices, like a restored run.
+    from sft_jax import components
+    from sft_jax.eval_run import evaluate_model
+
+    assert jax.device_count() == 8
+    before = evaluate_model(cfg, components.build_model(cfg), "test")
+    assert before["num_examples"] == 8 and before["loss"] > final["loss"]
 
     out = cli("experiments.evaluate", "--workdir", workdir, "--split", "test")
     result = json.loads((tmp_path / "full" / "eval_test.json").read_text())

@@ -1,4 +1,5 @@
-"""Two JAX processes (2 CPU devices each, gloo collectives) train like one process with 4."""
+"""Two JAX processes (2 CPU devices each, gloo collectives) train and evaluate like one process
+with 4."""
 
 import json
 import os
@@ -12,14 +13,16 @@ import pytest
 pytestmark = pytest.mark.slow
 
 # Three steps of the benchmark's tiny BERT train step, data parallel over every device; each
-# process feeds the rows of the global batch its devices hold (sharding.put_batch).
+# process feeds the rows of the global batch its devices hold (sharding.put_batch). Then the
+# trainer's evaluation of the batch (per-example predictions read on every process).
 _WORKER = """
 import json
 from sft_jax.runtime import setup_runtime
 info = setup_runtime({"distributed": %(distributed)s})
 import jax
 import numpy as np
-from sft_jax import benchmark, benchmark_shapes
+from sft_jax import benchmark, benchmark_shapes, evaluation, sharding, steps, tasks
+from sft_jax.train_state import shardings_of, split_model
 spec = benchmark_shapes.get_spec("tiny-bert", batch_size=8)
 state, step_fn, batch, mesh, _ = benchmark.build_step(spec, mesh_shape=(-1, 1, 1))
 losses = []
@@ -27,11 +30,19 @@ for _ in range(3):
     state, metrics = step_fn(state, batch)
     losses.append(float(metrics["loss"]))
 kernel = state.params["classifier"]["kernel"]
+graphdef, _ = split_model(benchmark_shapes.build_model(spec))
+batch_sh = sharding.batch_sharding(mesh)
+eval_step = steps.make_eval_step(
+    graphdef, tasks.get_task("classification"), shardings_of(state.params), batch_sh)
+scores = evaluation.evaluate_classification(
+    eval_step, state.params, [benchmark_shapes.make_batch(spec, seed=1)], ["a", "b", "c"],
+    batch_sh)
 print("RESULT " + json.dumps({
     "process": info["process"], "processes": info["num_processes"],
     "devices": jax.device_count(), "local": jax.local_device_count(), "losses": losses,
     "kernel_sum": float(np.asarray(jax.experimental.multihost_utils.process_allgather(
         kernel, tiled=True)).sum()),
+    "eval": [scores["loss"], scores["accuracy"], scores["confusion_matrix"]],
 }))
 """
 
@@ -78,4 +89,6 @@ def test_two_processes_match_one_process_with_the_same_devices():
     for r in results:
         np.testing.assert_allclose(r["losses"], single["losses"], rtol=1e-6)
         np.testing.assert_allclose(r["kernel_sum"], single["kernel_sum"], rtol=1e-6)
+        np.testing.assert_allclose(r["eval"][0], single["eval"][0], rtol=1e-6)
+        assert r["eval"][1:] == single["eval"][1:]  # accuracy, confusion matrix
     assert single["losses"][0] != single["losses"][-1]  # the steps did train
