@@ -1,14 +1,60 @@
-"""Run logging: ``metrics.jsonl`` (one JSON object per line), TensorBoard events, progress bar."""
+"""Run logging: ``metrics.jsonl`` (one JSON object per line), TensorBoard events, the run files
+(``config.json``, ``run.json``), progress bar.
+
+In a multi-host run only process 0 writes (``is_writer``); the others compute the same rows.
+"""
 
 from __future__ import annotations
 
 import json
+import logging as pylog
 import math
 import os
 import sys
 from typing import IO, Any, Callable
 
 import numpy as np
+
+log = pylog.getLogger(__name__)
+
+
+def is_writer() -> bool:
+    """Whether this process writes the run's files: process 0 of a multi-host run (each
+    process holds the same metrics; one copy of each row, and no two processes replacing one
+    file)."""
+    import jax
+
+    return jax.process_index() == 0
+
+
+def write_run_files(cfg: Any, workdir: str, info: dict) -> None:
+    """``config.json`` of the ``ml_collections`` config ``cfg`` (warning on keys that changed
+    since a previous run) and ``run.json``."""
+    if not is_writer():
+        return
+    path = os.path.join(workdir, "config.json")
+    new = json.loads(cfg.to_json())
+    if os.path.exists(path):
+        with open(path) as f:
+            old = _flat(json.load(f))
+        flat = _flat(new)
+        changed = sorted(k for k in set(old) | set(flat) if old.get(k) != flat.get(k))
+        if changed:
+            log.warning("config differs from the previous run in %s: %s", workdir, changed)
+    with open(path, "w") as f:
+        json.dump(new, f, indent=2)
+    with open(os.path.join(workdir, "run.json"), "w") as f:
+        json.dump(info, f, indent=2)
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
 
 
 def _jsonable(v: Any) -> Any:
@@ -25,12 +71,15 @@ class MetricsLogger:
     def __init__(self, workdir: str, tensorboard: bool = True):
         self.path = os.path.join(workdir, "metrics.jsonl")
         self._tb = None
-        if tensorboard:
+        self._writes = is_writer()
+        if tensorboard and self._writes:
             from tensorboardX import SummaryWriter  # lazy: only the trainer needs it
 
             self._tb = SummaryWriter(os.path.join(workdir, "tb"))
 
     def write(self, step: int, split: str, metrics: dict[str, Any]) -> None:
+        if not self._writes:
+            return
         row = {"step": int(step), "split": split}
         row.update({k: _jsonable(v) for k, v in metrics.items()})
         with open(self.path, "a") as f:
@@ -79,6 +128,8 @@ def truncate_after(workdir: str, step: int) -> None:
 
     Written atomically (``write_atomically``): a kill or Ctrl-C in the middle leaves the old
     log whole, never a log cut short."""
+    if not is_writer():
+        return
     rows = [r for r in read_metrics(workdir) if r["step"] <= step]
     write_atomically(
         os.path.join(workdir, "metrics.jsonl"),
@@ -88,8 +139,6 @@ def truncate_after(workdir: str, step: int) -> None:
 
 def setup_cli_logging() -> None:
     """INFO for this package's messages; libraries (Orbax, absl) only at WARNING and above."""
-    import logging as pylog
-
     from absl import logging as absl_logging
 
     absl_logging.set_verbosity(absl_logging.WARNING)

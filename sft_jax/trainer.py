@@ -6,7 +6,6 @@ The trainer knows tasks and configs, not model families: the model comes from
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -32,34 +31,6 @@ from sft_jax.train_state import (
 )
 
 log = logging.getLogger(__name__)
-
-
-def write_run_files(cfg: ml_collections.ConfigDict, workdir: str, info: dict) -> None:
-    """``config.json`` (warning on keys that changed since a previous run) and ``run.json``."""
-    path = os.path.join(workdir, "config.json")
-    new = json.loads(cfg.to_json())
-    if os.path.exists(path):
-        with open(path) as f:
-            old = json.load(f)
-        changed = sorted(
-            k for k in set(_flat(old)) | set(_flat(new)) if _flat(old).get(k) != _flat(new).get(k)
-        )
-        if changed:
-            log.warning("config differs from the previous run in %s: %s", workdir, changed)
-    with open(path, "w") as f:
-        json.dump(new, f, indent=2)
-    with open(os.path.join(workdir, "run.json"), "w") as f:
-        json.dump(info, f, indent=2)
-
-
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 def track_best(progress: dict, value: float, mode: str, patience: int) -> None:
@@ -101,7 +72,7 @@ class Trainer:
         self.eval_every = cfg.train.eval_every_steps or self.steps_per_epoch
         self._build_state(components.build_model(cfg, len(self.label_names)))
         os.makedirs(workdir, exist_ok=True)  # only once data, model and config are good
-        write_run_files(cfg, workdir, self._run_info())
+        log_lib.write_run_files(cfg, workdir, self._run_info())
         self.ckpt_opts = ckpt_lib.CheckpointOptions.from_config(cfg.checkpoint)
         self.mngr = ckpt_lib.make_manager(os.path.join(workdir, "checkpoints"), self.ckpt_opts)
         self.logger = log_lib.MetricsLogger(workdir)
@@ -263,14 +234,11 @@ class Trainer:
             )
         meter.update(t0=time.time(), count=0, step0=done)
 
-    def _check_finite(self, done: int, m: dict, progress: dict) -> None:
-        """Counts skipped (non-finite) updates; too many in a row saves and raises.
-
-        Runs one step late (see ``_settle``): the state saved on the way out is the current one,
-        which may hold one more (finite) update than step ``done``."""
+    def _count_nonfinite(self, done: int, m: dict, progress: dict) -> bool:
+        """Counts skipped (non-finite) updates; True when there are more in a row than allowed."""
         if not float(m["nonfinite"]):
             progress["skipped_in_a_row"] = 0
-            return
+            return False
         progress["skipped_in_a_row"] = progress.get("skipped_in_a_row", 0) + 1
         limit = self.cfg.train.max_skipped_steps
         log.warning(
@@ -281,33 +249,62 @@ class Trainer:
             progress["skipped_in_a_row"],
             limit,
         )
-        if progress["skipped_in_a_row"] > limit:
-            skipped = progress["skipped_in_a_row"]
-            progress["next_batch"] = int(self.runner.canonical(self.state).step)
-            # A run resumed after this stop (typically with a lower learning rate) starts with
-            # the full allowance rather than stopping at its first non-finite update.
-            progress["skipped_in_a_row"] = 0
+        return progress["skipped_in_a_row"] > limit
+
+    def _stop_nonfinite(self, done: int, progress: dict, meter: dict) -> None:
+        """Saves and raises after too many non-finite updates in a row up to step ``done``.
+
+        Runs one step late (see ``_settle``): the state saved is the current one, which may
+        hold one more update (skipped or not) than step ``done``; that step's train row is
+        logged, and where it is an evaluation step it is evaluated before the save, as a run
+        that goes on would have (the resumed run starts after it)."""
+        skipped, limit = progress["skipped_in_a_row"], self.cfg.train.max_skipped_steps
+        # A run resumed after this stop (typically with a lower learning rate) starts with the
+        # full allowance rather than stopping at its first non-finite update.
+        progress["skipped_in_a_row"] = 0
+        if self._pending is not None:  # the step the current state holds too
+            last, m = self._pending
+            self._pending = None
+            self._log_row(last, m, meter)
+        step = int(self.runner.canonical(self.state).step)
+        progress["next_batch"] = step
+        if self._is_eval_step(step):
+            averaged = self._averaged_params()
+            self._after_eval(step, self.evaluate(averaged), progress, averaged)
+        else:
             self._save(progress)
-            self.mngr.wait_until_finished()
-            raise NonFiniteError(
-                f"{skipped} non-finite updates in a row up to step {done} "
-                f"(limit train.max_skipped_steps={limit}); saved the parameters at step "
-                f"{progress['next_batch']} in {self.workdir} (skipped updates leave them "
-                "unchanged). Lower the learning rate or check the data."
-            )
+        self.mngr.wait_until_finished()
+        raise NonFiniteError(
+            f"{skipped} non-finite updates in a row up to step {done} "
+            f"(limit train.max_skipped_steps={limit}); saved the parameters at step "
+            f"{step} in {self.workdir} (skipped updates leave them unchanged). Lower the "
+            "learning rate or check the data."
+        )
+
+    def _is_eval_step(self, step: int) -> bool:
+        return step % self.eval_every == 0 or step == self.total_steps
+
+    def _log_row(self, done: int, m: dict, meter: dict) -> None:
+        """The train row of step ``done``, at the logging interval (and at the last step)."""
+        if done % self.cfg.train.log_every_steps == 0 or done == self.total_steps:
+            self._log_train(done, m, meter)
 
     def _settle(self, progress: dict, meter: dict) -> None:
         """Host-side bookkeeping of the last step issued: the non-finite count and the train log
-        row. ``_train_one`` calls it after issuing the next step, so that reading the metrics
-        (which waits for the step) never leaves the device idle; ``run`` calls it before anything
-        that reads the state (evaluation, checkpoints) and at the end."""
-        if self._pending is None:
+        row. ``_train_one`` settles a step after issuing the next one, so that reading the
+        metrics (which waits for the step) never leaves the device idle; ``run`` calls this
+        before anything that reads the state (evaluation, checkpoints) and at the end."""
+        previous, self._pending = self._pending, None
+        self._settle_step(previous, progress, meter)
+
+    def _settle_step(self, pending: tuple[int, dict] | None, progress: dict, meter: dict) -> None:
+        if pending is None:
             return
-        done, m = self._pending
-        self._pending = None
-        self._check_finite(done, m, progress)
-        if done % self.cfg.train.log_every_steps == 0 or done == self.total_steps:
-            self._log_train(done, m, meter)
+        done, m = pending
+        stop = self._count_nonfinite(done, m, progress)
+        self._log_row(done, m, meter)
+        if stop:
+            self._stop_nonfinite(done, progress, meter)
 
     def _train_one(self, step: int, progress: dict, meter: dict) -> int:
         if self.cfg.train.check_data_order and (step % self.steps_per_epoch == 0 or meter["first"]):
@@ -318,10 +315,10 @@ class Trainer:
         meter["first"] = False
         batch = self._batch(step)
         self.state, m = self.runner(self.state, batch)
-        self._settle(progress, meter)  # the previous step, while this one runs
+        previous, self._pending = self._pending, (step + 1, m)
+        self._settle_step(previous, progress, meter)  # the previous step, while this one runs
         meter["unit"], count = components.batch_units(batch)
         meter["count"] += count
-        self._pending = (step + 1, m)
         self.bar.update(1)
         return step + 1
 
@@ -368,7 +365,7 @@ class Trainer:
                     break
                 done = self._train_one(step, progress, meter)
                 preempted = stop.requested or done == stop_after_step
-                evaluate = done % self.eval_every == 0 or done == self.total_steps
+                evaluate = self._is_eval_step(done)
                 save = preempted or bool(every and done % every == 0)
                 if evaluate or save:
                     self._settle(progress, meter)

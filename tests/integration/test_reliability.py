@@ -191,8 +191,11 @@ def test_too_many_nan_updates_stop_with_a_checkpoint(setup_dirs, tmp_path):
     with pytest.raises(NonFiniteError, match="2 non-finite updates in a row up to step 4"):
         trainer.run()
     # The trainer reads step 4's flag once step 5 is issued (one step late); the checkpoint is
-    # the state after step 5, whose update was skipped too.
+    # the state after step 5, whose update was skipped too, and the log has every step's row.
     assert restore_run(workdir, "latest").step == 5
+    rows = log_lib.read_metrics(workdir)
+    train = [(r["step"], r["nonfinite"]) for r in rows if r["split"] == "train"]
+    assert train == [(1, 0.0), (2, 0.0), (3, 1.0), (4, 1.0), (5, 1.0)]
     good = [r for r in log_lib.read_metrics(workdir) if r["split"] == "train"][1]
     # The saved parameters are those after step 2, the last good update.
     assert norm(params_of(workdir)) == pytest.approx(good["param_norm"], rel=1e-5)
@@ -203,6 +206,21 @@ def test_too_many_nan_updates_stop_with_a_checkpoint(setup_dirs, tmp_path):
     resumed.run()
     train = [r for r in log_lib.read_metrics(workdir) if r["split"] == "train"]
     assert [(r["step"], r["nonfinite"]) for r in train[-3:]] == [(6, 1.0), (7, 0.0), (8, 0.0)]
+
+
+def test_nonfinite_stop_at_an_evaluation_step_evaluates_it(setup_dirs, tmp_path):
+    """The stop's checkpoint is the state after an evaluation step (here the last): it is
+    evaluated and ranked before the save, as the resumed run starts after it."""
+    cfg = make_config(*setup_dirs, num_steps=4, eval_every_steps=4, max_skipped_steps=1)
+    workdir = str(tmp_path / "run")
+    trainer = PoisonedTrainer(cfg, workdir)
+    trainer.poisoned = (1, 2)
+    with pytest.raises(NonFiniteError, match="up to step 3"):
+        trainer.run()
+    assert restore_run(workdir, "best").step == 4
+    rows = [(r["step"], r["split"]) for r in log_lib.read_metrics(workdir)]
+    assert rows == [(0, "data")] + [(s, "train") for s in (1, 2, 3, 4)] + [(4, "validation")]
+    assert Trainer(cfg, workdir).run()["accuracy"] == log_lib.read_metrics(workdir)[-1]["accuracy"]
 
 
 @pytest.mark.slow

@@ -1,6 +1,8 @@
-"""metrics.jsonl reading survives a process killed in the middle of writing a row."""
+"""metrics.jsonl reading survives a process killed in the middle of writing a row; only
+process 0 writes."""
 
 import json
+import os
 from unittest import mock
 
 import pytest
@@ -47,3 +49,20 @@ def test_interrupted_truncation_keeps_the_whole_log(tmp_path):
     assert log_lib.read_metrics(str(tmp_path)) == rows
     log_lib.truncate_after(str(tmp_path), 90)
     assert log_lib.read_metrics(str(tmp_path)) == rows[:90]
+
+
+def test_only_process_0_writes_the_run_files(tmp_path, monkeypatch):
+    """In a multi-host run every process computes the rows; process 1 writes nothing (no
+    second copy of a row, no two processes replacing one file)."""
+    import jax
+    import ml_collections
+
+    log_lib.MetricsLogger(str(tmp_path), tensorboard=False).write(1, "train", {"loss": 1.0})
+    monkeypatch.setattr(jax, "process_index", lambda: 1)
+    logger = log_lib.MetricsLogger(str(tmp_path), tensorboard=True)
+    logger.write(2, "train", {"loss": 0.5})
+    logger.close()
+    log_lib.truncate_after(str(tmp_path), 0)
+    log_lib.write_run_files(ml_collections.ConfigDict({"a": 1}), str(tmp_path), {"b": 2})
+    assert log_lib.read_metrics(str(tmp_path)) == [{"step": 1, "split": "train", "loss": 1.0}]
+    assert sorted(os.listdir(tmp_path)) == ["metrics.jsonl"]
