@@ -66,16 +66,19 @@ def _jsonable(v: Any) -> Any:
 
 class MetricsLogger:
     """Appends ``{"step", "split", **metrics}`` lines to ``workdir/metrics.jsonl`` and mirrors
-    scalar metrics to TensorBoard under ``workdir/tb``."""
+    scalar metrics to TensorBoard under ``workdir/tb``.
 
-    def __init__(self, workdir: str, tensorboard: bool = True):
+    ``purge_step``: TensorBoard drops the events of earlier writers at this step and after (a
+    resumed run's, as ``truncate_after`` drops their rows)."""
+
+    def __init__(self, workdir: str, tensorboard: bool = True, purge_step: int | None = None):
         self.path = os.path.join(workdir, "metrics.jsonl")
         self._tb = None
         self._writes = is_writer()
         if tensorboard and self._writes:
             from tensorboardX import SummaryWriter  # lazy: only the trainer needs it
 
-            self._tb = SummaryWriter(os.path.join(workdir, "tb"))
+            self._tb = SummaryWriter(os.path.join(workdir, "tb"), purge_step=purge_step)
 
     def write(self, step: int, split: str, metrics: dict[str, Any]) -> None:
         if not self._writes:

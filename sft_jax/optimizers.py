@@ -218,11 +218,17 @@ def clock_mask(opt_state: Any) -> Any:
     def mark(x: Any) -> Any:
         if isinstance(x, _GateState):
             return _GateState(True, clock_mask(x.inner))
+        if isinstance(x, ScheduleFreeState):  # its step count clocks its learning-rate schedule
+            no = jax.tree.map(lambda _: False, x)
+            return no._replace(step_count=True, base_optimizer_state=clock_mask(
+                x.base_optimizer_state))  # fmt: skip
         if isinstance(x, _CLOCKS):
             return jax.tree.map(lambda _: True, x)
         return False
 
-    return jax.tree.map(mark, opt_state, is_leaf=lambda x: isinstance(x, _CLOCKS))
+    return jax.tree.map(
+        mark, opt_state, is_leaf=lambda x: isinstance(x, (*_CLOCKS, ScheduleFreeState))
+    )
 
 
 def _is_sf(x: Any) -> bool:

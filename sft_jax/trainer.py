@@ -42,7 +42,12 @@ def track_best(progress: dict, value: float, mode: str, patience: int) -> None:
     )
     progress["best"] = value if improved else best
     progress["evals_since_best"] = 0 if improved else progress["evals_since_best"] + 1
-    progress["stopped_early"] = bool(patience and progress["evals_since_best"] >= patience)
+    progress["stopped_early"] = out_of_patience(progress, patience)
+
+
+def out_of_patience(progress: dict, patience: int) -> bool:
+    """Whether ``progress`` has had ``patience`` evaluations without improvement (0: never)."""
+    return bool(patience and progress["evals_since_best"] >= patience)
 
 
 class NonFiniteError(FloatingPointError):
@@ -75,7 +80,7 @@ class Trainer:
         log_lib.write_run_files(cfg, workdir, self._run_info())
         self.ckpt_opts = ckpt_lib.CheckpointOptions.from_config(cfg.checkpoint)
         self.mngr = ckpt_lib.make_manager(os.path.join(workdir, "checkpoints"), self.ckpt_opts)
-        self.logger = log_lib.MetricsLogger(workdir)
+        self.logger: log_lib.MetricsLogger | None = None  # opened by run(), once resumed
         self._pending = None  # (step, metrics) of the last step issued, not yet read on the host
 
     def _build_state(self, model) -> None:
@@ -145,6 +150,9 @@ class Trainer:
                 f"{progress['next_batch']} != step {int(state.step)}"
             )
         log_lib.truncate_after(self.workdir, step)
+        # An early stop follows this run's patience (raised or 0: the stopped run goes on).
+        patience = self.cfg.train.early_stopping_patience
+        progress["stopped_early"] = out_of_patience(progress, patience)
         log.info("resumed from step %d in %s", step, self.workdir)
         return progress
 
@@ -334,6 +342,8 @@ class Trainer:
         """
         progress = self._resume()
         start = int(self.runner.canonical(self.state).step)
+        # TensorBoard forgets what the log forgot (_resume): steps after start (all on a fresh one).
+        self.logger = log_lib.MetricsLogger(self.workdir, purge_step=start + 1 if start else 0)
         if progress["stopped_early"] or start >= self.total_steps:
             log.info("run in %s is already complete at step %d", self.workdir, start)
         self.bar = log_lib.progress_bar(self.total_steps, start)

@@ -2,8 +2,10 @@
 uninterrupted run, evaluate from the run directory alone, export to transformers."""
 
 import json
+import struct
 import subprocess
 import sys
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -31,6 +33,22 @@ def train_rows(workdir):
 
 
 @pytest.mark.slow
+def session_starts(tb_dir: Path) -> list[int]:
+    """Steps of the SessionLog START events (TensorBoard's purge markers) in ``tb_dir``."""
+    from tensorboardX.proto import event_pb2
+
+    steps = []
+    for path in tb_dir.glob("events.out.tfevents.*"):
+        data, at = path.read_bytes(), 0
+        while at < len(data):  # TFRecords: length (8), its CRC (4), payload, payload CRC (4)
+            (n,) = struct.unpack("<Q", data[at : at + 8])
+            event = event_pb2.Event.FromString(data[at + 12 : at + 12 + n])
+            at += 12 + n + 4
+            if event.HasField("session_log") and event.session_log.status == 1:  # START
+                steps.append(event.step)
+    return steps
+
+
 def test_train_stop_resume_evaluate_export(setup_dirs, tmp_path):
     root, model_dir, files = setup_dirs
     cfg = make_config(root, model_dir, files)
@@ -56,6 +74,8 @@ def test_train_stop_resume_evaluate_export(setup_dirs, tmp_path):
     resumed = Trainer(cfg, part).run()
     assert resumed == full
     assert train_rows(part) == train_rows(str(tmp_path / "full"))
+    # Its TensorBoard events tell TensorBoard to drop what came after step 6 (none here).
+    assert sorted(session_starts(Path(part) / "tb")) == [0, 7]
 
     # Evaluate from the run directory alone (a separate process).
     out = subprocess.run(
@@ -124,6 +144,11 @@ def test_early_stopping_and_best_checkpoint(setup_dirs, tmp_path):
     again = Trainer(cfg, workdir).run()
     assert again["num_examples"] == 30 and "macro_f1" in again
     assert [r["step"] for r in log_lib.read_metrics(workdir)][-1] == 4
+    # With more patience the stopped run goes on from its checkpoint.
+    cfg.train.early_stopping_patience = 3
+    Trainer(cfg, workdir).run()
+    evals = [r["step"] for r in log_lib.read_metrics(workdir) if r["split"] == "validation"]
+    assert evals == [2, 4, 6, 8]
 
 
 @pytest.mark.slow

@@ -141,6 +141,27 @@ def test_nonfinite_loss_skips_the_update_and_keeps_the_optimizer_state():
     assert n_clocks == 1  # the count of AdamW's learning-rate schedule
 
 
+def test_schedule_free_step_count_advances_over_a_skipped_update():
+    """Schedule-Free reads its learning-rate schedule at its own step count: a skipped update
+    advances it (as it does the base optimizer's schedule) and keeps its average and weights."""
+    from optax.contrib import ScheduleFreeState
+
+    state, setup, step_fn = build(name="schedule_free_adamw", warmup_ratio=0.5, total_steps=8)
+    state, _ = run(state, setup, step_fn, n=2)
+    state = set_weight(state, setup, np.nan)
+    before = jax.device_get(state.opt_state)
+    state, m = step_fn(state, sharding.put_batch(toy_batch(seed=5), setup.batch_sharding))
+    assert float(m["nonfinite"]) == 1.0
+    after = jax.device_get(state.opt_state)
+    is_sf = lambda x: isinstance(x, ScheduleFreeState)  # noqa: E731
+    (sf_before,), (sf_after,) = (
+        [x for x in jax.tree.leaves(t, is_leaf=is_sf) if is_sf(x)] for t in (before, after)
+    )
+    assert int(sf_after.step_count) == int(sf_before.step_count) + 1
+    np.testing.assert_array_equal(sf_after.weight_sum, sf_before.weight_sum)
+    jax.tree.map(np.testing.assert_array_equal, sf_after.z, sf_before.z)
+
+
 def test_schedule_stays_with_the_step_after_a_skipped_update():
     """SGD (no momentum, no clipping), linear decay over 4 steps, NaN at step 1: the update of
     step 2 uses the rate of step 2, the one logged, as when the schedule follows the steps."""
