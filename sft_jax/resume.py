@@ -37,9 +37,12 @@ class DataOrderError(RuntimeError):
 
 
 def _quarantine(mngr: ocp.CheckpointManager, step: int) -> str:
+    """Moves checkpoint ``step`` aside (process 0 of a multi-host run; the others go on to the
+    previous step as well)."""
     src = os.path.join(str(mngr.directory), str(step))
     dst = f"{src}.corrupt-{int(time.time())}"
-    os.rename(src, dst)
+    if log_lib.is_writer():
+        os.rename(src, dst)
     mngr.reload()
     return dst
 
