@@ -1,5 +1,5 @@
 """Two JAX processes (2 CPU devices each, gloo collectives) train and evaluate like one process
-with 4."""
+with 4: the bare step, and the whole trainer (stopped, resumed, logged, checkpointed)."""
 
 import json
 import os
@@ -92,3 +92,62 @@ def test_two_processes_match_one_process_with_the_same_devices():
         np.testing.assert_allclose(r["eval"][0], single["eval"][0], rtol=1e-6)
         assert r["eval"][1:] == single["eval"][1:]  # accuracy, confusion matrix
     assert single["losses"][0] != single["losses"][-1]  # the steps did train
+
+
+# The trainer on the tiny text-classification setup (tests/tiny_text.py): argv = root, model
+# directory, files (JSON), workdir, stop_after_step (0: none).
+_TRAINER = """
+import json, pathlib, sys
+from sft_jax.runtime import setup_runtime
+setup_runtime({"distributed": %(distributed)s, "compilation_cache_dir": "off"})
+from tests.tiny_text import make_config
+from sft_jax.trainer import Trainer
+root, model_dir, files, workdir, stop = sys.argv[1:6]
+cfg = make_config(pathlib.Path(root), pathlib.Path(model_dir), json.loads(files), num_steps=4,
+                  eval_every_steps=2)
+print("RESULT " + json.dumps(Trainer(cfg, workdir).run(stop_after_step=int(stop) or None)))
+"""
+
+
+def _trainers(n: int, args: list[str], devices: int) -> list[subprocess.Popen]:
+    """``n`` trainer processes (one: not distributed) of ``devices`` CPU devices each."""
+    address = f"localhost:{_free_port()}"
+    procs = []
+    for i in range(n):
+        env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+        if n > 1:
+            env.update(JAX_COORDINATOR_ADDRESS=address, JAX_NUM_PROCESSES=str(n),
+                       JAX_PROCESS_ID=str(i))  # fmt: skip
+        program = _TRAINER % {"distributed": n > 1}
+        cmd = [sys.executable, "-c", program, *args]
+        procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                      text=True))  # fmt: skip
+    return procs
+
+
+def test_two_process_trainer_stops_resumes_and_logs_like_one_process(tmp_path):
+    """The whole trainer on 2 processes x 2 devices, stopped after step 2 and resumed: the same
+    metrics.jsonl (one copy of each row, written by process 0) and final evaluation as one
+    process with 4 devices, and one checkpoint directory."""
+    from sft_jax import logging as log_lib
+    from tests.tiny_text import make_tiny_setup
+
+    root, model_dir, files = make_tiny_setup(tmp_path)
+    setup = [str(root), str(model_dir), json.dumps(files)]
+    (one,) = _trainers(1, [*setup, str(tmp_path / "one"), "0"], devices=4)  # builds the data
+    single = _result(one)
+    for stop in ("2", "0"):
+        results = [_result(p) for p in _trainers(2, [*setup, str(tmp_path / "two"), stop], 2)]
+    assert results[0] == results[1] == single
+
+    def rows(workdir):
+        timing = ("steps_per_sec", "tokens_per_sec", "num_compilations")
+        return [{k: v for k, v in r.items() if k not in timing}
+                for r in log_lib.read_metrics(str(tmp_path / workdir))]  # fmt: skip
+
+    assert [(r["step"], r["split"]) for r in rows("two")] == [
+        (0, "data"), (1, "train"), (2, "train"), (2, "validation"), (3, "train"), (4, "train"),
+        (4, "validation"),
+    ]  # fmt: skip
+    assert rows("two") == rows("one")
+    assert os.listdir(tmp_path / "two" / "checkpoints") == ["4"]  # the last kept, nothing else
