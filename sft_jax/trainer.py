@@ -374,7 +374,7 @@ class Trainer:
                 if progress["stopped_early"]:
                     break
                 done = self._train_one(step, progress, meter)
-                preempted = stop.requested or done == stop_after_step
+                preempted = stop.stop_after(done) or done == stop_after_step
                 evaluate = self._is_eval_step(done)
                 save = preempted or bool(every and done % every == 0)
                 if evaluate or save:

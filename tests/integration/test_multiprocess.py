@@ -3,9 +3,11 @@ with 4: the bare step, and the whole trainer (stopped, resumed, logged, checkpoi
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -95,17 +97,27 @@ def test_two_processes_match_one_process_with_the_same_devices():
 
 
 # The trainer on the tiny text-classification setup (tests/tiny_text.py): argv = root, model
-# directory, files (JSON), workdir, stop_after_step (0: none).
+# directory, files (JSON), workdir, stop_after_step (0: none), steps (evaluations at half and
+# at the end), seconds of pause before each step.
 _TRAINER = """
 import json, pathlib, sys
 from sft_jax.runtime import setup_runtime
 setup_runtime({"distributed": %(distributed)s, "compilation_cache_dir": "off"})
 from tests.tiny_text import make_config
 from sft_jax.trainer import Trainer
-root, model_dir, files, workdir, stop = sys.argv[1:6]
-cfg = make_config(pathlib.Path(root), pathlib.Path(model_dir), json.loads(files), num_steps=4,
-                  eval_every_steps=2)
-print("RESULT " + json.dumps(Trainer(cfg, workdir).run(stop_after_step=int(stop) or None)))
+root, model_dir, files, workdir, stop, steps, pause = sys.argv[1:8]
+
+
+class Paced(Trainer):  # a step at least `pause` seconds long, so that a signal lands mid-run
+    def _batch(self, step):
+        time.sleep(float(pause))
+        return super()._batch(step)
+
+
+import time
+cfg = make_config(pathlib.Path(root), pathlib.Path(model_dir), json.loads(files),
+                  num_steps=int(steps), eval_every_steps=int(steps) // 2)
+print("RESULT " + json.dumps(Paced(cfg, workdir).run(stop_after_step=int(stop) or None)))
 """
 
 
@@ -134,10 +146,11 @@ def test_two_process_trainer_stops_resumes_and_logs_like_one_process(tmp_path):
 
     root, model_dir, files = make_tiny_setup(tmp_path)
     setup = [str(root), str(model_dir), json.dumps(files)]
-    (one,) = _trainers(1, [*setup, str(tmp_path / "one"), "0"], devices=4)  # builds the data
+    (one,) = _trainers(1, [*setup, str(tmp_path / "one"), "0", "4", "0"], 4)  # builds the data
     single = _result(one)
     for stop in ("2", "0"):
-        results = [_result(p) for p in _trainers(2, [*setup, str(tmp_path / "two"), stop], 2)]
+        two = [*setup, str(tmp_path / "two"), stop, "4", "0"]
+        results = [_result(p) for p in _trainers(2, two, devices=2)]
     assert results[0] == results[1] == single
 
     def rows(workdir):
@@ -151,3 +164,42 @@ def test_two_process_trainer_stops_resumes_and_logs_like_one_process(tmp_path):
     ]  # fmt: skip
     assert rows("two") == rows("one")
     assert os.listdir(tmp_path / "two" / "checkpoints") == ["4"]  # the last kept, nothing else
+
+
+def test_a_signal_to_one_process_stops_both_after_the_same_step(tmp_path):
+    """SIGTERM to process 1 alone (not the one writing the log): both processes stop after the
+    step they agreed on, with one checkpoint, and the resumed pair ends as one process with 4
+    devices does, row for row."""
+    from sft_jax import logging as log_lib
+    from tests.tiny_text import make_tiny_setup
+
+    root, model_dir, files = make_tiny_setup(tmp_path)
+    setup = [str(root), str(model_dir), json.dumps(files)]
+    (one,) = _trainers(1, [*setup, str(tmp_path / "one"), "0", "24", "0"], 4)
+    single = _result(one)
+    workdir = tmp_path / "two"
+    procs = _trainers(2, [*setup, str(workdir), "0", "24", "0.15"], devices=2)
+    deadline = time.time() + 240
+    while not [r for r in log_lib.read_metrics(str(workdir)) if r["split"] == "train"]:
+        assert time.time() < deadline and procs[0].poll() is None, "no training step logged"
+        time.sleep(0.05)
+    procs[1].send_signal(signal.SIGTERM)
+    stopped = [_result(p) for p in procs]
+    assert all(r["preempted"] for r in stopped)
+    (step,) = (int(s) for s in os.listdir(workdir / "checkpoints"))
+    assert step < 24 and max(r["step"] for r in log_lib.read_metrics(str(workdir))) == step
+    resumed = [_result(p) for p in _trainers(2, [*setup, str(workdir), "0", "24", "0"], 2)]
+    assert resumed[0] == resumed[1] == single
+
+    def rows(path):
+        timing = ("steps_per_sec", "tokens_per_sec", "num_compilations")
+        return [{k: v for k, v in r.items() if k not in timing}
+                for r in log_lib.read_metrics(str(path))]  # fmt: skip
+
+    two, one = rows(workdir), rows(tmp_path / "one")
+    assert [(r["step"], r["split"]) for r in two] == [(r["step"], r["split"]) for r in one]
+    for a, b in zip(two, one):  # the step after the restore may sum in another order
+        assert a.keys() == b.keys()
+        for k in a:
+            close = isinstance(a[k], float) and a[k] == pytest.approx(b[k], rel=1e-5)
+            assert close or a[k] == b[k], (k, a, b)
