@@ -36,11 +36,14 @@ class DataOrderError(RuntimeError):
     """The resumed run's batches differ from those the interrupted run saw."""
 
 
+_MOVED_ASIDE = ".corrupt-"  # <step>.corrupt-<time>
+
+
 def _quarantine(mngr: ocp.CheckpointManager, step: int) -> str:
     """Moves checkpoint ``step`` aside (process 0 of a multi-host run; the others go on to the
     previous step as well)."""
     src = os.path.join(str(mngr.directory), str(step))
-    dst = f"{src}.corrupt-{int(time.time())}"
+    dst = f"{src}{_MOVED_ASIDE}{int(time.time())}"
     if log_lib.is_writer():
         os.rename(src, dst)
     mngr.reload()
@@ -65,7 +68,7 @@ def is_transient(e: BaseException) -> bool:
 
 
 def _moved_aside(mngr: ocp.CheckpointManager) -> list[str]:
-    return sorted(glob.glob(os.path.join(str(mngr.directory), "*.corrupt-*")))
+    return sorted(glob.glob(os.path.join(str(mngr.directory), f"*{_MOVED_ASIDE}*")))
 
 
 def restore_latest(

@@ -80,7 +80,7 @@ class Trainer:
         log_lib.write_run_files(cfg, workdir, self._run_info())
         self.ckpt_opts = ckpt_lib.CheckpointOptions.from_config(cfg.checkpoint)
         self.mngr = ckpt_lib.make_manager(os.path.join(workdir, "checkpoints"), self.ckpt_opts)
-        self.logger: log_lib.MetricsLogger | None = None  # opened by run(), once resumed
+        self.logger: log_lib.MetricsLogger | None = None  # opened by _resume (_open_log)
         self._pending = None  # (step, metrics) of the last step issued, not yet read on the host
 
     def _build_state(self, model) -> None:
@@ -138,7 +138,7 @@ class Trainer:
             self.mngr, self.runner.canonical(self.state), optim.has_eval_params(self.cfg.optimizer)
         )
         if restored is None:  # a fresh start; drop rows of an attempt that saved no checkpoint
-            log_lib.truncate_after(self.workdir, -1)  # its epoch-0 data row too
+            self._open_log(kept=-1)  # its epoch-0 data row too
             return progress
         state, progress, step = restored
         self.state = self.runner.place(state)
@@ -149,12 +149,18 @@ class Trainer:
                 f"checkpoint {step} in {self.workdir}: data position "
                 f"{progress['next_batch']} != step {int(state.step)}"
             )
-        log_lib.truncate_after(self.workdir, step)
+        self._open_log(kept=step)
         # An early stop follows this run's patience (raised or 0: the stopped run goes on).
         patience = self.cfg.train.early_stopping_patience
         progress["stopped_early"] = out_of_patience(progress, patience)
         log.info("resumed from step %d in %s", step, self.workdir)
         return progress
+
+    def _open_log(self, kept: int) -> None:
+        """Drops the log rows (and TensorBoard events) written after step ``kept`` by an earlier
+        attempt, so that a resumed run's log equals an uninterrupted one, and opens the log."""
+        log_lib.truncate_after(self.workdir, kept)
+        self.logger = log_lib.MetricsLogger(self.workdir, purge_step=kept + 1)
 
     def _averaged_params(self):
         """Schedule-Free's averaged parameters (what evaluation scores), else None."""
@@ -342,8 +348,6 @@ class Trainer:
         """
         progress = self._resume()
         start = int(self.runner.canonical(self.state).step)
-        # TensorBoard forgets what the log forgot (_resume): steps after start (all on a fresh one).
-        self.logger = log_lib.MetricsLogger(self.workdir, purge_step=start + 1 if start else 0)
         if progress["stopped_early"] or start >= self.total_steps:
             log.info("run in %s is already complete at step %d", self.workdir, start)
         self.bar = log_lib.progress_bar(self.total_steps, start)

@@ -12,6 +12,8 @@ import time
 import numpy as np
 import pytest
 
+from sft_jax import logging as log_lib
+
 pytestmark = pytest.mark.slow
 
 # Three steps of the benchmark's tiny BERT train step, data parallel over every device; each
@@ -137,11 +139,18 @@ def _trainers(n: int, args: list[str], devices: int) -> list[subprocess.Popen]:
     return procs
 
 
+def rows(workdir) -> list[dict]:
+    """metrics.jsonl without the fields that time the run (or count its compilations)."""
+
+    timing = ("steps_per_sec", "tokens_per_sec", "num_compilations")
+    return [{k: v for k, v in r.items() if k not in timing}
+            for r in log_lib.read_metrics(str(workdir))]  # fmt: skip
+
+
 def test_two_process_trainer_stops_resumes_and_logs_like_one_process(tmp_path):
     """The whole trainer on 2 processes x 2 devices, stopped after step 2 and resumed: the same
     metrics.jsonl (one copy of each row, written by process 0) and final evaluation as one
     process with 4 devices, and one checkpoint directory."""
-    from sft_jax import logging as log_lib
     from tests.tiny_text import make_tiny_setup
 
     root, model_dir, files = make_tiny_setup(tmp_path)
@@ -153,16 +162,11 @@ def test_two_process_trainer_stops_resumes_and_logs_like_one_process(tmp_path):
         results = [_result(p) for p in _trainers(2, two, devices=2)]
     assert results[0] == results[1] == single
 
-    def rows(workdir):
-        timing = ("steps_per_sec", "tokens_per_sec", "num_compilations")
-        return [{k: v for k, v in r.items() if k not in timing}
-                for r in log_lib.read_metrics(str(tmp_path / workdir))]  # fmt: skip
-
-    assert [(r["step"], r["split"]) for r in rows("two")] == [
+    assert [(r["step"], r["split"]) for r in rows(tmp_path / "two")] == [
         (0, "data"), (1, "train"), (2, "train"), (2, "validation"), (3, "train"), (4, "train"),
         (4, "validation"),
     ]  # fmt: skip
-    assert rows("two") == rows("one")
+    assert rows(tmp_path / "two") == rows(tmp_path / "one")
     assert os.listdir(tmp_path / "two" / "checkpoints") == ["4"]  # the last kept, nothing else
 
 
@@ -170,7 +174,6 @@ def test_a_signal_to_one_process_stops_both_after_the_same_step(tmp_path):
     """SIGTERM to process 1 alone (not the one writing the log): both processes stop after the
     step they agreed on, with one checkpoint, and the resumed pair ends as one process with 4
     devices does, row for row."""
-    from sft_jax import logging as log_lib
     from tests.tiny_text import make_tiny_setup
 
     root, model_dir, files = make_tiny_setup(tmp_path)
@@ -190,11 +193,6 @@ def test_a_signal_to_one_process_stops_both_after_the_same_step(tmp_path):
     assert step < 24 and max(r["step"] for r in log_lib.read_metrics(str(workdir))) == step
     resumed = [_result(p) for p in _trainers(2, [*setup, str(workdir), "0", "24", "0"], 2)]
     assert resumed[0] == resumed[1] == single
-
-    def rows(path):
-        timing = ("steps_per_sec", "tokens_per_sec", "num_compilations")
-        return [{k: v for k, v in r.items() if k not in timing}
-                for r in log_lib.read_metrics(str(path))]  # fmt: skip
 
     two, one = rows(workdir), rows(tmp_path / "one")
     assert [(r["step"], r["split"]) for r in two] == [(r["step"], r["split"]) for r in one]
