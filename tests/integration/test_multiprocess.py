@@ -1,5 +1,5 @@
 """Two JAX processes (2 CPU devices each, gloo collectives) train and evaluate like one process
-with 4: the bare step, and the whole trainer (stopped, resumed, logged, checkpointed)."""
+with 4: the bare step, and the whole trainer (preempted, resumed, logged, checkpointed)."""
 
 import json
 import os
@@ -147,39 +147,19 @@ def rows(workdir) -> list[dict]:
             for r in log_lib.read_metrics(str(workdir))]  # fmt: skip
 
 
-def test_two_process_trainer_stops_resumes_and_logs_like_one_process(tmp_path):
-    """The whole trainer on 2 processes x 2 devices, stopped after step 2 and resumed: the same
-    metrics.jsonl (one copy of each row, written by process 0) and final evaluation as one
-    process with 4 devices, and one checkpoint directory."""
-    from tests.tiny_text import make_tiny_setup
-
-    root, model_dir, files = make_tiny_setup(tmp_path)
-    setup = [str(root), str(model_dir), json.dumps(files)]
-    (one,) = _trainers(1, [*setup, str(tmp_path / "one"), "0", "4", "0"], 4)  # builds the data
-    single = _result(one)
-    for stop in ("2", "0"):
-        two = [*setup, str(tmp_path / "two"), stop, "4", "0"]
-        results = [_result(p) for p in _trainers(2, two, devices=2)]
-    assert results[0] == results[1] == single
-
-    assert [(r["step"], r["split"]) for r in rows(tmp_path / "two")] == [
-        (0, "data"), (1, "train"), (2, "train"), (2, "validation"), (3, "train"), (4, "train"),
-        (4, "validation"),
-    ]  # fmt: skip
-    assert rows(tmp_path / "two") == rows(tmp_path / "one")
-    assert os.listdir(tmp_path / "two" / "checkpoints") == ["4"]  # the last kept, nothing else
-
-
-def test_a_signal_to_one_process_stops_both_after_the_same_step(tmp_path):
-    """SIGTERM to process 1 alone (not the one writing the log): both processes stop after the
-    step they agreed on, with one checkpoint, and the resumed pair ends as one process with 4
-    devices does, row for row."""
+def test_a_signal_to_one_process_stops_both_and_the_resumed_pair_trains_like_one_process(
+    tmp_path,
+):
+    """The whole trainer on 2 processes x 2 devices, SIGTERM to process 1 alone (not the one
+    writing the log): both stop after the step they agreed on, with one checkpoint; resumed,
+    the pair ends as one process with 4 devices does: the same final evaluation, metrics.jsonl
+    row for row (one copy of each, written by process 0) and checkpoint directories."""
     from tests.tiny_text import make_tiny_setup
 
     root, model_dir, files = make_tiny_setup(tmp_path)
     setup = [str(root), str(model_dir), json.dumps(files)]
     (one,) = _trainers(1, [*setup, str(tmp_path / "one"), "0", "24", "0"], 4)
-    single = _result(one)
+    single = _result(one)  # (also builds the data files both runs read)
     workdir = tmp_path / "two"
     procs = _trainers(2, [*setup, str(workdir), "0", "24", "0.15"], devices=2)
     deadline = time.time() + 240
@@ -193,9 +173,13 @@ def test_a_signal_to_one_process_stops_both_after_the_same_step(tmp_path):
     assert step < 24 and max(r["step"] for r in log_lib.read_metrics(str(workdir))) == step
     resumed = [_result(p) for p in _trainers(2, [*setup, str(workdir), "0", "24", "0"], 2)]
     assert resumed[0] == resumed[1] == single
+    assert sorted(os.listdir(workdir / "checkpoints")) == sorted(
+        os.listdir(tmp_path / "one" / "checkpoints")
+    )
 
     two, one = rows(workdir), rows(tmp_path / "one")
     assert [(r["step"], r["split"]) for r in two] == [(r["step"], r["split"]) for r in one]
+    assert [r["split"] for r in one].count("validation") == 2  # at steps 12 and 24
     for a, b in zip(two, one):  # the step after the restore may sum in another order
         assert a.keys() == b.keys()
         for k in a:
