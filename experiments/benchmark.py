@@ -5,7 +5,7 @@
       [--dtype float32|bfloat16] [--batch_size B] [--seq_len T] [--steps 10] [--warmup 2]
       [--mesh 1,1,1] [--peak_flops F] [--torch] [--out benchmark.json]
       [--attention xla|cudnn|cudnn_packed [--packed_max_segments M]] [--dropout threefry|hash]
-      [--loss_chunk C] [--cpu_matmul xla|onednn]
+      [--loss_chunk C] [--remat none|full] [--cpu_matmul xla|onednn]
       [--cpu_allocator auto|reuse|system]
       [--policies head_only,bitfit,lora:8,full [--optimizer adamw] [--isolate]]
 
@@ -83,6 +83,10 @@ _CPU_ALLOCATOR = flags.DEFINE_enum(
 _LOSS_CHUNK = flags.DEFINE_integer(
     "loss_chunk", 0, "Causal LM loss in chunks of this many positions (runtime.loss_chunk; 0 = "
     "whole sequence)."
+)  # fmt: skip
+_REMAT = flags.DEFINE_enum(
+    "remat", "none", ["none", "full"], "Recompute each transformer block's activations in the "
+    "backward pass (runtime.remat)."
 )  # fmt: skip
 _PROFILE = flags.DEFINE_string(
     "profile", None, "Trace 2 extra steps per model with jax.profiler into DIR/MODEL and print "
@@ -176,7 +180,9 @@ def _run_policy(benchmark, spec, policy: str, mesh, run: dict) -> dict:
 def _kernels():
     from sft_jax.kernel_choices import Kernels
 
-    return Kernels(_ATTENTION.value, _DROPOUT.value, _LOSS_CHUNK.value, _MAX_SEGMENTS.value)
+    return Kernels(
+        _ATTENTION.value, _DROPOUT.value, _LOSS_CHUNK.value, _MAX_SEGMENTS.value, _REMAT.value
+    )
 
 
 def _measure(benchmark, spec, kw: dict) -> dict:

@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from sft_jax import lm_loss
-from sft_jax.models import attention, cudnn_attention, dropout
+from sft_jax.models import attention, cudnn_attention, dropout, remat
 
 
 @dataclasses.dataclass(frozen=True)
@@ -24,12 +24,15 @@ class Kernels:
     dropout: ``threefry`` | ``hash`` (``dropout.dropout_implementation``).
     loss_chunk: Causal LM loss positions per chunk, 0 = whole sequence (``lm_loss``).
     packed_max_segments: Segments per row ``cudnn_packed`` describes (``cudnn_attention``).
+    remat: ``none`` | ``full``: what the backward pass keeps of each transformer block
+        (``remat``).
     """
 
     attention: str = "xla"
     dropout: str = "threefry"
     loss_chunk: int = 0
     packed_max_segments: int = cudnn_attention.PACKED_MAX_SEGMENTS
+    remat: str = "none"
 
     @classmethod
     def from_config(cls, get: Callable[[str, Any], Any]) -> Kernels:
@@ -44,6 +47,7 @@ class Kernels:
             (lm_loss.set_loss_chunk, lm_loss.loss_chunk_scope, self.loss_chunk),
             (cudnn_attention.MAX_SEGMENTS.set, cudnn_attention.MAX_SEGMENTS.scope,
              self.packed_max_segments),
+            (remat.REMAT.set, remat.REMAT.scope, self.remat),
         )  # fmt: skip
 
     def set(self) -> None:

@@ -21,6 +21,9 @@ function):
                  16 (default) | M: segments per row that "cudnn_packed" passes as lengths and
                  offsets (1: padded rows, one sequence per row from token 0); a batch with a
                  row it does not describe takes the dense mask (``cudnn_attention``)
+    remat        "none" (default) | "full": each transformer block's activations recomputed in
+                 the backward pass from its input instead of kept (``sft_jax.models.remat``;
+                 a memory choice: about a third more model FLOPs, the same gradients)
 
 All but cpu_matmul are read while a step is traced (``sft_jax.kernel_choices.Kernels``).
 
@@ -110,13 +113,13 @@ def setup_runtime(runtime_cfg: Any = None) -> dict[str, Any]:
     Args:
       runtime_cfg: optional config block with ``distributed`` (bool),
         ``compilation_cache_dir`` (str), ``cpu_allocator`` and the kernel choices
-        ``attention``, ``dropout``, ``cpu_matmul``, ``loss_chunk``, ``packed_max_segments``
-        (module doc); missing keys fall back to the environment / defaults.
+        ``attention``, ``dropout``, ``cpu_matmul``, ``loss_chunk``, ``packed_max_segments``,
+        ``remat`` (module doc); missing keys fall back to the environment / defaults.
 
     Returns:
       What was set up: ``{"distributed": bool, "process": i, "num_processes": n,
       "compilation_cache_dir": str | None, "cpu_allocator": "reuse" | "system", "attention",
-      "dropout", "cpu_matmul", "loss_chunk", "packed_max_segments"}``.
+      "dropout", "cpu_matmul", "loss_chunk", "packed_max_segments", "remat"}``.
     """
     global _initialized
     get = (lambda k, d: runtime_cfg.get(k, d)) if runtime_cfg is not None else (lambda k, d: d)

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from sft_jax.models import attention, dropout, layers
+from sft_jax.models import attention, dropout, layers, remat
 from sft_jax.models.config_base import HFConfig
 
 Array = jax.Array
@@ -202,7 +202,7 @@ class BertEncoder(nnx.Module):
         """[B, T, H] -> [B, T, H]; layer i gets dropout key fold_in(dropout_rng, i)."""
         for i, block in enumerate(self.layer):
             rng = None if dropout_rng is None else jax.random.fold_in(dropout_rng, i)
-            x = block(x, mask, rng)
+            x = remat.apply(block, x, mask, rng)
         return x
 
 

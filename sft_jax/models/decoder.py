@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from sft_jax.models import remat
 from sft_jax.models.attention import AttentionMask, make_attention_mask
 from sft_jax.models.layers import Array
 
@@ -215,7 +216,8 @@ def run_blocks(
     for i, block in enumerate(blocks):
         rng = None if dropout_rng is None else jax.random.fold_in(dropout_rng, i)
         kv = None if cache is None else (cache.keys[i], cache.values[i])
-        x, kv = call(block, x, mask, kv, None if cache is None else cache.index, rng)
+        index = None if cache is None else cache.index
+        x, kv = remat.apply(block, x, mask, kv, index, rng, call=call)
         if cache is not None:
             keys.append(kv[0])
             values.append(kv[1])

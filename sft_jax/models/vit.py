@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from sft_jax.models import attention, dropout, layers
+from sft_jax.models import attention, dropout, layers, remat
 from sft_jax.models.config_base import HFConfig
 from sft_jax.models.conv import Conv2d
 from sft_jax.models.heads import HeadConfig, ImageHead, LayerStructure
@@ -241,7 +241,7 @@ class ViTEncoder(nnx.Module):
         """[B, T, hidden] -> [B, T, hidden]; layer i gets dropout key fold_in(dropout_rng, i)."""
         for i, block in enumerate(self.layer):
             rng = None if dropout_rng is None else jax.random.fold_in(dropout_rng, i)
-            x = block(x, rng)
+            x = remat.apply(block, x, rng)
         return x
 
 

@@ -85,14 +85,15 @@ def test_cpu_matmul_after_the_backend_started_is_an_error():
 def test_kernel_choices_scope_restores_every_choice():
     from sft_jax import lm_loss
     from sft_jax.kernel_choices import Kernels
-    from sft_jax.models import attention, cudnn_attention, dropout
+    from sft_jax.models import attention, cudnn_attention, dropout, remat
 
     def now():
         return (attention._IMPLEMENTATION.get(), dropout._IMPLEMENTATION.get(),
-                lm_loss.loss_chunk(), cudnn_attention.MAX_SEGMENTS.get())  # fmt: skip
+                lm_loss.loss_chunk(), cudnn_attention.MAX_SEGMENTS.get(),
+                remat.REMAT.get())  # fmt: skip
 
     before = now()
-    with Kernels("cudnn_packed", "hash", 32, 4).scope():
-        assert now() == ("cudnn_packed", "hash", 32, 4)
-    assert now() == before == ("xla", "threefry", 0, 16)
+    with Kernels("cudnn_packed", "hash", 32, 4, "full").scope():
+        assert now() == ("cudnn_packed", "hash", 32, 4, "full")
+    assert now() == before == ("xla", "threefry", 0, 16, "none")
     assert Kernels.from_config({"loss_chunk": 8}.get) == Kernels(loss_chunk=8)
