@@ -47,4 +47,10 @@ XLA_FLAGS="$XLA_FLAGS --xla_gpu_enable_cublaslt=true" bench bert-base_b256_cubla
 bench bert-base_b512 --models bert-base --batch_size 512 --attention cudnn \
   --attention_dropout 0 --dropout hash --steps 6
 bench llama-1b_b32 --models llama-1b --batch_size 32 --attention cudnn --steps 6
+# Memory: each block recomputed in the backward pass (runtime.remat=full; about a third more
+# model FLOPs). The peak memory against llama-1b_b32's, and the batch it lets fit.
+bench llama-1b_b32_remat_full --models llama-1b --batch_size 32 --attention cudnn \
+  --remat full --steps 6
+bench llama-1b_b64_remat_full --models llama-1b --batch_size 64 --attention cudnn \
+  --remat full --steps 6
 bench images_b128 --models resnet-50,vit-b16 --batch_size 128 --attention cudnn --torch

@@ -13,13 +13,14 @@ wrapped by ``apply``; read while a step is traced (``trace_setting``; set with t
 choices by ``kernel_choices.Kernels``).
 
 Why not ``jax.checkpoint``: it recomputes from the saved inputs alone, so nothing stops the
-compiler from running the recomputation early. XLA CPU does: measured on a 4-layer SmolLM2
-step (4 x 1024 tokens), ``jax.checkpoint`` left every layer's attention probabilities live
-from the forward pass to the backward pass (3.4 GB of temporary buffers, as without it). Here
-the recomputed block reads its input plus ``0 * g[0]`` (the first element of the block's
-output cotangent), a real data dependency: the recomputation cannot start before the
-backward pass reaches the block, on any backend (1.0 GB). A non-finite ``g[0]`` makes that
-block's gradient NaN, where the update is non-finite anyway (the trainer skips it).
+compiler from running the recomputation early. XLA CPU does: on a 4-layer SmolLM2 step
+(4 x 1024 tokens, loss in chunks of 256), ``jax.checkpoint`` left every layer's attention
+probabilities live from the forward pass to the backward pass (3.4 GiB of temporary buffers;
+3.5 GiB without it). Here the recomputed block reads its input plus ``0 * g[0]`` (the first
+element of the block's output cotangent), a real data dependency: the recomputation cannot
+start before the backward pass reaches the block, on any backend (1.3 GiB). A non-finite
+``g[0]`` makes that block's gradient NaN, where the update is non-finite anyway (the trainer
+skips it).
 """
 
 from __future__ import annotations
