@@ -192,6 +192,23 @@ def dot_product_attention(
                           dropout_rng)  # fmt: skip
 
 
+@jax.custom_jvp
+def softmax(x: Array) -> Array:
+    """Softmax over the last axis whose derivative keeps only its output (``y * (dx - sum(y *
+    dx))``). ``jax.nn.softmax`` on jax 0.10 is differentiated through its exp, sum and divide
+    unless ``jax_softmax_custom_jvp`` is set, so the attention's backward pass kept the exp,
+    the quotient and a broadcast 1 / sum**2: two more [B, N, T, S] float32 buffers per layer."""
+    unnormalized = jnp.exp(x - jax.lax.stop_gradient(jnp.max(x, axis=-1, keepdims=True)))
+    return unnormalized / jnp.sum(unnormalized, axis=-1, keepdims=True)
+
+
+@softmax.defjvp
+def _softmax_jvp(primals: tuple, tangents: tuple) -> tuple[Array, Array]:
+    (x,), (dx,) = primals, tangents
+    y = softmax(x)
+    return y, y * (dx - jnp.sum(y * dx, axis=-1, keepdims=True))
+
+
 def _xla_attention(
     q: Array,
     k: Array,
@@ -220,7 +237,7 @@ def _xla_attention(
         # select in the backward pass).
         bias = jnp.where(mask, 0.0, jnp.finfo(jnp.float32).min).astype(jnp.float32)
         scores = scores + (bias[:, :, None] if grouped else bias)  # [B, K, G, T, S] / [B, N, T, S]
-    probs = jax.nn.softmax(scores, axis=-1)
+    probs = softmax(scores)
     probs = dropout(probs, dropout_rate, dropout_rng).astype(v.dtype)
     out = jnp.einsum("bkgts,bskd->btkgd" if grouped else "bnts,bsnd->btnd", probs, v)
     return out.reshape(b, t, n, d).astype(q.dtype)

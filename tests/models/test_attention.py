@@ -397,3 +397,19 @@ def test_head_scores_vjp_equals_autodiff_of_the_einsum():
     for got, want in zip(vjp(g), ref_vjp(g)):
         assert got.shape == want.shape
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_softmax_equals_jax_and_keeps_only_its_output_for_the_gradient():
+    """The attention's softmax: jax.nn.softmax's values and gradient (a masked key as the XLA
+    path's float32-minimum bias), with one [.., S] residual where jax.nn.softmax (jax 0.10
+    default) keeps the exp, the quotient and a broadcast 1 / sum**2."""
+    x = jax.random.normal(jax.random.key(0), (2, 3, 5, 7)) * 4
+    x = x.at[..., 2].set(jnp.finfo(jnp.float32).min)
+    g = jax.random.normal(jax.random.key(1), x.shape)
+    y, vjp = jax.vjp(attention.softmax, x)
+    y_ref, vjp_ref = jax.vjp(lambda x: jax.nn.softmax(x, axis=-1), x)
+    np.testing.assert_allclose(y, y_ref, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(vjp(g)[0], vjp_ref(g)[0], rtol=1e-5, atol=1e-6)
+    assert float(jnp.max(y[..., 2])) == 0.0
+    kept = [r for r in jax.tree.leaves(vjp) if r.shape == x.shape]
+    assert len(kept) == 1, [r.shape for r in jax.tree.leaves(vjp)]
