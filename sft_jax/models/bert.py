@@ -200,10 +200,7 @@ class BertEncoder(nnx.Module):
 
     def __call__(self, x: Array, mask: Array | None, dropout_rng=None) -> Array:
         """[B, T, H] -> [B, T, H]; layer i gets dropout key fold_in(dropout_rng, i)."""
-        for i, block in enumerate(self.layer):
-            rng = None if dropout_rng is None else jax.random.fold_in(dropout_rng, i)
-            x = remat.apply(block, x, mask, rng)
-        return x
+        return remat.run_encoder(self.layer, x, mask, dropout_rng=dropout_rng)
 
 
 class BertPooler(nnx.Module):

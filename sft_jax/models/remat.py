@@ -63,6 +63,15 @@ def apply(block: nnx.Module, *args: Any, call: Callable[..., Any] = _call_block)
     return _recomputed(run, state, args)
 
 
+def run_encoder(blocks: Any, x: Any, *args: Any, dropout_rng: Any = None) -> Any:
+    """An encoder's block stack (BERT, ViT): ``x = block(x, *args, rng)`` for each block in
+    turn, through ``apply``; block ``i`` gets dropout key ``fold_in(dropout_rng, i)``."""
+    for i, block in enumerate(blocks):
+        rng = None if dropout_rng is None else jax.random.fold_in(dropout_rng, i)
+        x = apply(block, x, *args, rng)
+    return x
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _recomputed(run: Callable[..., Any], state: Any, args: tuple) -> Any:
     return run(state, args)

@@ -239,10 +239,7 @@ class ViTEncoder(nnx.Module):
 
     def __call__(self, x: Array, dropout_rng: Array | None = None) -> Array:
         """[B, T, hidden] -> [B, T, hidden]; layer i gets dropout key fold_in(dropout_rng, i)."""
-        for i, block in enumerate(self.layer):
-            rng = None if dropout_rng is None else jax.random.fold_in(dropout_rng, i)
-            x = remat.apply(block, x, rng)
-        return x
+        return remat.run_encoder(self.layer, x, dropout_rng=dropout_rng)
 
 
 class ViTModel(nnx.Module):
