@@ -122,3 +122,18 @@ def evaluate(
     return evaluate_classification(
         eval_step, params, batches, list(label_names or []), batch_sharding
     )
+
+
+def metric_names(task_name: str, label_names: list[str] | None = None) -> list[str]:
+    """The float metrics ``evaluate`` returns for the task (read from an evaluation of no
+    batches, so the list cannot drift from what it returns)."""
+    empty = evaluate(task_name, None, None, [], None, label_names=label_names)
+    return sorted(k for k, v in empty.items() if isinstance(v, float))
+
+
+def check_metric(key: str, name: str, task_name: str, label_names: list[str] | None) -> None:
+    """Raises a ValueError naming config ``key`` and the choices unless ``name`` is one of
+    ``metric_names``: before training, not at the first evaluation."""
+    names = metric_names(task_name, label_names)
+    if name not in names:
+        raise ValueError(f"{key}={name!r} is not a validation metric of this task (one of {names})")

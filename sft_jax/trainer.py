@@ -20,7 +20,7 @@ from sft_jax import logging as log_lib
 from sft_jax import resume as resume_lib
 from sft_jax import sharding as sharding_lib
 from sft_jax.data import feed as feed_lib
-from sft_jax.evaluation import evaluate
+from sft_jax.evaluation import check_metric, evaluate
 from sft_jax.tasks import get_task
 from sft_jax.train_state import (
     StepSetup,
@@ -63,6 +63,9 @@ class Trainer:
         self.task = get_task(cfg.model.task)
         self.data, tokenizer = components.load_data(cfg)
         self.label_names = components.label_names(self.data)
+        self.ckpt_opts = ckpt_lib.CheckpointOptions.from_config(cfg.checkpoint)
+        best = self.ckpt_opts.best_metric
+        check_metric("checkpoint.best_metric", best, cfg.model.task, self.label_names)
         one_epoch = components.batches(cfg, self.data, tokenizer, "train", train=True)
         self.steps_per_epoch = len(one_epoch)
         if self.steps_per_epoch == 0:
@@ -78,7 +81,6 @@ class Trainer:
         self._build_state(components.build_model(cfg, len(self.label_names)))
         os.makedirs(workdir, exist_ok=True)  # only once data, model and config are good
         log_lib.write_run_files(cfg, workdir, self._run_info())
-        self.ckpt_opts = ckpt_lib.CheckpointOptions.from_config(cfg.checkpoint)
         self.mngr = ckpt_lib.make_manager(os.path.join(workdir, "checkpoints"), self.ckpt_opts)
         self.logger: log_lib.MetricsLogger | None = None  # opened by _resume (_open_log)
         self._pending = None  # (step, metrics) of the last step issued, not yet read on the host
@@ -198,17 +200,7 @@ class Trainer:
     def _after_eval(self, step: int, metrics: dict, progress: dict, averaged=None) -> bool:
         """Logs, checkpoints with the metric, updates early stopping. True = stop."""
         self.logger.write(step, "validation", metrics)
-        name = self.ckpt_opts.best_metric
-        if not isinstance(metrics.get(name), float):
-            progress["next_batch"] = step
-            self._save(progress, None, averaged)  # nothing trained so far is lost
-            self.mngr.wait_until_finished()
-            numbers = sorted(k for k, v in metrics.items() if isinstance(v, float))
-            raise ValueError(
-                f"checkpoint.best_metric={name!r} is not a validation metric of this task "
-                f"(one of {numbers}); the state at step {step} is saved in {self.workdir}: "
-                "fix the config and run again to resume"
-            )
+        name = self.ckpt_opts.best_metric  # one of metric_names (checked in __init__)
         value = metrics[name]
         patience = self.cfg.train.early_stopping_patience
         track_best(progress, value, self.ckpt_opts.best_mode, patience)

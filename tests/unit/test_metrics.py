@@ -44,3 +44,17 @@ def test_class_never_predicted_scores_zero_not_nan():
     assert m["precision/1"] == 0.0 and m["f1/1"] == 0.0
     assert m["accuracy"] == pytest.approx(0.6)
     assert m["macro_f1"] == pytest.approx((2 * 0.6 * 1.0 / 1.6) / 2)
+
+
+def test_metric_names_are_what_evaluation_returns_and_a_wrong_one_is_named():
+    from sft_jax import evaluation
+
+    names = evaluation.metric_names("classification", ["neg", "pos"])
+    assert names == sorted(
+        ["accuracy", "loss", "macro_f1", "macro_precision", "macro_recall"]
+        + [f"{m}/{c}" for m in ("f1", "precision", "recall") for c in ("neg", "pos")]
+    )
+    assert evaluation.metric_names("causal_lm") == ["loss", "perplexity", "token_accuracy"]
+    evaluation.check_metric("checkpoint.best_metric", "f1/pos", "classification", ["neg", "pos"])
+    with pytest.raises(ValueError, match=r"checkpoint.best_metric='macro_f1' .*'perplexity'"):
+        evaluation.check_metric("checkpoint.best_metric", "macro_f1", "causal_lm", None)
