@@ -61,15 +61,17 @@ _SEED = flags.DEFINE_integer("seed", 0, "Seed of weights and batches.")
 _DATA_CONFIG = flags.DEFINE_string(
     "data_config", None, "Also time this config's real input pipeline (configs/NAME.py[:ARG])."
 )
-_DROPOUT = flags.DEFINE_enum(
+# The kernel choices dropout, attention, packed_max_segments, loss_chunk and remat are named as
+# the fields of kernel_choices.Kernels, which _kernels reads by name.
+flags.DEFINE_enum(
     "dropout", "threefry", ["threefry", "hash"], "How dropout masks are drawn (dropout.dropout)."
 )
-_ATTENTION = flags.DEFINE_enum(
+flags.DEFINE_enum(
     "attention", "xla", ["xla", "cudnn", "cudnn_packed"],
     "Attention kernel (cudnn: fused, GPU, bf16/fp16; cudnn_packed: also segment ids as cuDNN "
     "sequence lengths / packed layout instead of a dense mask).",
 )  # fmt: skip
-_MAX_SEGMENTS = flags.DEFINE_integer(
+flags.DEFINE_integer(
     "packed_max_segments", 16, "Segments per row cudnn_packed describes (runtime."
     "packed_max_segments; 1 = padded rows: the benchmark's rows are one sequence each)."
 )  # fmt: skip
@@ -80,11 +82,11 @@ _CPU_ALLOCATOR = flags.DEFINE_enum(
     "cpu_allocator", "auto", ["auto", "reuse", "system"], "Whether freed host memory stays in "
     "the process (runtime.cpu_allocator; auto: reuse on CPU-only installs)."
 )  # fmt: skip
-_LOSS_CHUNK = flags.DEFINE_integer(
+flags.DEFINE_integer(
     "loss_chunk", 0, "Causal LM loss in chunks of this many positions (runtime.loss_chunk; 0 = "
     "whole sequence)."
 )  # fmt: skip
-_REMAT = flags.DEFINE_enum(
+flags.DEFINE_enum(
     "remat", "none", ["none", "full"], "Recompute each transformer block's activations in the "
     "backward pass (runtime.remat)."
 )  # fmt: skip
@@ -180,9 +182,7 @@ def _run_policy(benchmark, spec, policy: str, mesh, run: dict) -> dict:
 def _kernels():
     from sft_jax.kernel_choices import Kernels
 
-    return Kernels(
-        _ATTENTION.value, _DROPOUT.value, _LOSS_CHUNK.value, _MAX_SEGMENTS.value, _REMAT.value
-    )
+    return Kernels.from_config(lambda name, default: flags.FLAGS[name].value)  # same names
 
 
 def _measure(benchmark, spec, kw: dict) -> dict:

@@ -106,7 +106,7 @@ SHAPES: dict[str, tuple[Callable[..., Any], int, int]] = {
     "vit-b16": (ViTConfig.vit_b16, 64, 224),
     "tiny-bert": (lambda **kw: BertConfig(**{**_TINY_BERT, **kw}), 2, 8),
     "tiny-llama": (lambda **kw: LlamaConfig(**{**_TINY_LLAMA, **kw}), 2, 8),
-    "tiny-resnet": (lambda **kw: ResNetConfig(**_TINY_RESNET, **kw), 2, 32),
+    "tiny-resnet": (lambda **kw: ResNetConfig(**{**_TINY_RESNET, **kw}), 2, 32),
     "tiny-vit": (lambda **kw: ViTConfig(**{**_TINY_VIT, **kw}), 2, 32),
 }
 
