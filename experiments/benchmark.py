@@ -179,6 +179,18 @@ def _run_policy(benchmark, spec, policy: str, mesh, run: dict) -> dict:
                 "error": str(e)}  # fmt: skip
 
 
+def _collectives_line(r: dict) -> str | None:
+    """What a multi-device step communicates (``profiling.collective_traffic``), one line."""
+    if r.get("num_devices", 1) == 1 or "collectives" not in r:
+        return None
+    used = [f"{op} {c['count']} ({c['bytes'] / 1e6:,.3f} MB)" for op, c in r["collectives"].items()
+            if c["count"]]  # fmt: skip
+    return (
+        f"{r['model']} on {r['num_devices']} devices, collectives per step (result bytes per "
+        f"device): {', '.join(used) or 'none'}"
+    )
+
+
 def _kernels():
     from sft_jax.kernel_choices import Kernels
 
@@ -284,6 +296,8 @@ def main(argv):
     if _DATA_CONFIG.value:
         report["pipeline"] = _pipeline(_DATA_CONFIG.value)
     print(_policy_table(results) if _POLICIES.value else _table(results))
+    for line in filter(None, map(_collectives_line, results)):
+        print(line)
     if "pipeline" in report:
         p = report["pipeline"]
         unit = "images" if "images_per_s" in p else "tokens"

@@ -9,7 +9,9 @@ optionally the same step in PyTorch (``transformers`` model + ``torch.optim.Adam
 With ``policy`` (``run_jax(..., policy="lora:8", optimizer="adamw")``) the step trains what a
 freezing preset trains, with the trainer's optimizer construction (``sft_jax.benchmark_policies``);
 every run also reports trainable parameters, optimizer-state bytes and XLA's memory analysis of
-the compiled step (``compiled_memory``), the estimated peak where the device keeps no statistics.
+the compiled step (``compiled_memory``), the estimated peak where the device keeps no statistics,
+and what the compiled step communicates between devices (``collectives``: count and bytes per
+kind, ``profiling.collective_traffic``).
 
 Imports only jax, flax, optax, numpy (torch and transformers: ``benchmark_torch``, lazily): no
 ml_collections, grain, tensorflow-datasets, tensorboardX or gguf.
@@ -27,7 +29,7 @@ from typing import Any, Callable
 import jax
 import optax
 
-from sft_jax import sharding, steps, tasks, tree_util
+from sft_jax import profiling, sharding, steps, tasks, tree_util
 from sft_jax.benchmark_shapes import (
     BenchSpec,
     build_model,
@@ -150,14 +152,13 @@ def _peak_bytes(device: Any) -> int | None:
     return int(stats["peak_bytes_in_use"]) if stats and "peak_bytes_in_use" in stats else None
 
 
-def compiled_memory(step_fn: Any, state: Any, batch: Any) -> dict[str, int] | None:
-    """XLA's memory analysis of ``step_fn`` compiled for these arguments (their shapes and
-    shardings; after the step has run this is jit's cached compilation, nothing is recompiled),
-    per device: argument, output, temporary and aliased (donated) bytes, and
-    ``estimated_peak_bytes`` = argument + output + temporary - aliased. None where the backend
-    gives no analysis."""
+def compiled_memory(compiled: Any) -> dict[str, int] | None:
+    """XLA's memory analysis of a compiled step (``step_fn.lower(state, batch).compile()``: after
+    the step has run this is jit's cached compilation, nothing is recompiled), per device:
+    argument, output, temporary and aliased (donated) bytes, and ``estimated_peak_bytes`` =
+    argument + output + temporary - aliased. None where the backend gives no analysis."""
     try:
-        m = step_fn.lower(state, batch).compile().memory_analysis()
+        m = compiled.memory_analysis()
     except (AttributeError, NotImplementedError):
         return None
     if m is None:
@@ -239,8 +240,6 @@ def run_jax(
     faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / steps_
     ops = None
     if profile_dir is not None:
-        from sft_jax import profiling
-
         ops = profiling.profile_ops(call, 2, profile_dir)
     devices = list(mesh.devices.flat)
     kind = devices[0].device_kind
@@ -248,7 +247,8 @@ def run_jax(
     total_peak = None if peak is None else peak * len(devices)
     out = _summary(spec, first, times, total_peak, pipelined)
     device_peak = _peak_bytes(devices[0])
-    memory = compiled_memory(step_fn, holder["state"], batch)
+    compiled = step_fn.lower(holder["state"], batch).compile()
+    memory = compiled_memory(compiled)
     estimated = None if memory is None else memory["estimated_peak_bytes"]
     out.update(
         device=kind, platform=devices[0].platform, num_devices=len(devices),
@@ -257,6 +257,7 @@ def run_jax(
         host_page_faults_per_step=faults,
         host_max_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         policy=policy, optimizer=optimizer, **sizes, compiled_memory=memory,
+        collectives=profiling.collective_traffic(compiled.as_text()),
         peak_memory_bytes=device_peak if device_peak is not None else estimated,
         peak_memory_source="device" if device_peak is not None else (
             "estimated" if estimated is not None else None),

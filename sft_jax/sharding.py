@@ -117,12 +117,18 @@ def process_rows(sharding: NamedSharding, global_batch: int) -> slice:
     return slice(min(starts), max(stops))
 
 
+def row_axes(sharding: NamedSharding) -> tuple[tuple[str, ...], int]:
+    """The mesh axes ``sharding`` splits the leading (batch) dimension over, and how many
+    parts that makes (1 for none)."""
+    axes = sharding.spec[0] if len(sharding.spec) else None
+    axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    return axes, int(np.prod([sharding.mesh.shape[a] for a in axes], dtype=int))
+
+
 def _check_divisible(rows: int, sharding: NamedSharding) -> None:
     """Raises a ValueError naming the config keys when ``rows`` cannot be split evenly over the
     mesh axes of the batch dimension (JAX's own error names neither)."""
-    axes = sharding.spec[0] if len(sharding.spec) else None
-    axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
-    n = int(np.prod([sharding.mesh.shape[a] for a in axes])) if axes else 1
+    axes, n = row_axes(sharding)
     if rows % n:
         raise ValueError(
             f"a batch of {rows} rows cannot be split over {n} devices (mesh axes {axes} of "

@@ -26,7 +26,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from sft_jax import optimizers, tree_util
-from sft_jax.models import conv
+from sft_jax.models import activation_sharding, conv
 from sft_jax.sharding import PMAP_AXIS, replicated
 from sft_jax.train_state import StepSetup, TrainState
 
@@ -115,10 +115,13 @@ def _grads_and_stats(
     trainable, frozen = _split(params, setup.trainable)
     total_w = jnp.maximum(_psum(task.total_weight(batch), axis_name), 1.0)
     has_stats = setup.stats is not None
+    # Under jit the hidden states between blocks keep the batch's layout; pmap has no mesh.
+    layout = None if axis_name else setup.batch_sharding
 
     def loss_fn(t, f, mb, key):
         model = nnx.merge(setup.graphdef, _join(t, f))
-        with conv.batch_axis_scope(axis_name):  # BatchNorm over the global batch under pmap
+        # BatchNorm over the global batch under pmap.
+        with conv.batch_axis_scope(axis_name), activation_sharding.scope(layout):
             loss_sum, stats = task.loss_sums(model, mb, key)
         return loss_sum / total_w, (stats, _batch_stats(model) if has_stats else None)
 
@@ -261,7 +264,8 @@ def make_eval_step(
     every device, so that each process of a multi-host run can read them whole."""
 
     def eval_step(params, batch):
-        return task.eval_outputs(nnx.merge(graphdef, params), batch)
+        with activation_sharding.scope(batch_sharding):
+            return task.eval_outputs(nnx.merge(graphdef, params), batch)
 
     return jax.jit(
         eval_step,

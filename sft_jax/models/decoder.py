@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from sft_jax.models import remat
+from sft_jax.models import activation_sharding, remat
 from sft_jax.models.attention import AttentionMask, make_attention_mask
 from sft_jax.models.layers import Array
 
@@ -210,17 +210,21 @@ def run_blocks(
         call: ``call(block, x, mask, kv, index, rng) -> (x, kv)`` for one block.
 
     Returns:
-        (hidden states [B, T, H], the new cache or None).
+        (hidden states [B, T, H], the new cache or None). The hidden states between blocks keep
+        the batch's layout (``activation_sharding``).
     """
     keys, values = [], []
     for i, block in enumerate(blocks):
         rng = None if dropout_rng is None else jax.random.fold_in(dropout_rng, i)
         kv = None if cache is None else (cache.keys[i], cache.values[i])
         index = None if cache is None else cache.index
-        x, kv = remat.apply(block, x, mask, kv, index, rng, call=call)
+        x, kv = remat.apply(
+            block, activation_sharding.constrain(x), mask, kv, index, rng, call=call
+        )
         if cache is not None:
             keys.append(kv[0])
             values.append(kv[1])
+    x = activation_sharding.constrain(x)
     if cache is None:
         return x, None
     return x, KVCache(tuple(keys), tuple(values), cache_mask, cache.index + x.shape[1])

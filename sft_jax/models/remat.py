@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from sft_jax.models import trace_setting
+from sft_jax.models import activation_sharding, trace_setting
 
 POLICIES = ("none", "full")
 REMAT = trace_setting.choice("remat", POLICIES, "none")
@@ -65,11 +65,12 @@ def apply(block: nnx.Module, *args: Any, call: Callable[..., Any] = _call_block)
 
 def run_encoder(blocks: Any, x: Any, *args: Any, dropout_rng: Any = None) -> Any:
     """An encoder's block stack (BERT, ViT): ``x = block(x, *args, rng)`` for each block in
-    turn, through ``apply``; block ``i`` gets dropout key ``fold_in(dropout_rng, i)``."""
+    turn, through ``apply``; block ``i`` gets dropout key ``fold_in(dropout_rng, i)``. The hidden
+    states between blocks keep the batch's layout (``activation_sharding``)."""
     for i, block in enumerate(blocks):
         rng = None if dropout_rng is None else jax.random.fold_in(dropout_rng, i)
-        x = apply(block, x, *args, rng)
-    return x
+        x = apply(block, activation_sharding.constrain(x), *args, rng)
+    return activation_sharding.constrain(x)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
