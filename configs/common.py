@@ -27,6 +27,9 @@ def optimizer(**overrides) -> ml_collections.ConfigDict:
     c.warmup_ratio = 0.1
     c.grad_clip_norm = 1.0
     c.accumulation_steps = 1
+    # model.dtype=float16 only: the dynamic loss scale's start (halved after a gradient
+    # overflow, doubled after 2000 finite steps; sft_jax/loss_scale.py)
+    c.loss_scale_init = 2.0**16
     c.update(overrides)
     return c
 

@@ -48,7 +48,9 @@ _ATTN_DROPOUT = flags.DEFINE_float(
     "attention_dropout", None, "Override the attention-probability dropout of BERT / ViT "
     "(attention_probs_dropout_prob) or Llama (attention_dropout); cudnn attention needs 0."
 )  # fmt: skip
-_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype.")
+_DTYPE = flags.DEFINE_enum(
+    "dtype", "float32", ["float32", "bfloat16", "float16"], "Compute dtype (float16: loss-scaled)."
+)
 _BATCH = flags.DEFINE_integer("batch_size", None, "Rows per step (default: per model).")
 _SEQ = flags.DEFINE_integer("seq_len", None, "Tokens per row (default: per model).")
 _STEPS = flags.DEFINE_integer("steps", 10, "Timed steps (the median is reported).")

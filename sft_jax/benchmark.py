@@ -29,7 +29,7 @@ from typing import Any, Callable
 import jax
 import optax
 
-from sft_jax import profiling, sharding, steps, tasks, tree_util
+from sft_jax import loss_scale, profiling, sharding, steps, tasks, tree_util
 from sft_jax.benchmark_shapes import (
     BenchSpec,
     build_model,
@@ -91,12 +91,15 @@ def build_step(
         if stats is not None:  # statistics: no optimizer state, never updated by it
             labels = jax.tree.map(lambda t: "train" if t else "frozen", trainable)
             tx = optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
+        if spec.config.dtype == "float16":  # as the trainer: a dynamic loss scale
+            tx = optax.chain(loss_scale.dynamic_loss_scale(), tx)
         del params
     else:
         from sft_jax import benchmark_policies as bp
 
         cfg = bp.optimizer_config(optimizer, LEARNING_RATE, WEIGHT_DECAY, CLIP_NORM)
-        model, groups, tx, lr, stats = bp.policy_model(model, policy, cfg, seed)
+        float16 = spec.config.dtype == "float16"
+        model, groups, tx, lr, stats = bp.policy_model(model, policy, cfg, seed, float16)
         graphdef, _ = split_model(model)  # after the adapters were inserted
         trainable = groups.trainable
     mesh = sharding.make_mesh(mesh_shape)

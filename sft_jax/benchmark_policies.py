@@ -37,10 +37,15 @@ def optimizer_config(
 
 
 def policy_model(
-    model: nnx.Module, policy: str, opt_cfg: ml_collections.ConfigDict, seed: int = 0
+    model: nnx.Module,
+    policy: str,
+    opt_cfg: ml_collections.ConfigDict,
+    seed: int = 0,
+    loss_scale: bool = False,
 ) -> tuple[nnx.Module, freezing.ParamGroups, Any, Any, Any]:
     """``(model, groups, tx, lr_schedule, stats)`` for ``policy``: adapters inserted (``lora:R``),
-    groups matched with the model's structure, the optimizer built over them.
+    groups matched with the model's structure, the optimizer built over them (with a dynamic
+    loss scale where ``loss_scale``: float16 compute).
 
     Raises:
       ValueError: the policy does not apply to the model (e.g. ``bitfit`` on a model without
@@ -52,5 +57,5 @@ def policy_model(
     groups = freezing.param_groups(
         params, policy, structure=freezing.structure_for(model), never=stats
     )
-    tx, lr = optim.build_optimizer(opt_cfg, groups, total_steps=1000)
+    tx, lr = optim.build_optimizer(opt_cfg, groups, total_steps=1000, loss_scale=loss_scale)
     return model, groups, tx, lr, stats

@@ -247,11 +247,12 @@ PEAK_FLOPS: tuple[tuple[str, float, float], ...] = (
 
 def peak_flops(device_kind: str, dtype: str = "bfloat16") -> float | None:
     """Dense peak FLOP/s of one device of ``device_kind`` (``jax.devices()[0].device_kind``) for
-    ``dtype`` compute, or None when the kind is not in ``PEAK_FLOPS``."""
+    ``dtype`` compute (float16 at the bfloat16 peak: the same tensor-core rate on these GPUs),
+    or None when the kind is not in ``PEAK_FLOPS``."""
     kind = device_kind.lower()
     for pattern, bf16, f32 in PEAK_FLOPS:
         if pattern in kind:
-            return bf16 if dtype == "bfloat16" else f32
+            return bf16 if dtype in ("bfloat16", "float16") else f32
     return None
 
 

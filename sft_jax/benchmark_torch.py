@@ -72,8 +72,10 @@ def run_torch(
     """Times the PyTorch equivalent of ``run_jax``'s step on the same batch.
 
     ``transformers`` model, ``torch.optim.AdamW`` (same rate and decay, on every parameter) after
-    global-norm clipping; on CUDA if available. ``bfloat16`` runs under ``torch.autocast`` with
-    float32 parameters (the JAX policy); ``float32`` allows TF32 matmuls, as JAX does by default.
+    global-norm clipping; on CUDA if available. ``bfloat16`` and ``float16`` run under
+    ``torch.autocast`` with float32 parameters (the JAX policy), ``float16`` with
+    ``torch.amp.GradScaler`` (the JAX step's dynamic loss scale); ``float32`` allows TF32
+    matmuls, as JAX does by default.
 
     Args:
         spec: Model shape and batch.
@@ -111,16 +113,19 @@ def _time_torch(spec: BenchSpec, warmup: int, steps_: int, seed: int) -> dict:
     batch = {k: v.long() if v.dtype == torch.int32 else v for k, v in batch.items()}
     if "pixel_values" in batch:  # NHWC (ours) -> NCHW (torch), once, outside the timed step
         batch["pixel_values"] = batch["pixel_values"].permute(0, 3, 1, 2).contiguous()
-    bf16 = spec.config.dtype == "bfloat16"
+    amp = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(spec.config.dtype)
+    scaler = torch.amp.GradScaler(dev.type, enabled=amp is torch.float16)
     holder = {}
 
     def dispatch():
         opt.zero_grad(set_to_none=True)
-        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
+        with torch.autocast(dev.type, dtype=amp or torch.bfloat16, enabled=amp is not None):
             loss = _torch_loss(model, batch, spec, torch)
-        loss.backward()
+        scaler.scale(loss).backward()
+        scaler.unscale_(opt)
         torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP_NORM)
-        opt.step()
+        scaler.step(opt)
+        scaler.update()
         holder["loss_tensor"] = loss.detach()
 
     def wait():

@@ -175,9 +175,22 @@ def _image_batches(cfg: ml_collections.ConfigDict, data: Any, spec: Any, split: 
     )
 
 
+# model.dtype: the compute dtype; parameters and optimizer state stay float32. float16 runs
+# with a dynamic loss scale (``sft_jax.loss_scale``).
+COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def compute_dtype(cfg: ml_collections.ConfigDict) -> str:
+    """``cfg.model.dtype`` (default float32), checked against ``COMPUTE_DTYPES``."""
+    dtype = cfg.model.get("dtype", "float32")
+    if dtype not in COMPUTE_DTYPES:
+        raise ValueError(f"model.dtype={dtype!r}; use one of {COMPUTE_DTYPES}")
+    return dtype
+
+
 def _model_kwargs(cfg: ml_collections.ConfigDict, num_labels: int) -> dict[str, Any]:
     """The task's ``load_pretrained`` arguments from the ``model`` block."""
-    kwargs: dict[str, Any] = {"seed": cfg.seed, "dtype": cfg.model.get("dtype", "float32")}
+    kwargs: dict[str, Any] = {"seed": cfg.seed, "dtype": compute_dtype(cfg)}
     if is_image(cfg):
         kwargs.update(
             num_labels=num_labels,
@@ -206,7 +219,7 @@ def _random_init(model: Any, seed: int) -> Any:
 def build_model(cfg: ml_collections.ConfigDict, num_labels: int = 0, path: str | None = None):
     """The task model from pretrained weights (``path`` overrides ``cfg.model.path``), or
     randomly initialized with ``model.pretrained=False`` (image models), computing in
-    ``cfg.model.dtype`` with float32 parameters (mixed precision when bfloat16), with LoRA
+    ``cfg.model.dtype`` with float32 parameters (mixed precision in bfloat16 or float16), with LoRA
     adapters when ``cfg.lora.rank > 0`` or the freezing policy is ``lora:R``."""
     from sft_jax.pretrained import load_pretrained
 

@@ -2,7 +2,8 @@
 
 ``build_optimizer(cfg, groups, total_steps)`` returns one ``GradientTransformation``:
 
-  [gradients of not-yet-unfrozen leaves zeroed (gradual unfreezing only)]
+  [the dynamic loss scale (float16 compute only, ``loss_scale``): passes gradients through]
+  -> [gradients of not-yet-unfrozen leaves zeroed (gradual unfreezing only)]
   -> global-norm clipping (over every trainable gradient)
   -> ``optax.multi_transform``: one optimizer per parameter group, i.e. per distinct
      (lr_mult, wd_mult, unfreeze step) among trainable leaves, each with the schedule times
@@ -24,6 +25,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from sft_jax import loss_scale as loss_scale_lib
 from sft_jax.freezing import ParamGroups
 from sft_jax.optimizers import (  # noqa: F401  (re-exported)
     OPTIMIZERS,
@@ -132,7 +134,10 @@ def _group_optimizer(
 
 
 def build_optimizer(
-    cfg: ml_collections.ConfigDict, groups: ParamGroups | Any, total_steps: int
+    cfg: ml_collections.ConfigDict,
+    groups: ParamGroups | Any,
+    total_steps: int,
+    loss_scale: bool = False,
 ) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """Builds the full update rule.
 
@@ -141,6 +146,8 @@ def build_optimizer(
       groups: a ``freezing.ParamGroups`` (``freezing.param_groups``), or a bool pytree with the
         parameters' structure (``freezing.trainable_mask``: multipliers 1).
       total_steps: optimizer steps of the run, for the schedule.
+      loss_scale: start the chain with a dynamic loss scale (``sft_jax.loss_scale``; float16
+        compute).
 
     Returns:
       ``(tx, lr_schedule)``; ``lr_schedule`` is the base schedule (multiplier 1).
@@ -163,6 +170,9 @@ def build_optimizer(
     for label, (lr_mult, wd_mult, start) in settings.items():
         transforms[label] = _group_optimizer(cfg, lr, lr_mult, wd_mult, start)
     chain = []
+    if loss_scale:
+        init = cfg.get("loss_scale_init", loss_scale_lib.INIT_SCALE)
+        chain.append(loss_scale_lib.dynamic_loss_scale(init))
     if groups.unfreeze_step is not None:
         chain.append(zero_until(groups.unfreeze_step))
     if cfg.grad_clip_norm > 0:

@@ -35,6 +35,7 @@ import optax
 from optax.contrib import MuonDimensionNumbers, ScheduleFreeState
 
 from sft_jax import tree_util
+from sft_jax.loss_scale import LossScaleState
 from sft_jax.policies import HEAD_PATTERN
 
 if TYPE_CHECKING:  # annotations only: the train step imports this module, not the config stack
@@ -202,13 +203,15 @@ def zero_until(steps: Any) -> optax.GradientTransformation:
     return optax.GradientTransformation(init, update)
 
 
-_CLOCKS = (optax.ScaleByScheduleState, _CountState, _GateState)
+# The loss scale moves on skipped steps too: a skip after an overflow is what halves it.
+_CLOCKS = (optax.ScaleByScheduleState, _CountState, _GateState, LossScaleState)
 
 
 def clock_mask(opt_state: Any) -> Any:
     """True on the optimizer-state leaves that count steps for a schedule or a gate (learning-
-    rate schedules, scheduled weight decay, gradual-unfreezing gates), False on the rest
-    (moments, and the counts behind Adam-style bias correction).
+    rate schedules, scheduled weight decay, gradual-unfreezing gates) and on the float16 loss
+    scale (``loss_scale``), False on the rest (moments, and the counts behind Adam-style bias
+    correction).
 
     A skipped (non-finite) update keeps the False leaves and advances the True ones, as a
     PyTorch loop that skips ``optimizer.step()`` but still calls ``scheduler.step()``: the

@@ -25,7 +25,7 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from sft_jax import optimizers, tree_util
+from sft_jax import loss_scale, optimizers, tree_util
 from sft_jax.models import activation_sharding, conv
 from sft_jax.sharding import PMAP_AXIS, replicated
 from sft_jax.train_state import StepSetup, TrainState
@@ -100,6 +100,7 @@ def _grads_and_stats(
     rng: jax.Array,
     accumulation_steps: int,
     axis_name: str | None = None,
+    loss_scale: jax.Array | None = None,
 ) -> tuple[Any, dict, dict | None]:
     """Gradient of the global-batch mean loss w.r.t. trainable params, summed stats, and the
     BatchNorm running statistics after the forward passes (None for models without BatchNorm).
@@ -110,7 +111,8 @@ def _grads_and_stats(
     statistics over the devices (``conv.batch_axis_scope``), so they normalize, and update
     their running statistics, as over the global batch. With accumulation, each micro-batch's
     forward pass updates the running statistics the next one starts from (as consecutive torch
-    forward passes would).
+    forward passes would). With ``loss_scale`` (float16 compute, ``sft_jax.loss_scale``) the loss
+    is differentiated times the scale and the gradients divided by it.
     """
     trainable, frozen = _split(params, setup.trainable)
     total_w = jnp.maximum(_psum(task.total_weight(batch), axis_name), 1.0)
@@ -123,7 +125,9 @@ def _grads_and_stats(
         # BatchNorm over the global batch under pmap.
         with conv.batch_axis_scope(axis_name), activation_sharding.scope(layout):
             loss_sum, stats = task.loss_sums(model, mb, key)
-        return loss_sum / total_w, (stats, _batch_stats(model) if has_stats else None)
+        loss = loss_sum / total_w
+        scaled = loss if loss_scale is None else loss * loss_scale
+        return scaled, (stats, _batch_stats(model) if has_stats else None)
 
     grad_fn = jax.grad(loss_fn, has_aux=True)
     if accumulation_steps == 1:
@@ -150,6 +154,8 @@ def _grads_and_stats(
         )
         bn = None if bns is None else jax.tree.map(lambda x: x[-1], bns)
     grads, stats = _psum((grads, stats), axis_name)
+    if loss_scale is not None:
+        grads = jax.tree.map(lambda g: g / loss_scale.astype(g.dtype), grads)
     return grads, stats, bn
 
 
@@ -171,8 +177,9 @@ def train_step(
     rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
     if axis_name is not None:
         rng = jax.random.fold_in(rng, jax.lax.axis_index(axis_name))
+    scale = loss_scale.current(state.opt_state)  # float16 compute only; None otherwise
     grads, stats, batch_stats = _grads_and_stats(
-        setup, task, state.params, batch, rng, accumulation_steps, axis_name
+        setup, task, state.params, batch, rng, accumulation_steps, axis_name, scale
     )
     # Frozen leaves: zero gradients (optax.set_to_zero ignores them; XLA folds the zeros away).
     full_grads = jax.tree.map(
@@ -214,6 +221,8 @@ def train_step(
         "learning_rate": setup.lr_schedule(state.step),
         "nonfinite": 1.0 - finite.astype(jnp.float32),
     }
+    if scale is not None:
+        metrics["loss_scale"] = scale
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
     return new_state, metrics
 

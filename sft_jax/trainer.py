@@ -99,7 +99,8 @@ class Trainer:
         )
         graphdef, _ = split_model(model)  # after configure_batch_norm: its flags are static
         self.learned = stats if stats is None else jax.tree.map(lambda m: not m, stats)
-        tx, lr = optim.build_optimizer(cfg.optimizer, self.groups, self.total_steps)
+        float16 = components.compute_dtype(cfg) == "float16"  # with a dynamic loss scale
+        tx, lr = optim.build_optimizer(cfg.optimizer, self.groups, self.total_steps, float16)
         self.state = create_train_state(model, tx, mesh, cfg.seed)
         self.setup = StepSetup(
             graphdef=graphdef,
@@ -241,9 +242,20 @@ class Trainer:
         meter.update(t0=time.time(), count=0, step0=done)
 
     def _count_nonfinite(self, done: int, m: dict, progress: dict) -> bool:
-        """Counts skipped (non-finite) updates; True when there are more in a row than allowed."""
+        """Counts skipped (non-finite) updates; True when there are more in a row than allowed.
+
+        Under float16's loss scale, a skip with a finite loss at a scale above 1 is a gradient
+        overflow that the halved scale answers (as GradScaler's skipped steps): logged, not
+        counted."""
         if not float(m["nonfinite"]):
             progress["skipped_in_a_row"] = 0
+            return False
+        if float(m.get("loss_scale", 1.0)) > 1.0 and math.isfinite(float(m["loss"])):
+            log.info(
+                "step %d: float16 gradient overflow at loss scale %g; update skipped, scale halved",
+                done,
+                float(m["loss_scale"]),
+            )
             return False
         progress["skipped_in_a_row"] = progress.get("skipped_in_a_row", 0) + 1
         limit = self.cfg.train.max_skipped_steps
