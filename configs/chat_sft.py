@@ -30,7 +30,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.model = ml_collections.ConfigDict()
     c.model.path = "smollm2-135m-instruct"  # short name, Hugging Face directory or GGUF file
     c.model.task = "causal_lm"
-    c.model.dtype = "float32"  # compute: float32 | bfloat16 (params, optimizer stay float32)
+    c.model.dtype = "float32"  # compute: float32 | bfloat16 | float16 (loss-scaled); params f32
 
     c.data = ml_collections.ConfigDict()
     c.data.name = "instruct_tasks"  # instruct_tasks | chatterbot | files (JSONL with messages)

@@ -45,7 +45,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.model.head_hidden = 256
     c.model.classifier_dropout = 0.2  # before the last Dense of the head
     c.model.batch_norm = "auto"  # auto (frozen where the layer is frozen) | train | frozen
-    c.model.dtype = "float32"  # compute: float32 | bfloat16 (params, optimizer stay float32)
+    c.model.dtype = "float32"  # compute: float32 | bfloat16 | float16 (loss-scaled); params f32
 
     c.data = ml_collections.ConfigDict()
     c.data.name = "fashion_mnist"  # or "image_folder" with train_dir (+ validation/test_dir)

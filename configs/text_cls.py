@@ -29,7 +29,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.model.path = "minilm-l6"  # short name, a local Hugging Face directory, or a GGUF file
     c.model.task = "classification"
     c.model.classifier_dropout = 0.1
-    c.model.dtype = "float32"  # compute: float32 | bfloat16 (params, optimizer stay float32)
+    c.model.dtype = "float32"  # compute: float32 | bfloat16 | float16 (loss-scaled); params f32
 
     c.data = ml_collections.ConfigDict()
     c.data.name = "tweet_sentiment"  # or "files" with train_file/validation_file/test_file
