@@ -34,9 +34,9 @@ DEFAULT_RULES: dict[str, Any] = {
     # Llama k/v projections [embed, kv_heads * head_dim], split like "heads" (with fewer kv heads
     # than tensor devices the split falls inside heads: still exact, GSPMD adds the collectives:
     # 2 kv heads on 4 devices, 4 collective-permutes and 6 all-gathers per layer in the compiled
-    # train step). GPT-2's fused c_attn [embed, 3 * embed] is split over its q|k|v columns, so q,
-    # k and v each straddle devices: about 7 collective-permutes per layer on 4 devices. Llama
-    # with dividing heads moves no activations (tests/unit/test_parallel.py).
+    # train step). GPT-2's fused c_attn [embed, 3 * embed] is stored head by head (models/gpt2.py),
+    # so its column split gives each device whole heads. With the heads dividing the tensor axis,
+    # Llama and GPT-2 move no activations (tests/unit/test_parallel.py).
     "kv": "tensor",
     "norm": None,
 }

@@ -2,7 +2,8 @@
 
 Reads both ``GPT2LMHeadModel`` checkpoints (``transformer.*``) and bare ``GPT2Model`` ones
 (``wte.*``, ``h.*``, e.g. the original ``gpt2`` upload). HF's ``Conv1D`` weights are already
-[in, out], so every kernel maps without a transpose.
+[in, out], so every kernel maps without a transpose; the fused ``c_attn`` columns are reordered
+from HF's [(q, k, v), N, D] to our head-by-head [N, (q, k, v), D] (``models.gpt2``).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from sft_jax.hf.llama import (
 )
 from sft_jax.hf.mapping import (
     Rule,
+    Transform,
     add_prefix,
     assign_params,
     embedding,
@@ -32,15 +34,41 @@ from sft_jax.hf.mapping import (
 from sft_jax.models.gpt2 import GPT2Config, GPT2LMHeadModel
 
 _BLOCK = r"transformer.h.{i:\d+}"
-_CONV = _BLOCK + r".{m:attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj}"
-GPT2_RULES = [
-    *embedding("transformer.{e:wte|wpe}"),
-    *layer_norm(_BLOCK + ".{n:ln_1|ln_2}"),
-    *layer_norm("transformer.ln_f"),
-    # Conv1D: weight [in, out] is our kernel as is (no transpose).
-    Rule(f"{_CONV}.weight", f"{_CONV}.kernel"),
-    Rule(f"{_CONV}.bias", f"{_CONV}.bias"),
-]
+_CONV = _BLOCK + r".{m:attn\.c_proj|mlp\.c_fc|mlp\.c_proj}"
+_QKV = _BLOCK + ".attn.c_attn"
+
+
+def _qkv_order(n_head: int) -> Transform:
+    """c_attn's last axis (3E) from HF's [(q, k, v), N, D] to our [N, (q, k, v), D] and back. A
+    last axis that is not 3 x N x D passes unchanged (the shape check then names it)."""
+
+    def swap(x: np.ndarray, fused: tuple[int, int]) -> np.ndarray:
+        size = x.shape[-1]
+        if size % (3 * n_head):
+            return x
+        x = x.reshape(x.shape[:-1] + fused + (size // (3 * n_head),))
+        return np.swapaxes(x, -3, -2).reshape(x.shape[:-3] + (size,))
+
+    return Transform(
+        "qkv_head_major", lambda x: swap(x, (3, n_head)), lambda x: swap(x, (n_head, 3))
+    )
+
+
+def gpt2_rules(n_head: int) -> list[Rule]:
+    """The weight table of a GPT-2 with ``n_head`` heads."""
+    qkv = _qkv_order(n_head)
+    return [
+        *embedding("transformer.{e:wte|wpe}"),
+        *layer_norm(_BLOCK + ".{n:ln_1|ln_2}"),
+        *layer_norm("transformer.ln_f"),
+        # Conv1D: weight [in, out] is our kernel as is (no transpose).
+        Rule(f"{_CONV}.weight", f"{_CONV}.kernel"),
+        Rule(f"{_CONV}.bias", f"{_CONV}.bias"),
+        Rule(f"{_QKV}.weight", f"{_QKV}.kernel", qkv),
+        Rule(f"{_QKV}.bias", f"{_QKV}.bias", qkv),
+    ]
+
+
 # The tied head, and the causal-mask buffers older checkpoints store.
 GPT2_IGNORE = (
     r"lm_head\.weight",
@@ -84,7 +112,11 @@ def load_gpt2(
     del seed
     model = abstract_model(GPT2LMHeadModel, config)
     loaded = import_weights(
-        tensors, flat_params(model), GPT2_RULES, source=str(source), ignore=GPT2_IGNORE
+        tensors,
+        flat_params(model),
+        gpt2_rules(config.n_head),
+        source=str(source),
+        ignore=GPT2_IGNORE,
     )
     assign_params(model, loaded)
     return model
@@ -112,7 +144,8 @@ def export_gpt2(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     params = {p: np.asarray(v[...], dtype=np.float32) for p, v in flat_params(model).items()}
-    io.write_safetensors(export_weights(params, GPT2_RULES), out / io.SAFETENSORS_NAME)
+    weights = export_weights(params, gpt2_rules(model.config.n_head))
+    io.write_safetensors(weights, out / io.SAFETENSORS_NAME)
     io.write_json({**model.config.to_hf_dict(), "dtype": "float32"}, out / "config.json")
     write_generation_config(model.config, out)
     save_tokenizer(out, tokenizer_dir, tokenizer)

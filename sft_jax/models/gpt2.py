@@ -3,6 +3,12 @@
 Attribute paths mirror ``transformers`` (``transformer.wte``, ``transformer.h.{i}.attn.c_attn``,
 ``transformer.ln_f``); the LM head is always the tied token embedding (``wte.attend``). HF's
 ``Conv1D`` stores weights [in, out], which is our ``Dense`` kernel layout already.
+
+One layout differs: the fused ``c_attn`` projection's 3E output columns are ordered head by head,
+[N heads, (q, k, v), D] (Megatron's fused QKV order), where HF's are [(q, k, v), N, D]. Split
+over tensor-parallel devices, each device's columns are then whole heads' q, k and v, and
+attention needs no activations from another device (HF's order would give device 0 only query
+columns). ``sft_jax.hf.gpt2`` reorders on import and export.
 """
 
 from __future__ import annotations
@@ -85,7 +91,8 @@ def _layer_norm(cfg: GPT2Config, rngs: nnx.Rngs) -> layers.LayerNorm:
 
 
 class GPT2Attention(nnx.Module):
-    """Causal self-attention with fused ``c_attn`` (q|k|v, [E, 3E]) and ``c_proj``."""
+    """Causal self-attention with fused ``c_attn`` ([E, 3E], columns [N, (q, k, v), D]) and
+    ``c_proj``."""
 
     def __init__(self, cfg: GPT2Config, layer_idx: int, *, rngs: nnx.Rngs):
         e = cfg.n_embd
@@ -103,8 +110,8 @@ class GPT2Attention(nnx.Module):
         """[B, T, E] -> ([B, T, E], updated (k, v) cache [B, S, N, D] or None)."""
         b, t, e = x.shape
         rng_probs, rng_out = dropout.split_rng(dropout_rng, 2)
-        q, k, v = jnp.split(self.c_attn(x), 3, axis=-1)  # 3 x [B, T, E]
-        q, k, v = (a.reshape(b, t, self.num_heads, self.head_dim) for a in (q, k, v))
+        qkv = self.c_attn(x).reshape(b, t, self.num_heads, 3, self.head_dim)  # head by head
+        q, k, v = (qkv[..., i, :] for i in range(3))  # 3 x [B, T, N, D]
         if self.q_scale != 1.0:
             q = q * jnp.asarray(self.q_scale, q.dtype)
         if kv is not None:
