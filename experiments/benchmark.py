@@ -188,8 +188,8 @@ def _collectives_line(r: dict) -> str | None:
     used = [f"{op} {c['count']} ({c['bytes'] / 1e6:,.3f} MB)" for op, c in r["collectives"].items()
             if c["count"]]  # fmt: skip
     return (
-        f"{r['model']} on {r['num_devices']} devices, collectives per step (result bytes per "
-        f"device): {', '.join(used) or 'none'}"
+        f"{r['model']} on {r['num_devices']} devices, collectives in the compiled step (a loop "
+        f"body's once; result bytes per device): {', '.join(used) or 'none'}"
     )
 
 

@@ -80,6 +80,7 @@ def build_step(
     the trainer builds them (``sft_jax.benchmark_policies``).
     """
     model = build_model(spec, seed)
+    scaled = loss_scale.needed(spec.config.dtype)  # float16: a dynamic loss scale, as the trainer
     if policy is None:
         if optimizer != "adamw":
             raise ValueError(f"optimizer={optimizer!r} needs a policy (e.g. 'full')")
@@ -91,15 +92,14 @@ def build_step(
         if stats is not None:  # statistics: no optimizer state, never updated by it
             labels = jax.tree.map(lambda t: "train" if t else "frozen", trainable)
             tx = optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
-        if spec.config.dtype == "float16":  # as the trainer: a dynamic loss scale
+        if scaled:
             tx = optax.chain(loss_scale.dynamic_loss_scale(), tx)
         del params
     else:
         from sft_jax import benchmark_policies as bp
 
         cfg = bp.optimizer_config(optimizer, LEARNING_RATE, WEIGHT_DECAY, CLIP_NORM)
-        float16 = spec.config.dtype == "float16"
-        model, groups, tx, lr, stats = bp.policy_model(model, policy, cfg, seed, float16)
+        model, groups, tx, lr, stats = bp.policy_model(model, policy, cfg, seed, loss_scale=scaled)
         graphdef, _ = split_model(model)  # after the adapters were inserted
         trainable = groups.trainable
     mesh = sharding.make_mesh(mesh_shape)

@@ -247,8 +247,9 @@ PEAK_FLOPS: tuple[tuple[str, float, float], ...] = (
 
 def peak_flops(device_kind: str, dtype: str = "bfloat16") -> float | None:
     """Dense peak FLOP/s of one device of ``device_kind`` (``jax.devices()[0].device_kind``) for
-    ``dtype`` compute (float16 at the bfloat16 peak: the same tensor-core rate on these GPUs),
-    or None when the kind is not in ``PEAK_FLOPS``."""
+    ``dtype`` compute (float16 at the bfloat16 column: the same tensor-core rate on the GPUs
+    listed; TPUs have no faster float16 path, so there it is an upper bound), or None when the
+    kind is not in ``PEAK_FLOPS``."""
     kind = device_kind.lower()
     for pattern, bf16, f32 in PEAK_FLOPS:
         if pattern in kind:

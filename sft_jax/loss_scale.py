@@ -1,13 +1,18 @@
 """Dynamic loss scaling for float16 compute (``model.dtype=float16``), as PyTorch's
 ``torch.amp.GradScaler``.
 
-float16 keeps 10 mantissa bits like bfloat16 but only 5 exponent bits: gradients below about
-6e-8 round to zero on the way back through float16 activations. The train step multiplies the
-loss by a scale before differentiating and divides the float32 gradients by it afterwards, so
-small gradients stay representable. The scale starts at 2**16; a non-finite gradient (the
-scale was too large: an overflow) halves it, and the step is skipped by the step's own
-non-finite rule (parameters and moments keep their last good values); after ``interval``
-finite steps in a row it doubles.
+float16 has more mantissa bits than bfloat16 (10 against 7) but only 5 exponent bits (against
+8): gradients below about 6e-8 round to zero on the way back through float16 activations.
+The train step multiplies the loss by a scale before differentiating and divides the float32
+gradients by it afterwards, so small gradients stay representable. The scale starts at 2**16;
+a non-finite gradient (the scale was too large: an overflow) halves it, and the step is
+skipped by the step's own non-finite rule (parameters and moments keep their last good
+values); after ``interval`` finite steps in a row it doubles (while the doubled scale is
+finite).
+
+The scale's rule reads the gradients alone; the step also skips a non-finite loss. The two
+agree in practice (a non-finite float32 loss gives non-finite gradients); where they would not,
+the scale just counts one more good step.
 
 The scale lives in the optimizer state, as the first transform of the chain
 (``optim.build_optimizer(..., loss_scale=True)``): checkpoints keep it, and its state is one of
@@ -28,6 +33,12 @@ INIT_SCALE = 2.0**16  # GradScaler's defaults
 GROWTH_INTERVAL = 2000
 
 
+def needed(compute_dtype: str) -> bool:
+    """Whether a step computing in ``compute_dtype`` (a dtype name) scales its loss: float16
+    only (bfloat16 has float32's exponent range)."""
+    return compute_dtype == "float16"
+
+
 class LossScaleState(NamedTuple):
     """``scale``: float32 scalar, the factor of the next step's loss; ``good_steps``: int32
     scalar, finite steps since the scale last changed."""
@@ -41,7 +52,7 @@ def dynamic_loss_scale(
 ) -> optax.GradientTransformation:
     """A transform that passes the (already unscaled) gradients through unchanged and updates
     the scale: halved after a non-finite gradient (never below 1), doubled after ``interval``
-    finite ones in a row."""
+    finite ones in a row (unless the doubled scale would overflow float32)."""
 
     def init(params: Any) -> LossScaleState:
         del params
@@ -50,7 +61,7 @@ def dynamic_loss_scale(
     def update(updates: Any, state: LossScaleState, params: Any = None) -> tuple:
         del params
         finite = jnp.isfinite(optax.tree.norm(updates))
-        grow = finite & (state.good_steps + 1 >= interval)
+        grow = finite & (state.good_steps + 1 >= interval) & jnp.isfinite(state.scale * 2.0)
         scale = jnp.where(
             finite,
             jnp.where(grow, state.scale * 2.0, state.scale),

@@ -100,7 +100,7 @@ def _grads_and_stats(
     rng: jax.Array,
     accumulation_steps: int,
     axis_name: str | None = None,
-    loss_scale: jax.Array | None = None,
+    scale: jax.Array | None = None,
 ) -> tuple[Any, dict, dict | None]:
     """Gradient of the global-batch mean loss w.r.t. trainable params, summed stats, and the
     BatchNorm running statistics after the forward passes (None for models without BatchNorm).
@@ -111,8 +111,8 @@ def _grads_and_stats(
     statistics over the devices (``conv.batch_axis_scope``), so they normalize, and update
     their running statistics, as over the global batch. With accumulation, each micro-batch's
     forward pass updates the running statistics the next one starts from (as consecutive torch
-    forward passes would). With ``loss_scale`` (float16 compute, ``sft_jax.loss_scale``) the loss
-    is differentiated times the scale and the gradients divided by it.
+    forward passes would). With a loss ``scale`` (float16 compute, ``sft_jax.loss_scale``) the
+    loss is differentiated times the scale and the gradients divided by it.
     """
     trainable, frozen = _split(params, setup.trainable)
     total_w = jnp.maximum(_psum(task.total_weight(batch), axis_name), 1.0)
@@ -122,11 +122,11 @@ def _grads_and_stats(
 
     def loss_fn(t, f, mb, key):
         model = nnx.merge(setup.graphdef, _join(t, f))
-        # BatchNorm over the global batch under pmap.
+        # BatchNorm over the global batch under pmap; block boundaries in the batch's layout.
         with conv.batch_axis_scope(axis_name), activation_sharding.scope(layout):
             loss_sum, stats = task.loss_sums(model, mb, key)
         loss = loss_sum / total_w
-        scaled = loss if loss_scale is None else loss * loss_scale
+        scaled = loss if scale is None else loss * scale
         return scaled, (stats, _batch_stats(model) if has_stats else None)
 
     grad_fn = jax.grad(loss_fn, has_aux=True)
@@ -154,8 +154,8 @@ def _grads_and_stats(
         )
         bn = None if bns is None else jax.tree.map(lambda x: x[-1], bns)
     grads, stats = _psum((grads, stats), axis_name)
-    if loss_scale is not None:
-        grads = jax.tree.map(lambda g: g / loss_scale.astype(g.dtype), grads)
+    if scale is not None:
+        grads = jax.tree.map(lambda g: g / scale.astype(g.dtype), grads)
     return grads, stats, bn
 
 

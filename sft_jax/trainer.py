@@ -15,7 +15,16 @@ import jax
 import ml_collections
 
 from sft_jax import checkpoint as ckpt_lib
-from sft_jax import components, freezing, optim, preemption, runners, steps, tree_util
+from sft_jax import (
+    components,
+    freezing,
+    loss_scale,
+    optim,
+    preemption,
+    runners,
+    steps,
+    tree_util,
+)
 from sft_jax import logging as log_lib
 from sft_jax import resume as resume_lib
 from sft_jax import sharding as sharding_lib
@@ -48,6 +57,13 @@ def track_best(progress: dict, value: float, mode: str, patience: int) -> None:
 def out_of_patience(progress: dict, patience: int) -> bool:
     """Whether ``progress`` has had ``patience`` evaluations without improvement (0: never)."""
     return bool(patience and progress["evals_since_best"] >= patience)
+
+
+def _is_overflow(m: dict) -> bool:
+    """Whether a skipped step's metrics ``m`` show a float16 gradient overflow: a finite loss
+    at a loss scale above 1, which the halved scale answers (as GradScaler's skipped steps),
+    rather than a divergence."""
+    return float(m.get("loss_scale", 1.0)) > 1.0 and math.isfinite(float(m["loss"]))
 
 
 class NonFiniteError(FloatingPointError):
@@ -99,8 +115,10 @@ class Trainer:
         )
         graphdef, _ = split_model(model)  # after configure_batch_norm: its flags are static
         self.learned = stats if stats is None else jax.tree.map(lambda m: not m, stats)
-        float16 = components.compute_dtype(cfg) == "float16"  # with a dynamic loss scale
-        tx, lr = optim.build_optimizer(cfg.optimizer, self.groups, self.total_steps, float16)
+        scaled = loss_scale.needed(components.compute_dtype(cfg))
+        tx, lr = optim.build_optimizer(
+            cfg.optimizer, self.groups, self.total_steps, loss_scale=scaled
+        )
         self.state = create_train_state(model, tx, mesh, cfg.seed)
         self.setup = StepSetup(
             graphdef=graphdef,
@@ -243,14 +261,11 @@ class Trainer:
 
     def _count_nonfinite(self, done: int, m: dict, progress: dict) -> bool:
         """Counts skipped (non-finite) updates; True when there are more in a row than allowed.
-
-        Under float16's loss scale, a skip with a finite loss at a scale above 1 is a gradient
-        overflow that the halved scale answers (as GradScaler's skipped steps): logged, not
-        counted."""
+        A float16 gradient overflow (``_is_overflow``) is logged, not counted."""
         if not float(m["nonfinite"]):
             progress["skipped_in_a_row"] = 0
             return False
-        if float(m.get("loss_scale", 1.0)) > 1.0 and math.isfinite(float(m["loss"])):
+        if _is_overflow(m):
             log.info(
                 "step %d: float16 gradient overflow at loss scale %g; update skipped, scale halved",
                 done,

@@ -37,13 +37,14 @@ def scope(batch_sharding: NamedSharding | None):
 
 def constrain(x: Array) -> Array:
     """``x`` ([B, ...]) with its rows split as the current batch sharding's and its other
-    dimensions whole on each device; unchanged outside a ``scope``, or where the rows do not
-    split evenly (a micro-batch smaller than the mesh's batch axes)."""
+    dimensions whole on each device; unchanged outside a ``scope``, for a batch sharding that
+    does not split rows, or where the rows do not split evenly (a micro-batch smaller than the
+    mesh's batch axes)."""
     batch = BATCH_SHARDING.get()
     if batch is None:
         return x
-    _, n = sharding.row_axes(batch)
-    if x.shape[0] % n:
+    axes, n = sharding.row_axes(batch)
+    if not axes or x.shape[0] % n:
         return x
-    spec = P(batch.spec[0], *(None,) * (x.ndim - 1))
+    spec = P(axes if len(axes) > 1 else axes[0], *(None,) * (x.ndim - 1))
     return jax.lax.with_sharding_constraint(x, NamedSharding(batch.mesh, spec))

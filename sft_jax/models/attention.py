@@ -225,12 +225,17 @@ def _xla_attention(
     # Without grouping (K == N) the scores are 4-D [B, N, T, S]: with a unit group axis XLA CPU
     # computes them transposed and copies them in both passes (README "Speed").
     grouped = kh != n
+    # float16 ends at 65504: scale q before the product, so that scores sqrt(D) times their
+    # final size (q.k of 64-dim heads whose entries are about 32) cannot overflow.
+    prescale = q.dtype == jnp.float16
+    if prescale:
+        q = q * jnp.asarray(d**-0.5, q.dtype)
     if grouped:
         qg = q.reshape(b, t, kh, n // kh, d)  # [B, T, K, G, D]
         scores = jnp.einsum("btkgd,bskd->bkgts", qg, k)
     else:
         scores = head_scores(q, k)
-    scores = scores.astype(jnp.float32) * (d**-0.5)
+    scores = scores.astype(jnp.float32) * (1.0 if prescale else d**-0.5)
     if mask is not None:
         # An additive bias (0 or the float32 minimum) rather than a select: the same softmax,
         # and its gradient passes the scores' gradient through unchanged (no [B, N, T, S]

@@ -38,6 +38,7 @@ def test_half_precision_compute_keeps_float32_state(setup_dirs, tmp_path):
         assert losses[half] != losses["float32"]  # it did compute in half precision
 
 
+@pytest.mark.slow
 def test_float16_overflows_are_skipped_without_stopping_the_run(setup_dirs, tmp_path):
     """Started at a loss scale of 2**40 the first float16 updates overflow: each is skipped
     and halves the scale, and none counts toward ``train.max_skipped_steps`` (1 here)."""

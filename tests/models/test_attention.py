@@ -72,6 +72,21 @@ def test_gqa_equals_mha_with_repeated_kv_heads():
     np.testing.assert_allclose(attention.dot_product_attention(q, k, v2, mask), got, atol=1e-6)
 
 
+@pytest.mark.parametrize("kv_heads", [4, 2])
+def test_float16_attention_scores_do_not_overflow_before_scaling(kv_heads):
+    """q.k of 64-dim heads with entries of 40 is 102,400, past float16's 65,504 (inf - inf in
+    the softmax: NaN); scaled by 1/8 it is 12,800. float16 attention scales q first, so it gives
+    float32's output: every visible key weighs the same."""
+    q = jnp.full((1, 3, 4, 64), 40.0)
+    k = jnp.full((1, 3, kv_heads, 64), 40.0)
+    v = jax.random.normal(jax.random.key(2), (1, 3, kv_heads, 64))
+    mask = attention.make_attention_mask(3, causal=True)
+    want = attention.dot_product_attention(q, k, v, mask)
+    got = attention.dot_product_attention(*(x.astype(jnp.float16) for x in (q, k, v)), mask)
+    assert got.dtype == jnp.float16 and bool(jnp.isfinite(got).all())
+    np.testing.assert_allclose(np.float32(got), want, atol=2e-2)
+
+
 def test_attention_implementation_selects_and_falls_back():
     rng = np.random.default_rng(0)
     q, k, v = (jnp.asarray(rng.normal(size=(1, 4, 2, 8)), jnp.float32) for _ in range(3))

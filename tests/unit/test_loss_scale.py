@@ -17,6 +17,9 @@ from tests.unit.test_parallel import lm_batch
 
 
 def test_the_scale_halves_after_an_overflow_and_doubles_after_interval_finite_steps():
+    top = loss_scale.dynamic_loss_scale(init_scale=2.0**127, interval=1)
+    _, top_state = top.update({"w": jnp.ones(2)}, top.init(None))
+    assert float(top_state.scale) == 2.0**127  # 2**128 is float32's infinity: not doubled
     tx = loss_scale.dynamic_loss_scale(init_scale=8.0, interval=3)
     grads = {"w": jnp.ones(2)}
     bad = {"w": jnp.array([1.0, jnp.inf])}
@@ -57,8 +60,9 @@ def tiny_llama(dtype: str) -> LlamaForCausalLM:
     return LlamaForCausalLM(cfg, rngs=nnx.Rngs(0))
 
 
-def sgd_step(dtype: str, tx: optax.GradientTransformation):
-    """One jitted train step of the tiny Llama computing in ``dtype`` (float32 parameters)."""
+def sgd_step(dtype: str, tx: optax.GradientTransformation, accumulation: int = 1, pmap=False):
+    """``(state, step, batch)``: the train step of the tiny Llama computing in ``dtype``
+    (float32 parameters), jitted on one device or (``pmap``) mapped over 2."""
     model = tiny_llama(dtype)
     graphdef, params = nnx.split(model, nnx.Param)
     trainable = jax.tree.map(lambda _: True, nnx.to_pure_dict(params))
@@ -71,21 +75,27 @@ def sgd_step(dtype: str, tx: optax.GradientTransformation):
     # 16 copies of the [16, 8] batch: each position's share of the mean loss is 1/1008,
     # as in a real batch of about a thousand target tokens.
     batch = {k: np.tile(v, (16, 1)) for k, v in lm_batch(0).items()}
+    if pmap:
+        devices = jax.devices()[:2]
+        step = steps.make_pmap_train_step(setup, CausalLMTask(), accumulation, devices)
+        return sharding.replicate(state, devices), step, sharding.pmap_batch(batch, 2)
     batch = sharding.put_batch(batch, setup.batch_sharding)
-    return state, steps.make_train_step(setup, CausalLMTask()), batch
+    return state, steps.make_train_step(setup, CausalLMTask(), accumulation), batch
 
 
-def gradients(dtype: str, scaled: bool) -> list[np.ndarray]:
+def gradients(dtype: str, scaled: bool, accumulation: int = 1, pmap=False) -> list[np.ndarray]:
     """The step's gradients, read back from one SGD update of rate 1 (new = old - grad)."""
     tx = optax.sgd(1.0)
     if scaled:
         tx = optax.chain(loss_scale.dynamic_loss_scale(), tx)
-    state, step, batch = sgd_step(dtype, tx)
-    old = jax.device_get(state.params)
+    state, step, batch = sgd_step(dtype, tx, accumulation, pmap)
+    one = sharding.unreplicate if pmap else (lambda tree: tree)
+    old = jax.device_get(one(state.params))
     state, m = step(state, batch)
+    m = one(m)
     assert float(m["nonfinite"]) == 0.0
     assert ("loss_scale" in m) == scaled
-    new = jax.device_get(state.params)
+    new = jax.device_get(one(state.params))
     return [
         np.float64(a) - np.float64(b) for a, b in zip(jax.tree.leaves(old), jax.tree.leaves(new))
     ]
@@ -103,6 +113,17 @@ def test_the_loss_scale_keeps_small_float16_gradients_from_underflowing():
 
     plain, scaled = error(gradients("float16", False)), error(gradients("float16", True))
     assert plain > 0.02 and scaled < 0.005, (plain, scaled)
+
+
+@pytest.mark.parametrize("accumulation, pmap", [(2, False), (1, True), (2, True)])
+def test_scaled_float16_gradients_under_accumulation_and_pmap(accumulation, pmap):
+    """Micro-batches and pmap's per-device halves each scale their share of the loss; the
+    summed gradients are unscaled once: the same gradients as one jitted float16 step, within
+    float16's rounding of differently split sums."""
+    want = gradients("float16", True)
+    got = gradients("float16", True, accumulation, pmap)
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w, atol=2e-3 * np.max(np.abs(w)))
 
 
 def test_an_overflowing_float16_step_is_skipped_and_halves_the_scale():

@@ -101,10 +101,11 @@ CASES = {
 }
 
 
-def build(name: str, mesh_shape=(1, 1, 1), seed: int = 0):
-    """``(state, setup, task)`` as the trainer assembles them, with plain AdamW."""
-    model_fn, task, _ = CASES[name]
-    model = model_fn()
+def build(name: str, mesh_shape=(1, 1, 1), seed: int = 0, model_fn=None):
+    """``(state, setup, task)`` as the trainer assembles them, with plain AdamW (``model_fn``:
+    another model of ``name``'s task)."""
+    default_fn, task, _ = CASES[name]
+    model = (model_fn or default_fn)()
     mesh = sharding.make_mesh(mesh_shape)
     graphdef, params = nnx.split(model, nnx.Param)
     trainable = jax.tree.map(lambda _: True, nnx.to_pure_dict(params))
@@ -273,7 +274,7 @@ def tiny_gpt2() -> GPT2LMHeadModel:
 @pytest.mark.parametrize(
     "model_fn", [lambda: tiny_llama(kv_heads=4), tiny_gpt2], ids=["llama", "gpt2"]
 )
-def test_tensor_parallel_moves_no_activations_between_devices(model_fn, monkeypatch):
+def test_tensor_parallel_moves_no_activations_between_devices(model_fn):
     """Megatron-style TP: with the heads (kv heads too) dividing the tensor axis, the compiled
     step only all-reduces (after o_proj / down_proj and for the gradients) and all-gathers the
     vocab-split logits; no resharding of activations (collective-permute, all-to-all). With 2 kv
@@ -282,8 +283,7 @@ def test_tensor_parallel_moves_no_activations_between_devices(model_fn, monkeypa
     all-to-alls on 4 devices; stored head by head it costs none."""
     from tests.unit.test_steps import collective_counts
 
-    monkeypatch.setitem(CASES, "llama", (model_fn, *CASES["llama"][1:]))
-    state, setup, task = build("llama", (1, 1, 4))
+    state, setup, task = build("llama", (1, 1, 4), model_fn=model_fn)
     step = steps.make_train_step(setup, task)
     batch = sharding.put_batch(lm_batch(0), setup.batch_sharding)
     ops = collective_counts(step.lower(state, batch).compile().as_text())
