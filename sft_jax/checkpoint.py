@@ -5,7 +5,8 @@ Each checkpoint step holds three items:
                 for Schedule-Free the averaged point that evaluation uses;
   ``train``     step, optimizer state and RNG (only training needs them); for Schedule-Free
                 also ``params``, the trained (interpolated) point training resumes from;
-  ``progress``  JSON: the next data batch index, epoch, early-stopping bookkeeping.
+  ``progress``  JSON: the next data batch index, epoch, early-stopping bookkeeping, and the
+                parameter layout version (``LAYOUT_VERSION``).
 Writes are atomic (Orbax finalizes a temporary directory by rename), optionally asynchronous.
 """
 
@@ -14,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import re
 from typing import Any
 
 import orbax.checkpoint as ocp
@@ -79,6 +81,18 @@ def make_manager(directory: str, opts: CheckpointOptions) -> ocp.CheckpointManag
     )
 
 
+# Parameter layouts that changed meaning without changing paths or shapes (which ``check_layout``
+# would catch): (version, what changed, regex of the parameter paths it affects). A checkpoint of
+# an older version (no ``layout_version`` in its progress item: 1) that holds such a parameter
+# is refused rather than restored into a model that reads it differently.
+LAYOUT_VERSION = 2
+_LAYOUT_CHANGES = (
+    (2, "GPT-2's fused attn/c_attn columns are stored head by head since commit 2bae52d",
+     r"(^|/)attn/c_attn/"),
+)  # fmt: skip
+_VERSION_KEY = "layout_version"
+
+
 def save(
     mngr: ocp.CheckpointManager,
     state: TrainState,
@@ -102,7 +116,7 @@ def save(
         args=ocp.args.Composite(
             params=ocp.args.StandardSave(params),
             train=ocp.args.StandardSave(train),
-            progress=ocp.args.JsonSave(progress),
+            progress=ocp.args.JsonSave({**progress, _VERSION_KEY: LAYOUT_VERSION}),
         ),
         metrics=metrics,
         force=True,
@@ -166,6 +180,22 @@ def check_layout(mngr: ocp.CheckpointManager, step: int, item: str, target: Any)
     )
 
 
+def check_layout_version(mngr: ocp.CheckpointManager, step: int, saved: int, target: Any) -> None:
+    """Raises CheckpointMismatchError when checkpoint ``step``, of layout version ``saved``,
+    predates a layout change (``_LAYOUT_CHANGES``) of a parameter in ``target`` (the params
+    tree)."""
+    paths = list(tree_util.flatten_to_dict(target))
+    for version, what, pattern in _LAYOUT_CHANGES:
+        hit = next((p for p in paths if re.search(pattern, p)), None)
+        if saved < version and hit is not None:
+            raise CheckpointMismatchError(
+                f"checkpoint step {step} in {mngr.directory} has parameter layout version "
+                f"{saved}, before version {version}: {what} (e.g. {hit}), so it would restore "
+                "into a model that reads it differently. Export it with the code that wrote it "
+                "(a Hugging Face directory loads in any version), or train again."
+            )
+
+
 def restore_train_state(
     mngr: ocp.CheckpointManager, step: int, like: TrainState, eval_params: bool = False
 ) -> tuple[TrainState, dict]:
@@ -178,19 +208,29 @@ def restore_train_state(
     """
     target = abstract_of(like)
     train_target = {"step": target.step, "opt_state": target.opt_state, "rng": target.rng}
-    items = {"train": ocp.args.StandardRestore(train_target), "progress": ocp.args.JsonRestore()}
+    items = {"train": ocp.args.StandardRestore(train_target)}
     if eval_params:
         train_target["params"] = target.params
     else:
         items["params"] = ocp.args.StandardRestore(target.params)
         check_layout(mngr, step, "params", target.params)
     check_layout(mngr, step, "train", train_target)
+    progress, version = _restore_progress(mngr, step)
+    check_layout_version(mngr, step, version, target.params)
     out = mngr.restore(step, args=ocp.args.Composite(**items))
     train = out["train"]
     params = train["params"] if eval_params else out["params"]
     state = TrainState(step=train["step"], params=params, opt_state=train["opt_state"],
                        rng=train["rng"])  # fmt: skip
-    return state, out["progress"]
+    return state, progress
+
+
+def _restore_progress(mngr: ocp.CheckpointManager, step: int) -> tuple[dict, int]:
+    """The ``progress`` item of ``step`` as the trainer wrote it, and its parameter layout
+    version (1 where it has none: written before versions existed)."""
+    out = mngr.restore(step, args=ocp.args.Composite(progress=ocp.args.JsonRestore()))
+    progress = dict(out["progress"])
+    return progress, int(progress.pop(_VERSION_KEY, 1))
 
 
 def restore_params(mngr: ocp.CheckpointManager, step: int, abstract_params: Any) -> Any:
@@ -200,6 +240,7 @@ def restore_params(mngr: ocp.CheckpointManager, step: int, abstract_params: Any)
       CheckpointMismatchError: the checkpoint's parameters differ from ``abstract_params``.
     """
     check_layout(mngr, step, "params", abstract_params)
+    check_layout_version(mngr, step, _restore_progress(mngr, step)[1], abstract_params)
     out = mngr.restore(
         step, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract_params))
     )

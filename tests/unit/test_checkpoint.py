@@ -1,11 +1,13 @@
 """Orbax checkpoints: exact round trip, latest + best-k retention, params-only restore."""
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
 from sft_jax import checkpoint as ckpt
-from sft_jax.train_state import abstract_of
+from sft_jax.train_state import TrainState, abstract_of
 from tests.unit.test_steps import build, run
 
 
@@ -63,3 +65,48 @@ def test_early_stopping_bookkeeping_and_nan_metrics():
     progress = {"best": 1.0, "evals_since_best": 0, "stopped_early": False}
     track_best(progress, 0.9, "min", patience=0)
     assert progress == {"best": 0.9, "evals_since_best": 0, "stopped_early": False}
+
+
+def _abstract(tree):
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), tree)
+
+
+def test_a_checkpoint_older_than_a_parameter_layout_change_is_refused(tmp_path):
+    """GPT-2's c_attn columns changed order with the same path and shape (layout version 2):
+    a checkpoint written before layout versions (no ``layout_version`` in its progress: 1)
+    holding one is refused by name; one without such parameters restores; a checkpoint
+    written now restores, and its progress comes back as the trainer gave it."""
+    c_attn = np.arange(12.0, dtype=np.float32).reshape(2, 6)
+    gpt2 = {"transformer": {"h": {"0": {"attn": {"c_attn": {"kernel": c_attn}}}}}}
+    bert = {"bert": {"pooler": {"dense": {"kernel": c_attn}}}}
+    opts = ckpt.CheckpointOptions(keep_best=0, async_save=False)
+    for name, params in (("gpt2", gpt2), ("bert", bert)):
+        mngr = ckpt.make_manager(str(tmp_path / name), opts)
+        mngr.save(1, args=ocp.args.Composite(  # as the code before layout versions wrote it
+            params=ocp.args.StandardSave(params),
+            train=ocp.args.StandardSave({"step": np.int32(1)}),
+            progress=ocp.args.JsonSave({"next_batch": 1}),
+        ))  # fmt: skip
+        mngr.wait_until_finished()
+        if name == "bert":
+            restored = ckpt.restore_params(mngr, 1, _abstract(params))
+            np.testing.assert_array_equal(restored["bert"]["pooler"]["dense"]["kernel"], c_attn)
+            continue
+        with pytest.raises(
+            ckpt.CheckpointMismatchError,
+            match=r"layout version 1, before version 2: GPT-2.*transformer/h/0/attn/c_attn/kernel",
+        ):
+            ckpt.restore_params(mngr, 1, _abstract(params))
+    state = TrainState(
+        step=jnp.int32(2), params=gpt2, opt_state={}, rng=jnp.zeros(2, jnp.uint32)
+    )  # fmt: skip
+    mngr = ckpt.make_manager(str(tmp_path / "now"), opts)
+    ckpt.save(mngr, state, {"next_batch": 2})
+    mngr.wait_until_finished()
+    restored = ckpt.restore_params(mngr, 2, _abstract(gpt2))
+    np.testing.assert_array_equal(
+        restored["transformer"]["h"]["0"]["attn"]["c_attn"]["kernel"], c_attn
+    )
+    _, progress = ckpt.restore_train_state(mngr, 2, jax.device_put(state))
+    assert progress == {"next_batch": 2}
