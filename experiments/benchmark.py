@@ -182,14 +182,14 @@ def _run_policy(benchmark, spec, policy: str, mesh, run: dict) -> dict:
 
 
 def _collectives_line(r: dict) -> str | None:
-    """What a multi-device step communicates (``profiling.collective_traffic``), one line."""
+    """What a multi-device step communicates (``collectives.collective_traffic``), one line."""
     if r.get("num_devices", 1) == 1 or "collectives" not in r:
         return None
     used = [f"{op} {c['count']} ({c['bytes'] / 1e6:,.3f} MB)" for op, c in r["collectives"].items()
             if c["count"]]  # fmt: skip
     return (
-        f"{r['model']} on {r['num_devices']} devices, collectives in the compiled step (a loop "
-        f"body's once; result bytes per device): {', '.join(used) or 'none'}"
+        f"{r['model']} on {r['num_devices']} devices, collectives per step (result bytes per "
+        f"device): {', '.join(used) or 'none'}"
     )
 
 

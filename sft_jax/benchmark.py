@@ -11,7 +11,7 @@ freezing preset trains, with the trainer's optimizer construction (``sft_jax.ben
 every run also reports trainable parameters, optimizer-state bytes and XLA's memory analysis of
 the compiled step (``compiled_memory``), the estimated peak where the device keeps no statistics,
 and what the compiled step communicates between devices (``collectives``: count and bytes per
-kind, ``profiling.collective_traffic``).
+kind, ``collectives.collective_traffic``).
 
 Imports only jax, flax, optax, numpy (torch and transformers: ``benchmark_torch``, lazily): no
 ml_collections, grain, tensorflow-datasets, tensorboardX or gguf.
@@ -29,7 +29,7 @@ from typing import Any, Callable
 import jax
 import optax
 
-from sft_jax import loss_scale, profiling, sharding, steps, tasks, tree_util
+from sft_jax import collectives, loss_scale, profiling, sharding, steps, tasks, tree_util
 from sft_jax.benchmark_shapes import (
     BenchSpec,
     build_model,
@@ -260,7 +260,7 @@ def run_jax(
         host_page_faults_per_step=faults,
         host_max_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         policy=policy, optimizer=optimizer, **sizes, compiled_memory=memory,
-        collectives=profiling.collective_traffic(compiled.as_text()),
+        collectives=collectives.collective_traffic(compiled.as_text()),
         peak_memory_bytes=device_peak if device_peak is not None else estimated,
         peak_memory_source="device" if device_peak is not None else (
             "estimated" if estimated is not None else None),

@@ -9,10 +9,6 @@ one row sums every instance of a kind (``ops_by_kind``). Device events are those
 the events of the XLA worker threads (``tf_XLAEigen``) minus the executor's bookkeeping. On CPU
 several operations can run at once, so the per-operation times can sum to more than the wall
 time of a call.
-
-``collective_traffic(hlo_text)`` reads a compiled step's HLO (``compiled.as_text()``) for what it
-communicates between devices: per kind of collective, how many operations and the bytes of
-their results on one device.
 """
 
 from __future__ import annotations
@@ -79,35 +75,6 @@ def profile_ops(call: Callable[[], None], steps: int, logdir: str) -> list[dict[
         data = json.load(f)
     events = data["traceEvents"] if isinstance(data, dict) else data
     return ops_by_kind(events, steps)
-
-
-COLLECTIVES = ("all-gather", "all-reduce", "all-to-all", "collective-permute", "reduce-scatter")
-# `%x = f32[16,3]{1,0} all-reduce(...)`, or a tuple result `= (f32[4]{0}, bf16[8]{0}) op(`. An
-# asynchronous pair `op-start` / `op-done` counts once, by the result of its `-done`.
-_COLLECTIVE = re.compile(rf"= (\([^=]*\)|\S+) ({'|'.join(COLLECTIVES)})(?:-done)?\(")
-_ARRAY = re.compile(r"\b(pred|[a-z]+(\d+)[a-z0-9]*)\[([\d,]*)\]")
-
-
-def _result_bytes(shape: str) -> int:
-    """Bytes of an HLO result type: an array (``bf16[8,32]{1,0}``) or a tuple of them."""
-    total = 0
-    for name, bits, dims in _ARRAY.findall(shape):
-        size = 1
-        for d in filter(None, dims.split(",")):
-            size *= int(d)
-        total += size * (8 if name == "pred" else int(bits)) // 8
-    return total
-
-
-def collective_traffic(hlo_text: str) -> dict[str, dict[str, int]]:
-    """Per collective kind (``COLLECTIVES``): ``count``, the operations in ``hlo_text`` (a
-    compiled module's ``as_text()``; one count per operation in the program text, a loop body's
-    once), and ``bytes``, the sizes of their results on one device summed."""
-    out = {op: {"count": 0, "bytes": 0} for op in COLLECTIVES}
-    for m in _COLLECTIVE.finditer(hlo_text):
-        out[m.group(2)]["count"] += 1
-        out[m.group(2)]["bytes"] += _result_bytes(m.group(1))
-    return out
 
 
 def format_ops(rows: list[dict[str, Any]], top: int = 20) -> str:

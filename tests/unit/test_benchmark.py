@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from sft_jax import benchmark, benchmark_shapes, benchmark_torch, profiling, tree_util
+from sft_jax import benchmark, benchmark_shapes, benchmark_torch, tree_util
 
 
 def test_flops_of_tiny_bert_match_hand_count():
@@ -259,25 +259,6 @@ def test_image_step_trains_and_keeps_batch_norm_statistics_out_of_the_optimizer(
     # BatchNorm running statistics are in the state but neither trained nor in AdamW's moments.
     assert np.isfinite(r["loss"]) and r["num_trainable_params"] < r["num_params"]
     assert r["optimizer_state_bytes"] <= 8 * r["num_trainable_params"] + 64
-
-
-def test_collective_traffic_counts_each_operation_once_by_its_result():
-    hlo = """
-  %a = f32[16,3]{1,0} all-reduce(f32[16,3]{1,0} %x), channel_id=1, to_apply=%add
-  %b = (f32[4]{0}, bf16[8,2]{1,0}) all-reduce(f32[4]{0} %y, bf16[8,2]{1,0} %z), channel_id=2
-  %c = (f32[4]{0}, f32[16]{0}) all-gather-start(f32[4]{0} %y), dimensions={0}
-  %d = f32[16]{0} all-gather-done((f32[4]{0}, f32[16]{0}) %c)
-  %e = pred[3]{0} collective-permute(pred[3]{0} %p), source_target_pairs={{0,1},{1,0}}
-  %f = f32[2]{0} add(f32[2]{0} %g, f32[2]{0} %h)
-  %all-reduce.7 = f32[2]{0} negate(f32[2]{0} %g)
-"""
-    assert profiling.collective_traffic(hlo) == {
-        "all-gather": {"count": 1, "bytes": 16 * 4},
-        "all-reduce": {"count": 2, "bytes": 16 * 3 * 4 + 4 * 4 + 8 * 2 * 2},
-        "all-to-all": {"count": 0, "bytes": 0},
-        "collective-permute": {"count": 1, "bytes": 3},
-        "reduce-scatter": {"count": 0, "bytes": 0},
-    }
 
 
 def test_profile_lists_the_step_operations(tmp_path):

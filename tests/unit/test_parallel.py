@@ -19,7 +19,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from sft_jax import checkpoint as ckpt
-from sft_jax import profiling, sharding, steps, tree_util
+from sft_jax import collectives, sharding, steps, tree_util
 from sft_jax.models import activation_sharding
 from sft_jax.models.bert import BertConfig, BertForSequenceClassification
 from sft_jax.models.gpt2 import GPT2Config, GPT2LMHeadModel
@@ -306,7 +306,7 @@ def test_sharded_step_moves_weights_and_gradients_not_activations(name, mesh_sha
     state, setup, task = build(name, mesh_shape)
     step = steps.make_train_step(setup, task)
     batch = sharding.put_batch(CASES[name][2](0), setup.batch_sharding)
-    traffic = profiling.collective_traffic(step.lower(state, batch).compile().as_text())
+    traffic = collectives.collective_traffic(step.lower(state, batch).compile().as_text())
     moved = sum(c["bytes"] for c in traffic.values())
     assert moved <= 2 * tree_util.nbytes(state.params), traffic
     assert traffic["all-to-all"]["count"] == 0 or name == "bert", traffic

@@ -5,7 +5,7 @@ import numpy as np
 from flax import nnx
 
 from configs import text_cls
-from sft_jax import freezing, optim, optimizers, profiling, sharding, steps
+from sft_jax import collectives, freezing, optim, optimizers, sharding, steps
 from sft_jax.tasks import ClassificationTask
 from sft_jax.train_state import StepSetup, create_train_state, shardings_of
 from tests.toy import ToyClassifier, toy_batch
@@ -72,7 +72,7 @@ def test_data_parallel_8_devices_matches_one_device():
 
 
 def collective_counts(compiled_hlo: str) -> dict[str, int]:
-    return {op: c["count"] for op, c in profiling.collective_traffic(compiled_hlo).items()}
+    return {op: c["count"] for op, c in collectives.collective_traffic(compiled_hlo).items()}
 
 
 def test_accumulation_on_a_data_parallel_mesh_moves_no_rows():
