@@ -1,6 +1,8 @@
 """float16 compute with a dynamic loss scale: the scale's rule, and the train step that uses it
 (small gradients survive float16; an overflow is skipped and halves the scale)."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -83,6 +85,7 @@ def sgd_step(dtype: str, tx: optax.GradientTransformation, accumulation: int = 1
     return state, steps.make_train_step(setup, CausalLMTask(), accumulation), batch
 
 
+@functools.cache
 def gradients(dtype: str, scaled: bool, accumulation: int = 1, pmap=False) -> list[np.ndarray]:
     """The step's gradients, read back from one SGD update of rate 1 (new = old - grad)."""
     tx = optax.sgd(1.0)
