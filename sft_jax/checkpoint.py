@@ -183,7 +183,12 @@ def check_layout(mngr: ocp.CheckpointManager, step: int, item: str, target: Any)
 def check_layout_version(mngr: ocp.CheckpointManager, step: int, saved: int, target: Any) -> None:
     """Raises CheckpointMismatchError when checkpoint ``step``, of layout version ``saved``,
     predates a layout change (``_LAYOUT_CHANGES``) of a parameter in ``target`` (the params
-    tree)."""
+    tree), or comes from newer code (a layout this code does not know)."""
+    if saved > LAYOUT_VERSION:
+        raise CheckpointMismatchError(
+            f"checkpoint step {step} in {mngr.directory} has parameter layout version {saved}; "
+            f"this code reads versions up to {LAYOUT_VERSION}: update the code"
+        )
     paths = list(tree_util.flatten_to_dict(target))
     for version, what, pattern in _LAYOUT_CHANGES:
         hit = next((p for p in paths if re.search(pattern, p)), None)

@@ -5,7 +5,8 @@ all-to-all, collective-permute, reduce-scatter), how many operations one executi
 bytes of their results on one device. An operation inside a loop body counts once per
 iteration: the compiled ``while`` loops of ``lax.scan`` (gradient accumulation, the chunked LM
 loss) carry their trip count (``known_trip_count``), and each computation is weighted by how
-often its callers run it. A loop without a known trip count counts its body once.
+often its callers run it. A loop without a known trip count counts its body once; each branch
+of a conditional counts as if it ran (an upper bound; the train step has no conditionals).
 """
 
 from __future__ import annotations
@@ -55,7 +56,10 @@ def _computations(hlo_text: str) -> tuple[str | None, dict[str, list[str]]]:
 
 
 def _calls(line: str) -> list[tuple[str, int]]:
-    """(callee, times per execution of ``line``): a while loop's body its trip count."""
+    """(callee, times per execution of ``line``): a while loop's body its trip count. An async
+    operation's wrapped computation counts at its ``async-start`` only."""
+    if " async-update(" in line or " async-done(" in line:
+        return []
     trips = _TRIP_COUNT.search(line)
     body = _WHILE_BODY.search(line) if " while(" in line else None
     out = []

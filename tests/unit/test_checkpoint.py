@@ -110,3 +110,13 @@ def test_a_checkpoint_older_than_a_parameter_layout_change_is_refused(tmp_path):
     )
     _, progress = ckpt.restore_train_state(mngr, 2, jax.device_put(state))
     assert progress == {"next_batch": 2}
+    # A layout from newer code is refused, whatever the parameters.
+    mngr = ckpt.make_manager(str(tmp_path / "newer"), opts)
+    mngr.save(1, args=ocp.args.Composite(
+        params=ocp.args.StandardSave(bert),
+        train=ocp.args.StandardSave({"step": np.int32(1)}),
+        progress=ocp.args.JsonSave({"next_batch": 1, "layout_version": ckpt.LAYOUT_VERSION + 1}),
+    ))  # fmt: skip
+    mngr.wait_until_finished()
+    with pytest.raises(ckpt.CheckpointMismatchError, match="update the code"):
+        ckpt.restore_params(mngr, 1, _abstract(bert))

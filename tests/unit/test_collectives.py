@@ -84,3 +84,20 @@ def test_a_compiled_scan_counts_its_collectives_per_iteration():
     traffic = collectives.collective_traffic(jax.jit(f).lower(x).compile().as_text())
     assert traffic["all-reduce"]["count"] == 5, traffic
     assert float(jax.jit(f)(x)) == 5 * 8 * 16
+
+
+def test_an_async_wrapped_computation_counts_at_its_start_only():
+    hlo = """HloModule m
+
+%wrapped (q: f32[2]) -> f32[8] {
+  %g = f32[8]{0} all-gather(f32[2]{0} %q), dimensions={0}
+}
+
+ENTRY %main (a: f32[2]) -> f32[8] {
+  %s = ((f32[2]{0}), f32[8]{0}, u32[]) async-start(f32[2]{0} %a), calls=%wrapped
+  %u = ((f32[2]{0}), f32[8]{0}, u32[]) async-update(%s), calls=%wrapped
+  %d = f32[8]{0} async-done(%u), calls=%wrapped
+}
+"""
+    traffic = collectives.collective_traffic(hlo)
+    assert traffic["all-gather"] == {"count": 1, "bytes": 8 * 4}
