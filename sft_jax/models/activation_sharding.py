@@ -46,5 +46,5 @@ def constrain(x: Array) -> Array:
     axes, n = sharding.row_axes(batch)
     if not axes or x.shape[0] % n:
         return x
-    spec = P(axes if len(axes) > 1 else axes[0], *(None,) * (x.ndim - 1))
+    spec = P(batch.spec[0], *(None,) * (x.ndim - 1))  # the batch's own row entry
     return jax.lax.with_sharding_constraint(x, NamedSharding(batch.mesh, spec))
