@@ -110,7 +110,10 @@ def build_step(
         stats,
     )  # fmt: skip
     step_fn = steps.make_train_step(setup, tasks.get_task(spec.task))
-    batch = sharding.put_batch(make_batch(spec, seed), setup.batch_sharding)
+    whole = make_batch(spec, seed)
+    batch = sharding.put_batch(
+        sharding.local_rows(whole, setup.batch_sharding), setup.batch_sharding
+    )
     return state, step_fn, batch, mesh, trainable
 
 

@@ -102,10 +102,19 @@ def _check_split(data: Any, split: str, image: bool = False) -> None:
         )
 
 
-def batches(cfg: ml_collections.ConfigDict, data: Any, processor: Any, split: str, train: bool):
+def batches(
+    cfg: ml_collections.ConfigDict,
+    data: Any,
+    processor: Any,
+    split: str,
+    train: bool,
+    process_rows: slice | None = None,
+):
     """A grain ``MapDataset`` of batches over one pass of ``split`` (``len`` = batches).
 
     ``processor`` is ``load_data``'s second value (a tokenizer, or an ``ImageSpec``).
+    ``process_rows``: build only these rows of every batch, the ones this process's devices
+    hold in a multi-host run (``sharding.process_rows``); None builds whole batches.
     Training: seeded shuffle (the trainer ``repeat()``s it, which reshuffles every epoch), full
     batches, image augmentation. Evaluation: the last batch filled with rows that count for
     nothing, shuffled with a fixed seed so that a partial evaluation
@@ -114,9 +123,9 @@ def batches(cfg: ml_collections.ConfigDict, data: Any, processor: Any, split: st
     _check_split(data, split, image=is_image(cfg))
     tokenizer = processor
     if is_image(cfg):
-        return _image_batches(cfg, data, processor, split, train)
+        return _image_batches(cfg, data, processor, split, train, process_rows)
     if is_lm(cfg):
-        return _lm_batches(cfg, data, tokenizer, split, train)
+        return _lm_batches(cfg, data, tokenizer, split, train, process_rows)
     from sft_jax.data.text import text_cls_dataset
 
     return text_cls_dataset(
@@ -132,10 +141,18 @@ def batches(cfg: ml_collections.ConfigDict, data: Any, processor: Any, split: st
         text_pair=data.text_pair,
         truncate=cfg.data.get("truncate", True),
         split=split,
+        process_rows=process_rows,
     )
 
 
-def _lm_batches(cfg: ml_collections.ConfigDict, data: Any, tokenizer: Any, split: str, train: bool):
+def _lm_batches(
+    cfg: ml_collections.ConfigDict,
+    data: Any,
+    tokenizer: Any,
+    split: str,
+    train: bool,
+    process_rows: slice | None,
+):
     from sft_jax.data.lm import chat_lm_dataset, chat_lm_rows
 
     rows = chat_lm_rows(
@@ -155,10 +172,18 @@ def _lm_batches(cfg: ml_collections.ConfigDict, data: Any, tokenizer: Any, split
         seed=cfg.seed,
         num_epochs=1,
         drop_remainder=train,
+        process_rows=process_rows,
     )
 
 
-def _image_batches(cfg: ml_collections.ConfigDict, data: Any, spec: Any, split: str, train: bool):
+def _image_batches(
+    cfg: ml_collections.ConfigDict,
+    data: Any,
+    spec: Any,
+    split: str,
+    train: bool,
+    process_rows: slice | None,
+):
     from sft_jax.data.vision import image_cls_dataset
 
     return image_cls_dataset(
@@ -172,6 +197,7 @@ def _image_batches(cfg: ml_collections.ConfigDict, data: Any, spec: Any, split: 
         shuffle=True,
         drop_remainder=train,
         num_epochs=1,
+        process_rows=process_rows,
     )
 
 

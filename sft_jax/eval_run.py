@@ -43,7 +43,8 @@ def evaluate_model(
     """
     mesh = mesh or sharding_lib.make_mesh(cfg.mesh.shape)
     data, tokenizer = components.load_data(cfg)
-    ds = components.batches(cfg, data, tokenizer, split, train=False)
+    rows = sharding_lib.feed_rows(mesh, cfg.data.eval_batch_size)  # this process's share
+    ds = components.batches(cfg, data, tokenizer, split, train=False, process_rows=rows)
     # Read ahead on an accelerator, as training does (train.prefetch_threads; same batches).
     ds = feed_lib.read_ahead(ds, feed_lib.config_threads(cfg))
     graphdef, params = split_model(model)

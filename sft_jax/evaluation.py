@@ -22,18 +22,19 @@ def _run(
     params: Any,
     batches: Iterable[dict],
     batch_sharding: Any,
-    collect: Callable[[dict, dict], None],
+    collect: Callable[[dict], None],
 ) -> None:
-    """Calls ``collect(host_outputs, host_batch)`` for each batch, one batch in flight so that
-    host work overlaps the device step."""
+    """Calls ``collect(host_outputs)`` for each batch, one batch in flight so that host work
+    overlaps the device step. The outputs are the whole batch's (replicated by the eval step),
+    also in a multi-host run, where each process feeds only its own rows."""
     pending = None
     for batch in batches:
         out = eval_step(params, sharding_lib.put_batch(batch, batch_sharding))
         if pending is not None:
-            collect(jax.device_get(pending[0]), pending[1])
-        pending = (out, batch)
+            collect(jax.device_get(pending))
+        pending = out
     if pending is not None:
-        collect(jax.device_get(pending[0]), pending[1])
+        collect(jax.device_get(pending))
 
 
 def evaluate_classification(
@@ -46,9 +47,11 @@ def evaluate_classification(
     """Accuracy, macro/per-class P/R/F1, confusion matrix and mean loss over ``batches``.
 
     Args:
-      eval_step: jitted ``(params, batch) -> {"preds", "loss_sum", "weight"}``.
+      eval_step: jitted ``(params, batch) -> {"preds", "labels", "example_mask", "loss_sum",
+        "weight"}`` (``tasks.ClassificationTask.eval_outputs``).
       params: the parameters to evaluate.
-      batches: host batches (dicts of numpy arrays with ``labels`` and ``example_mask``).
+      batches: host batches (dicts of numpy arrays; ``eval_step`` returns their ``labels`` and
+        ``example_mask`` with the predictions).
       label_names: class names, index = label id.
       batch_sharding: where batches go on the mesh.
     """
@@ -56,11 +59,9 @@ def evaluate_classification(
     cm = np.zeros((k, k), np.int64)
     sums = {"loss_sum": 0.0, "weight": 0.0}
 
-    def collect(out, host_batch):
+    def collect(out):
         nonlocal cm
-        cm += metrics_lib.confusion_matrix(
-            host_batch["labels"], out["preds"], k, host_batch["example_mask"]
-        )
+        cm += metrics_lib.confusion_matrix(out["labels"], out["preds"], k, out["example_mask"])
         for key in sums:
             sums[key] += float(out[key])
 
@@ -90,8 +91,7 @@ def evaluate_lm(
     """
     sums = {"loss_sum": 0.0, "weight": 0.0, "correct": 0.0}
 
-    def collect(out, host_batch):
-        del host_batch
+    def collect(out):
         for key in sums:
             sums[key] += float(out[key])
 

@@ -110,11 +110,22 @@ def replicated(mesh: Mesh) -> NamedSharding:
 def process_rows(sharding: NamedSharding, global_batch: int) -> slice:
     """The rows of a [B, ...] global batch that this process's devices hold under ``sharding``
     (contiguous for meshes whose data axes are laid out process by process, as
-    ``make_mesh`` builds them)."""
+    ``make_mesh`` builds them). A ValueError naming the config keys unless the mesh splits
+    ``global_batch`` evenly."""
+    _check_divisible(global_batch, sharding)
     index = sharding.addressable_devices_indices_map((global_batch,))
     starts = [ix[0].indices(global_batch)[0] for ix in index.values()]
     stops = [ix[0].indices(global_batch)[1] for ix in index.values()]
     return slice(min(starts), max(stops))
+
+
+def feed_rows(mesh: Mesh, batch_size: int) -> slice | None:
+    """The rows of each ``batch_size``-row batch that this process's data pipeline builds
+    (``components.batches(..., process_rows=...)``): None, the whole batch, with one process;
+    else the rows its devices hold (``process_rows`` of ``batch_sharding(mesh)``)."""
+    if jax.process_count() == 1:
+        return None
+    return process_rows(batch_sharding(mesh), batch_size)
 
 
 def row_axes(sharding: NamedSharding) -> tuple[tuple[str, ...], int]:
@@ -137,21 +148,45 @@ def _check_divisible(rows: int, sharding: NamedSharding) -> None:
         )
 
 
+def global_rows(sharding: NamedSharding, local_rows: int) -> int:
+    """The rows of the global batch of which this process holds ``local_rows`` under
+    ``sharding`` (``local_rows`` itself with one process)."""
+    axes, parts = row_axes(sharding)
+    rows = process_rows(sharding, parts)  # one row per part: how many parts are this process's
+    mine = rows.stop - rows.start
+    if local_rows % mine:
+        raise ValueError(
+            f"this process's {local_rows} rows cannot be split over its {mine} devices (mesh "
+            f"axes {axes} of mesh.shape {tuple(sharding.mesh.shape.values())})"
+        )
+    return local_rows // mine * parts
+
+
+def local_rows(batch: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, np.ndarray]:
+    """This process's rows (``process_rows``) of a global host batch: what ``put_batch`` takes.
+    The pipelines build only these (``components.batches(..., process_rows=...)``); this is for
+    a batch made whole (benchmarks, tests)."""
+    rows = process_rows(sharding, len(next(iter(batch.values()))))
+    return {k: np.asarray(v)[rows] for k, v in batch.items()}
+
+
 def put_batch(batch: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:
     """Places a host batch on the mesh, split along its leading dimension.
 
-    Single process: ``batch`` is the global batch. Several processes (multi-host): every process
-    builds the same global batch ``i`` (the pipelines are deterministic) and contributes only the
-    rows its devices hold (``process_rows``), assembled with
-    ``jax.make_array_from_process_local_data``.
+    ``batch`` holds this process's rows of the global batch (``process_rows``; all of it when
+    there is one process): each process of a multi-host run builds only the rows its devices
+    hold, assembled into global arrays with ``jax.make_array_from_process_local_data``.
     """
     rows = len(next(iter(batch.values())))
-    _check_divisible(rows, sharding)
     if jax.process_count() == 1:
+        _check_divisible(rows, sharding)
         return {k: jax.device_put(v, sharding) for k, v in batch.items()}
-    rows = process_rows(sharding, rows)
+    total = global_rows(sharding, rows)
+    _check_divisible(total, sharding)
     return {
-        k: jax.make_array_from_process_local_data(sharding, np.asarray(v)[rows], np.shape(v))
+        k: jax.make_array_from_process_local_data(
+            sharding, np.asarray(v), (total,) + np.shape(v)[1:]
+        )
         for k, v in batch.items()
     }
 

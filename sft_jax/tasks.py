@@ -62,11 +62,15 @@ class ClassificationTask:
         }
 
     def eval_outputs(self, model: Any, batch: dict) -> dict[str, jax.Array]:
-        """Per-example outputs the host accumulates (predictions for the confusion matrix)."""
+        """Per-example outputs the host accumulates: predictions with the labels and example
+        mask they are scored against (a multi-host process holds only its own rows of the
+        batch, so the host reads all three here), and the loss sums."""
         logits = self.logits(model, batch, None)
         losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"])
         return {
             "preds": jnp.argmax(logits, -1).astype(jnp.int32),
+            "labels": batch["labels"],
+            "example_mask": batch["example_mask"],
             "loss_sum": jnp.sum(losses * batch["example_mask"]),
             "weight": jnp.sum(batch["example_mask"]),
         }

@@ -13,6 +13,7 @@ import time
 
 import jax
 import ml_collections
+import numpy as np
 
 from sft_jax import checkpoint as ckpt_lib
 from sft_jax import (
@@ -66,6 +67,15 @@ def _is_overflow(m: dict) -> bool:
     return float(m.get("loss_scale", 1.0)) > 1.0 and math.isfinite(float(m["loss"]))
 
 
+def _all_processes_sum(count: int) -> int:
+    """``count`` summed over the processes of a multi-host run (each counts its own rows)."""
+    if jax.process_count() == 1:
+        return count
+    from jax.experimental import multihost_utils
+
+    return int(np.sum(multihost_utils.process_allgather(np.int64(count))))
+
+
 class NonFiniteError(FloatingPointError):
     """Too many consecutive updates skipped for a NaN/Inf loss or gradient."""
 
@@ -82,7 +92,10 @@ class Trainer:
         self.ckpt_opts = ckpt_lib.CheckpointOptions.from_config(cfg.checkpoint)
         best = self.ckpt_opts.best_metric
         check_metric("checkpoint.best_metric", best, cfg.model.task, self.label_names)
-        one_epoch = components.batches(cfg, self.data, tokenizer, "train", train=True)
+        self.mode = cfg.mesh.get("mode", "jit")
+        self.mesh = self._make_mesh()
+        self.processor = tokenizer
+        one_epoch = self._batches("train", cfg.data.batch_size)
         self.steps_per_epoch = len(one_epoch)
         if self.steps_per_epoch == 0:
             raise ValueError(
@@ -91,7 +104,8 @@ class Trainer:
             )
         self.train_ds = one_epoch.repeat()  # reshuffled every epoch; batch i is fixed
         self.feed = feed_lib.BatchFeed(self.train_ds, feed_lib.config_threads(cfg))
-        self.val_ds = components.batches(cfg, self.data, tokenizer, "validation", train=False)
+        self.val_ds = self._batches("validation", cfg.data.eval_batch_size)
+        self._whole_train_ds = None  # every row of each batch, for the data order hash
         self.total_steps = cfg.train.num_steps or self.steps_per_epoch * cfg.train.num_epochs
         self.eval_every = cfg.train.eval_every_steps or self.steps_per_epoch
         self._build_state(components.build_model(cfg, len(self.label_names)))
@@ -101,11 +115,36 @@ class Trainer:
         self.logger: log_lib.MetricsLogger | None = None  # opened by _resume (_open_log)
         self._pending = None  # (step, metrics) of the last step issued, not yet read on the host
 
+    def _make_mesh(self):
+        if self.mode == "pmap" and jax.process_count() > 1:
+            raise ValueError(
+                f"mesh.mode=pmap runs in one process; this run has {jax.process_count()}: use "
+                "mesh.mode=jit (its mesh spans every process's devices)"
+            )
+        # pmap replicates the state itself; its canonical copy lives on one device.
+        return sharding_lib.make_mesh((1, 1, 1) if self.mode == "pmap" else self.cfg.mesh.shape)
+
+    def _batches(self, split: str, batch_size: int, whole: bool = False):
+        """One pass of ``split``'s batches; of each batch only the rows this process's devices
+        hold (all of them with one process, or ``whole``)."""
+        rows = None if whole else sharding_lib.feed_rows(self.mesh, batch_size)
+        train = split == "train"
+        return components.batches(
+            self.cfg, self.data, self.processor, split, train=train, process_rows=rows
+        )
+
+    def _order_ds(self):
+        """The training stream with every row of each batch: what the data order hash reads,
+        so that it is the same whichever process, and however many, compute it."""
+        if jax.process_count() == 1:
+            return self.train_ds
+        if self._whole_train_ds is None:
+            self._whole_train_ds = self._batches("train", self.cfg.data.batch_size, True).repeat()
+        return self._whole_train_ds
+
     def _build_state(self, model) -> None:
         cfg = self.cfg
-        self.mode = cfg.mesh.get("mode", "jit")
-        # pmap replicates the state itself; its canonical copy lives on one device.
-        mesh = sharding_lib.make_mesh((1, 1, 1) if self.mode == "pmap" else cfg.mesh.shape)
+        mesh = self.mesh
         _, params = split_model(model)
         stats = stats_mask(model)
         self.groups = freezing.groups_from_config(cfg.freeze, params, model, never=stats)
@@ -240,7 +279,7 @@ class Trainer:
         dt = time.time() - meter["t0"]
         rate = f"{meter['unit']}_per_sec"
         m.update(
-            {rate: meter["count"] / dt},
+            {rate: _all_processes_sum(meter["count"]) / dt},
             steps_per_sec=(done - meter["step0"]) / dt,
             epoch=done / self.steps_per_epoch,
             num_compilations=self.runner.num_compilations(),
@@ -343,7 +382,7 @@ class Trainer:
         if self.cfg.train.check_data_order and (step % self.steps_per_epoch == 0 or meter["first"]):
             self._settle(progress, meter)  # the last step's row first, as in a resumed run
             resume_lib.check_data_order(
-                self.workdir, self.logger, self.train_ds, step, self.steps_per_epoch
+                self.workdir, self.logger, self._order_ds(), step, self.steps_per_epoch
             )
         meter["first"] = False
         batch = self._batch(step)

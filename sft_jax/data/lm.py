@@ -33,6 +33,7 @@ import numpy as np
 
 from sft_jax.data import chat
 from sft_jax.data.limits import check_tokenizer_fits, read_model_limits, tokenizer_id_limit
+from sft_jax.data.records import check_rows
 
 log = logging.getLogger(__name__)
 
@@ -210,9 +211,18 @@ def _log_rows(out: Rows, seq_len: int) -> None:
         )
 
 
-def _collate(rows: Sequence[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-    stacked = {k: np.stack([r[k] for r in rows]) for k in chat.ROW_KEYS}
-    return chat.shift_targets(stacked)
+@dataclasses.dataclass(frozen=True)
+class _Collate:
+    """Grain batch_fn: stacks rows ``rows`` (all for None) of a batch and shifts the targets."""
+
+    batch_size: int
+    rows: slice | None
+
+    def __call__(self, batch: Sequence[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+        positions = check_rows(self.rows, self.batch_size)
+        mine = list(batch)[positions.start : positions.stop]
+        stacked = {k: np.stack([r[k] for r in mine]) for k in chat.ROW_KEYS}
+        return chat.shift_targets(stacked)
 
 
 def _filler(row: dict[str, np.ndarray], pad_id: int) -> dict[str, np.ndarray]:
@@ -230,6 +240,7 @@ def chat_lm_dataset(
     seed: int,
     num_epochs: int | None,
     drop_remainder: bool,
+    process_rows: slice | None = None,
 ) -> grain.MapDataset:
     """A `grain.MapDataset` of batches (see the module docstring) over `rows`.
 
@@ -240,6 +251,8 @@ def chat_lm_dataset(
       seed: shuffle seed.
       num_epochs: passes over the rows; None repeats forever.
       drop_remainder: drop a last partial batch (training) or fill it with empty rows.
+      process_rows: stack only these rows of every batch (a process's share,
+        `sharding.feed_rows`; `sft_jax.data.records`). None: all `batch_size` rows.
 
     Raises:
       ValueError: no rows, or fewer rows than a batch when dropping the remainder.
@@ -254,7 +267,9 @@ def chat_lm_dataset(
     ds = grain.MapDataset.source(items)
     if shuffle:
         ds = ds.shuffle(seed=seed)
-    ds = ds.batch(batch_size, drop_remainder=drop_remainder, batch_fn=_collate)
+    check_rows(process_rows, batch_size)
+    collate = _Collate(batch_size, process_rows)
+    ds = ds.batch(batch_size, drop_remainder=drop_remainder, batch_fn=collate)
     if num_epochs != 1:
         ds = ds.repeat(num_epochs)  # reseeds the upstream shuffle every epoch
     return ds

@@ -31,6 +31,7 @@ import grain
 import numpy as np
 
 from sft_jax.data.limits import check_max_length
+from sft_jax.data.records import check_rows, read_records
 from sft_jax.data.tokenizer import TextTokenizer
 
 _LOG = logging.getLogger(__name__)
@@ -83,33 +84,59 @@ class _Encode:
 
 @dataclasses.dataclass(frozen=True)
 class _Collate:
-    """Grain batch_fn: pads up to `batch_size` rows and to the smallest fitting bucket."""
+    """Pads encoded rows into arrays of `t` tokens; positions past the batch's last example
+    (`num_examples`) get the `filler` row and `example_mask` 0."""
 
-    batch_size: int
     buckets: tuple[int, ...]
     pad_id: int
     filler: Mapping[str, Any]  # encoding of an empty text, for rows past the last example
 
-    def __call__(self, examples: Sequence[Mapping[str, Any]]) -> dict[str, np.ndarray]:
-        rows = list(examples) + [self.filler] * (self.batch_size - len(examples))
-        t = pick_bucket(max(len(r["input_ids"]) for r in rows), self.buckets)
-        input_ids = np.full((self.batch_size, t), self.pad_id, np.int32)  # [B, T]
-        attention_mask = np.zeros((self.batch_size, t), np.int32)  # [B, T]
-        token_type_ids = np.zeros((self.batch_size, t), np.int32)  # [B, T]
+    def __call__(
+        self, examples: Sequence[Mapping[str, Any]], positions: range, num_examples: int, t: int
+    ) -> dict[str, np.ndarray]:
+        rows = list(examples) + [self.filler] * (len(positions) - len(examples))
+        n = len(rows)
+        input_ids = np.full((n, t), self.pad_id, np.int32)  # [B, T]
+        attention_mask = np.zeros((n, t), np.int32)  # [B, T]
+        token_type_ids = np.zeros((n, t), np.int32)  # [B, T]
         for i, row in enumerate(rows):
-            n = len(row["input_ids"])
-            input_ids[i, :n] = row["input_ids"]
-            attention_mask[i, :n] = 1
-            token_type_ids[i, :n] = row["token_type_ids"]
-        example_mask = np.zeros(self.batch_size, np.float32)  # [B]
-        example_mask[: len(examples)] = 1.0
+            k = len(row["input_ids"])
+            input_ids[i, :k] = row["input_ids"]
+            attention_mask[i, :k] = 1
+            token_type_ids[i, :k] = row["token_type_ids"]
         return {
             "input_ids": input_ids,
             "attention_mask": attention_mask,
             "token_type_ids": token_type_ids,
             "labels": np.asarray([r["label"] for r in rows], np.int32),  # [B]
-            "example_mask": example_mask,
+            "example_mask": (np.asarray(positions) < num_examples).astype(np.float32),  # [B]
         }
+
+
+@dataclasses.dataclass(frozen=True)
+class _Load:
+    """Grain map: a batch of source indices -> rows `rows` (all for None) of the padded batch.
+
+    The bucket comes from the encoded lengths of the whole batch (`lengths`, known before any
+    batch is built), so every process pads its rows to the length one process would."""
+
+    source: Sequence[Mapping[str, Any]]
+    encode: _Encode
+    collate: _Collate
+    lengths: tuple[int, ...]  # encoded (truncated) length of every record of `source`
+    batch_size: int
+    rows: slice | None
+
+    def __call__(self, indices: Sequence[int]) -> dict[str, np.ndarray]:
+        indices = [int(i) for i in indices]
+        longest = max(self.lengths[i] for i in indices)
+        if len(indices) < self.batch_size:  # filler rows at the end
+            longest = max(longest, len(self.collate.filler["input_ids"]))
+        t = pick_bucket(longest, self.collate.buckets)
+        positions = check_rows(self.rows, self.batch_size)
+        mine = indices[positions.start : positions.stop]
+        examples = [self.encode(r) for r in read_records(self.source, mine)]
+        return self.collate(examples, positions, len(indices), t)
 
 
 def num_batches(num_examples: int, batch_size: int, drop_remainder: bool) -> int:
@@ -133,6 +160,7 @@ def text_cls_dataset(
     text_pair: bool = False,
     truncate: bool = True,
     split: str = "",
+    process_rows: slice | None = None,
 ) -> grain.MapDataset:
     """Tokenized, bucketed, padded batches of a text classification source.
 
@@ -158,6 +186,9 @@ def text_cls_dataset(
       truncate: cut examples longer than `max_length` (one warning with the count) or, when
         False, reject the split if any example is longer.
       split: the split's name, for the warning and errors.
+      process_rows: build only these rows of every batch, a process's share
+        (`sharding.feed_rows`, `sft_jax.data.records`): only their records are read and
+        tokenized, padded to the bucket of the whole batch. None: all `batch_size` rows.
 
     Returns:
       A `grain.MapDataset` of batch dicts (see the module docstring).
@@ -170,20 +201,25 @@ def text_cls_dataset(
     check_max_length(
         max_length, tokenizer.max_positions, "data.max_length", tokenizer.limits_source
     )
-    report_long_examples(
-        source, token_lengths(source, tokenizer, text_pair), max_length, truncate, split
-    )
-    ds = grain.MapDataset.source(source)
-    if shuffle:
-        ds = ds.shuffle(seed=seed)
-    ds = ds.map(_Encode(tokenizer, max_length, text_pair))
+    lengths = token_lengths(source, tokenizer, text_pair)
+    report_long_examples(source, lengths, max_length, truncate, split)
+    encode = _Encode(tokenizer, max_length, text_pair)
     empty = tokenizer.encode("", "" if text_pair else None)
     filler = {"input_ids": empty.input_ids, "token_type_ids": empty.token_type_ids, "label": 0}
-    ds = ds.batch(
+    load = _Load(
+        source,
+        encode,
+        _Collate(buckets, tokenizer.pad_id, filler),
+        encoded_lengths(source, lengths, encode),
         batch_size,
-        drop_remainder=drop_remainder,
-        batch_fn=_Collate(batch_size, buckets, tokenizer.pad_id, filler),
+        process_rows,
     )
+    check_rows(process_rows, batch_size)
+    # Indices are shuffled and batched first: a batch reads (and encodes) only its own rows.
+    ds = grain.MapDataset.range(len(source))
+    if shuffle:
+        ds = ds.shuffle(seed=seed)
+    ds = ds.batch(batch_size, drop_remainder=drop_remainder, batch_fn=list).map(load)
     if num_epochs != 1:
         ds = ds.repeat(num_epochs)  # reseeds the upstream shuffle every epoch
     return ds
@@ -198,6 +234,17 @@ def token_lengths(
     if text_pair:
         texts = list(zip(texts, [_as_str(r["text_pair"]) for r in records]))
     return [len(e.ids) for e in tokenizer.backend.encode_batch(texts)]
+
+
+def encoded_lengths(
+    source: Sequence[Mapping[str, Any]], lengths: Sequence[int], encode: _Encode
+) -> tuple[int, ...]:
+    """The length `encode` gives each record: its untruncated token count (`lengths`) where
+    that fits `encode.max_length`, else that of the truncated encoding (computed)."""
+    return tuple(
+        n if n <= encode.max_length else len(encode(source[i])["input_ids"])
+        for i, n in enumerate(lengths)
+    )
 
 
 def report_long_examples(

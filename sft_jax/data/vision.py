@@ -31,6 +31,7 @@ import numpy as np
 from PIL import Image
 
 from sft_jax.data.limits import ImageSpec
+from sft_jax.data.records import check_rows, read_records
 from sft_jax.data.warp import Box, box_matrix, center_square, warp
 
 # ---------------------------------------------------------------------------- transforms
@@ -182,20 +183,26 @@ def view_pixels(
     return warp(image[..., :3], matrix, size)
 
 
-def read_records(source: Sequence[Mapping[str, Any]], indices: Sequence[int]) -> list:
-    """`[source[i] for i in indices]`, through `source.__getitems__` when it has one (tfds
-    array_record sources read a batch in parallel, ~10x faster than one by one)."""
-    getitems = getattr(source, "__getitems__", None)
-    return list(getitems(indices)) if getitems else [source[i] for i in indices]
+def image_hw(image: Any) -> tuple[int, int]:
+    """A record's image height and width, from an array's shape or an encoded image's header
+    (nothing decoded)."""
+    if isinstance(image, (bytes, np.bytes_)):
+        with Image.open(io.BytesIO(image)) as im:
+            return im.height, im.width
+    shape = np.shape(image)
+    return int(shape[0]), int(shape[1])
 
 
 @dataclasses.dataclass(frozen=True)
 class _Batch:
-    """Grain map over a batch of source indices: read, resample, to_rgb, normalize into
-    [B, S, S, 3]; rows past the last index are zeros with label 0 and `example_mask` 0.
+    """Grain map over a batch of source indices: read, resample, to_rgb, normalize rows `rows`
+    (all for None) of [B, S, S, 3]; rows past the last index are zeros with label 0 and
+    `example_mask` 0.
 
     Called with a generator (grain `random_map`, seeded by (seed, batch position)), it draws
-    each example's augmentation from it in order."""
+    each example's augmentation from it in order. A process that builds later rows replays the
+    draws of the rows before them (from their images' sizes, which decide the crop's retries,
+    without decoding them), so its rows are the ones one process would build."""
 
     source: Sequence[Mapping[str, Any]]
     batch_size: int
@@ -203,25 +210,31 @@ class _Batch:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     augment: AugmentConfig | None = None
+    rows: slice | None = None
 
     def __call__(self, indices: Sequence[int], rng: np.random.Generator | None = None):
-        records = read_records(self.source, [int(i) for i in indices])
-        n, s = len(records), self.size
+        positions = check_rows(self.rows, self.batch_size)
+        indices = [int(i) for i in indices]
+        if rng is not None and self.augment is not None:
+            for record in read_records(self.source, indices[: positions.start]):
+                augment_matrix(rng, *image_hw(record["image"]), self.size, self.augment)
+        records = read_records(self.source, indices[positions.start : positions.stop])
+        b, n, s = len(positions), len(records), self.size
         # (x / 255 - mean) / std as one multiply-add, x * scale + offset, on rows viewed as
         # [S, S * 3] with the per-channel factors tiled along them: numpy is slow when the
         # innermost (broadcast) axis has length 3.
         scale = np.tile(1 / (255 * np.asarray(self.std)), s).astype(np.float32)  # [S * 3]
         offset = np.tile(-np.asarray(self.mean) / self.std, s).astype(np.float32)
-        pixel_values = np.empty((self.batch_size, s, s, 3), np.float32)  # [B, S, S, 3]
+        pixel_values = np.empty((b, s, s, 3), np.float32)  # [B, S, S, 3]
         for i, record in enumerate(records):
             pixels = to_rgb(view_pixels(record, s, rng, self.augment))  # [S, S, 3]
             row = pixel_values[i].reshape(s, s * 3)
             np.multiply(pixels.reshape(s, s * 3), scale, out=row)
             row += offset
         pixel_values[n:] = 0.0
-        labels = np.zeros(self.batch_size, np.int32)  # [B]
+        labels = np.zeros(b, np.int32)  # [B]
         labels[:n] = [int(r["label"]) for r in records]
-        example_mask = np.zeros(self.batch_size, np.float32)  # [B]
+        example_mask = np.zeros(b, np.float32)  # [B]
         example_mask[:n] = 1.0
         return {"pixel_values": pixel_values, "labels": labels, "example_mask": example_mask}
 
@@ -238,6 +251,7 @@ def image_cls_dataset(
     shuffle: bool,
     drop_remainder: bool,
     num_epochs: int | None = 1,
+    process_rows: slice | None = None,
 ) -> grain.MapDataset:
     """Decoded, resized (augmented when training), normalized batches of an image source.
 
@@ -258,15 +272,25 @@ def image_cls_dataset(
       drop_remainder: drop a last short batch (training) or fill it with zero rows whose
         `example_mask` is 0 (evaluation).
       num_epochs: passes over the data; None repeats forever.
+      process_rows: build only these rows of every batch, a process's share
+        (`sharding.feed_rows`, `sft_jax.data.records`): only their images are decoded and
+        resampled. None: all `batch_size` rows.
 
     Returns:
       A `grain.MapDataset` of batch dicts (see the module docstring).
     """
+    check_rows(process_rows, batch_size)
     size = int(image_size or spec.size)
     aug = AugmentConfig.from_config(augment)
     augmenting = train and aug.enabled
     load = _Batch(
-        source, batch_size, size, tuple(spec.mean), tuple(spec.std), aug if augmenting else None
+        source,
+        batch_size,
+        size,
+        tuple(spec.mean),
+        tuple(spec.std),
+        aug if augmenting else None,
+        process_rows,
     )
     # Indices are shuffled and batched first, so that each batch is read with one call.
     ds = grain.MapDataset.range(len(source))

@@ -10,8 +10,6 @@ import re
 
 import numpy as np
 import pytest
-import tokenizers
-from tokenizers import models, normalizers, pre_tokenizers, processors
 
 from sft_jax.data import builders, chat_sources, files, lm, text, tokenizer
 from sft_jax.data.files import DataFileError, Fields
@@ -24,10 +22,7 @@ from sft_jax.data.limits import (
 )
 from tests.tiny_chat import CONV, chat_data_cfg, tiny_chat_tokenizer
 from tests.tiny_text import files_data_cfg
-
-# ids:    0        1        2        3      4      5      6     7     8      9    10     11
-VOCAB = ["[UNK]", "[PAD]", "[CLS]", "[SEP]", "the", "cat", "sat", "on", "mat", "a", "dog", "##s"]
-
+from tests.tiny_wordpiece import write_tokenizer_dir
 
 _CSV = "text,label\ngood,pos\nbad,neg\n"
 _CHAT = json.dumps({"messages": CONV[1:3]}) + "\n"
@@ -182,22 +177,7 @@ def test_label_order_numeric_only_for_ascii_integers(tmp_path):
 
 def _tokenizer_dir(d: pathlib.Path, model_config: dict | None = None) -> pathlib.Path:
     """A 12-token WordPiece tokenizer with BERT's templates, and optionally a config.json."""
-    tok = tokenizers.Tokenizer(
-        models.WordPiece({t: i for i, t in enumerate(VOCAB)}, unk_token="[UNK]")
-    )
-    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tok.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]",
-        pair="[CLS] $A [SEP] $B:1 [SEP]:1",
-        special_tokens=[("[CLS]", 2), ("[SEP]", 3)],
-    )
-    d.mkdir(parents=True, exist_ok=True)
-    tok.save(str(d / "tokenizer.json"))
-    (d / "tokenizer_config.json").write_text(json.dumps({"pad_token": "[PAD]"}))
-    if model_config is not None:
-        (d / "config.json").write_text(json.dumps(model_config))
-    return d
+    return write_tokenizer_dir(d, model_config=model_config)
 
 
 def _records(*texts):

@@ -2,21 +2,15 @@
 resumption."""
 
 import importlib.util
-import json
 import pathlib
 import pickle
 import sys
 
 import numpy as np
 import pytest
-import tokenizers
-from tokenizers import models, normalizers, pre_tokenizers, processors
 
 from sft_jax.data import text, tokenizer
-
-# ids:        0        1        2        3      4      5      6     7     8      9    10     11
-_VOCAB = ["[UNK]", "[PAD]", "[CLS]", "[SEP]", "the", "cat", "sat", "on", "mat", "a", "dog", "##s"]
-CLS, SEP, PAD = 2, 3, 1
+from tests.tiny_wordpiece import CLS, PAD, SEP, write_tokenizer_dir
 
 
 def _minilm_dir() -> pathlib.Path:
@@ -28,23 +22,9 @@ def _minilm_dir() -> pathlib.Path:
 
 @pytest.fixture(scope="module")
 def tiny_tok(tmp_path_factory) -> tokenizer.TextTokenizer:
-    """A 12-token uncased WordPiece tokenizer with BERT's templates; [PAD] is id 1."""
-    tok = tokenizers.Tokenizer(
-        models.WordPiece({t: i for i, t in enumerate(_VOCAB)}, unk_token="[UNK]")
-    )
-    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tok.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]",
-        pair="[CLS] $A [SEP] $B:1 [SEP]:1",
-        special_tokens=[("[CLS]", CLS), ("[SEP]", SEP)],
-    )
+    """The 12-token WordPiece tokenizer of tests/tiny_wordpiece.py; [PAD] is id 1."""
     d = tmp_path_factory.mktemp("tiny_tok")
-    tok.save(str(d / "tokenizer.json"))
-    (d / "tokenizer_config.json").write_text(
-        json.dumps({"pad_token": "[PAD]", "model_max_length": 16})
-    )
-    return tokenizer.load_tokenizer(d)
+    return tokenizer.load_tokenizer(write_tokenizer_dir(d, {"model_max_length": 16}))
 
 
 def _records(*rows):

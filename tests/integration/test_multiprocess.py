@@ -17,8 +17,9 @@ from sft_jax import logging as log_lib
 pytestmark = pytest.mark.slow
 
 # Three steps of the benchmark's tiny BERT train step, data parallel over every device; each
-# process feeds the rows of the global batch its devices hold (sharding.put_batch). Then the
-# trainer's evaluation of the batch (per-example predictions read on every process).
+# process feeds the rows of the global batch its devices hold (sharding.local_rows, put_batch).
+# Then the trainer's evaluation of a batch (each process feeds its rows; the per-example
+# predictions, labels and masks are read whole on every process).
 _WORKER = """
 import json
 from sft_jax.runtime import setup_runtime
@@ -38,9 +39,9 @@ graphdef, _ = split_model(benchmark_shapes.build_model(spec))
 batch_sh = sharding.batch_sharding(mesh)
 eval_step = steps.make_eval_step(
     graphdef, tasks.get_task("classification"), shardings_of(state.params), batch_sh)
-scores = evaluation.evaluate_classification(
-    eval_step, state.params, [benchmark_shapes.make_batch(spec, seed=1)], ["a", "b", "c"],
-    batch_sh)
+mine = sharding.local_rows(benchmark_shapes.make_batch(spec, seed=1), batch_sh)
+scores = evaluation.evaluate_classification(eval_step, state.params, [mine], ["a", "b", "c"],
+                                            batch_sh)
 print("RESULT " + json.dumps({
     "process": info["process"], "processes": info["num_processes"],
     "devices": jax.device_count(), "local": jax.local_device_count(), "losses": losses,

@@ -50,11 +50,26 @@ def test_process_rows_cover_this_process_devices():
 
 
 def test_process_rows_of_a_process_holding_part_of_the_batch():
-    class TwoOfFourDevices:  # what process 1 of 2 sees: its devices hold rows 8..15 of 16
-        def addressable_devices_indices_map(self, shape):
-            return {"d2": (slice(8, 12),), "d3": (slice(12, 16),)}
+    real = sharding.batch_sharding(sharding.make_mesh((4, 1, 1), jax.devices()[:4]))
 
-    assert sharding.process_rows(TwoOfFourDevices(), 16) == slice(8, 16)
+    class TwoOfFourDevices:  # what process 1 of 2 sees: its devices hold the second half
+        spec, mesh = real.spec, real.mesh
+
+        def addressable_devices_indices_map(self, shape):
+            n = shape[0] // 4
+            return {"d2": (slice(2 * n, 3 * n),), "d3": (slice(3 * n, 4 * n),)}
+
+    fake = TwoOfFourDevices()
+    assert sharding.process_rows(fake, 16) == slice(8, 16)
+    assert sharding.global_rows(fake, 8) == 16  # its 8 rows are half of a 16-row batch
+    batch = {"x": np.arange(32).reshape(16, 2), "y": np.arange(16)}
+    mine = sharding.local_rows(batch, fake)
+    np.testing.assert_array_equal(mine["x"], batch["x"][8:])
+    np.testing.assert_array_equal(mine["y"], np.arange(8, 16))
+    with pytest.raises(ValueError, match="7 rows cannot be split over its 2 devices"):
+        sharding.global_rows(fake, 7)
+    with pytest.raises(ValueError, match="10 rows .* 4 devices.*data.batch_size"):
+        sharding.process_rows(fake, 10)
 
 
 def test_make_mesh_minus_one_must_divide_the_devices():
