@@ -106,6 +106,7 @@ _TRAINER = """
 import json, pathlib, sys
 from sft_jax.runtime import setup_runtime
 setup_runtime({"distributed": %(distributed)s, "compilation_cache_dir": "off"})
+import jax
 from tests.tiny_text import make_config
 from sft_jax.trainer import Trainer
 root, model_dir, files, workdir, stop, steps, pause = sys.argv[1:8]
@@ -114,7 +115,11 @@ root, model_dir, files, workdir, stop, steps, pause = sys.argv[1:8]
 class Paced(Trainer):  # a step at least `pause` seconds long, so that a signal lands mid-run
     def _batch(self, step):
         time.sleep(float(pause))
-        return super()._batch(step)
+        batch = super()._batch(step)
+        # The rows this process built: its share of the batch, nothing more.
+        seen = pathlib.Path(workdir, f"rows_of_process_{jax.process_index()}")
+        seen.write_text(str(len(batch["labels"])))
+        return batch
 
 
 import time
@@ -174,6 +179,9 @@ def test_a_signal_to_one_process_stops_both_and_the_resumed_pair_trains_like_one
     assert step < 24 and max(r["step"] for r in log_lib.read_metrics(str(workdir))) == step
     resumed = [_result(p) for p in _trainers(2, [*setup, str(workdir), "0", "24", "0"], 2)]
     assert resumed[0] == resumed[1] == single
+    # Each of the two processes built 4 rows of every 8-row batch; one process, all 8.
+    assert [(workdir / f"rows_of_process_{i}").read_text() for i in (0, 1)] == ["4", "4"]
+    assert (tmp_path / "one" / "rows_of_process_0").read_text() == "8"
     assert sorted(os.listdir(workdir / "checkpoints")) == sorted(
         os.listdir(tmp_path / "one" / "checkpoints")
     )

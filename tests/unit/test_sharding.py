@@ -89,3 +89,16 @@ def test_indivisible_batch_names_the_config_keys():
     ].shape == (8, 3)
     with pytest.raises(ValueError, match="data.batch_size"):
         sharding.pmap_batch(batch, 4)
+
+
+def test_feed_rows_whole_batch_in_one_process_and_pmap_refuses_several(monkeypatch):
+    from types import SimpleNamespace
+
+    from sft_jax.trainer import Trainer
+
+    assert sharding.feed_rows(sharding.make_mesh((-1, 1, 1)), 16) is None  # one process
+    trainer = SimpleNamespace(mode="pmap", cfg=SimpleNamespace(mesh=SimpleNamespace(shape=None)))
+    assert Trainer._make_mesh(trainer).shape == {"data": 1, "fsdp": 1, "tensor": 1}
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    with pytest.raises(ValueError, match="mesh.mode=pmap runs in one process; this run has 2"):
+        Trainer._make_mesh(trainer)
