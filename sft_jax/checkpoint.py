@@ -129,6 +129,10 @@ class CheckpointMismatchError(ValueError):
     files. Resuming must not treat it as corrupt."""
 
 
+class CheckpointDamagedError(RuntimeError):
+    """A checkpoint item whose files exist but do not parse (a cut or overwritten file)."""
+
+
 # How many differing paths of each kind a mismatch error lists.
 _SHOWN = 5
 
@@ -233,9 +237,23 @@ def restore_train_state(
 def _restore_progress(mngr: ocp.CheckpointManager, step: int) -> tuple[dict, int]:
     """The ``progress`` item of ``step`` as the trainer wrote it, and its parameter layout
     version (1 where it has none: written before versions existed)."""
-    out = mngr.restore(step, args=ocp.args.Composite(progress=ocp.args.JsonRestore()))
-    progress = dict(out["progress"])
-    return progress, int(progress.pop(_VERSION_KEY, 1))
+    try:
+        out = mngr.restore(step, args=ocp.args.Composite(progress=ocp.args.JsonRestore()))
+        progress = dict(out["progress"])
+        return progress, int(progress.pop(_VERSION_KEY, 1))
+    except (ValueError, TypeError) as e:  # no JSON, not an object, or no int version (an
+        # OSError is left alone: resume tells a machine's failures from damaged files)
+        raise _damaged(mngr, step, e) from e
+
+
+def _damaged(mngr: ocp.CheckpointManager, step: int, e: Exception) -> CheckpointDamagedError:
+    where = os.path.join(str(mngr.directory), str(step), "progress")
+    first = str(e).splitlines()[0][:200] if str(e) else ""
+    return CheckpointDamagedError(
+        f"checkpoint step {step}: its progress item {where} does not parse "
+        f"({type(e).__name__}: {first}); the checkpoint is damaged: use another step "
+        f"(kept: {sorted(mngr.all_steps())})"
+    )
 
 
 def restore_params(mngr: ocp.CheckpointManager, step: int, abstract_params: Any) -> Any:

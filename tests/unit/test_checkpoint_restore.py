@@ -9,6 +9,7 @@ import pytest
 
 from sft_jax import checkpoint as ckpt
 from sft_jax import resume
+from sft_jax.train_state import abstract_of
 from tests.unit.test_steps import build, run
 
 
@@ -59,6 +60,26 @@ def test_damaged_newest_checkpoint_is_moved_aside_and_the_previous_restores(tmp_
     assert any(name.startswith("2.corrupt-") for name in os.listdir(tmp_path))
     assert jax.tree.structure(restored) == jax.tree.structure(like)
     assert not np.array_equal(restored.params["dense"]["kernel"], state.params["dense"]["kernel"])
+
+
+def test_a_damaged_progress_item_is_named_and_resume_moves_it_aside(tmp_path):
+    """Step 2's progress JSON cut short: a params-only restore (evaluation, export) names the
+    file and the kept steps instead of a bare JSON error; resume moves step 2 aside and goes on
+    from step 1."""
+    saved_run(tmp_path, steps=2)
+    (tmp_path / "2" / "progress" / "metadata").write_text('{"next_batch": ')
+    opts = ckpt.CheckpointOptions(keep_latest=2, keep_best=0, async_save=False)
+    like, _, _ = build()
+    mngr = ckpt.make_manager(str(tmp_path), opts)
+    with pytest.raises(
+        ckpt.CheckpointDamagedError,
+        match=rf"step 2: its progress item {tmp_path}/2/progress does not parse "
+        r"\(JSONDecodeError: .*\); the checkpoint is damaged: use another step \(kept: \[1, 2\]\)",
+    ):
+        ckpt.restore_params(mngr, 2, abstract_of(like.params))
+    _, progress, step = resume.restore_latest(mngr, like)
+    assert (step, progress) == (1, {"next_batch": 1})
+    assert any(name.startswith("2.corrupt-") for name in os.listdir(tmp_path))
 
 
 def test_a_restore_that_fails_for_the_machine_moves_nothing(tmp_path, monkeypatch):
