@@ -10,8 +10,9 @@
     labels          int32   [B]
     example_mask    float32 [B]     1 for real examples, 0 for filler rows
 
-B is always `batch_size`; T is the smallest bucket that holds the batch's longest sequence,
-so a jitted step compiles once per bucket. Filler rows (only in a last, short batch when
+B is always `batch_size` (or the rows one process builds, `process_rows`); T is the smallest
+bucket that holds the whole batch's longest sequence, so a jitted step compiles once per
+bucket. Filler rows (only in a last, short batch when
 `drop_remainder=False`) hold the encoding of an empty text (`[CLS] [SEP]` for BERT) so no row
 is fully masked (an all-masked softmax is NaN); `example_mask` removes them from losses and
 metrics. Sequences longer than `max_length` are truncated by the tokenizer, which keeps the

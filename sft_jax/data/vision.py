@@ -14,7 +14,8 @@ axis-aligned views; see that module).
 
 Augmentation (training only) draws each example's parameters, in batch order, from one
 generator per batch seeded by (seed, batch index in the stream) via grain's `random_map`, so
-batch `i` is a fixed function of the seed and every epoch sees new views. Evaluation takes the
+batch `i` is a fixed function of the seed and every epoch sees new views (a process that
+builds only some rows of it, `process_rows`, replays the earlier rows' draws). Evaluation takes the
 centred square of side min(H, W) (the whole image when it is square), resized to S x S.
 """
 
