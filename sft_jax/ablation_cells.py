@@ -93,6 +93,8 @@ def compiled_step_memory(trainer: Any) -> int | None:
     ``lower().compile()``, so the analysis reuses the step the run compiled."""
     import jax
 
+    from sft_jax import sharding as sharding_lib
+
     fn = getattr(trainer.runner, "step_fn", None)
     if trainer.mode != "jit" or not hasattr(fn, "lower"):
         return None
@@ -103,8 +105,10 @@ def compiled_step_memory(trainer: Any) -> int | None:
             if batch["input_ids"].shape[1] > widest["input_ids"].shape[1]:
                 widest = batch
     sharding = trainer.setup.batch_sharding
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
-                            widest)  # fmt: skip
+    rows = sharding_lib.global_rows(sharding, len(next(iter(widest.values()))))
+    abstract = jax.tree.map(  # the global batch (a process builds only its rows)
+        lambda x: jax.ShapeDtypeStruct((rows,) + x.shape[1:], x.dtype, sharding=sharding), widest
+    )
     m = fn.lower(trainer.state, abstract).compile().memory_analysis()
     if m is None:
         return None

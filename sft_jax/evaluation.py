@@ -50,8 +50,9 @@ def evaluate_classification(
       eval_step: jitted ``(params, batch) -> {"preds", "labels", "example_mask", "loss_sum",
         "weight"}`` (``tasks.ClassificationTask.eval_outputs``).
       params: the parameters to evaluate.
-      batches: host batches (dicts of numpy arrays; ``eval_step`` returns their ``labels`` and
-        ``example_mask`` with the predictions).
+      batches: this process's rows of each batch (dicts of numpy arrays; all rows with one
+        process); ``eval_step`` returns the whole batch's ``labels`` and ``example_mask`` with
+        the predictions.
       label_names: class names, index = label id.
       batch_sharding: where batches go on the mesh.
     """
@@ -82,7 +83,8 @@ def evaluate_lm(
     Args:
       eval_step: jitted ``(params, batch) -> {"loss_sum", "weight", "correct"}``.
       params: the parameters to evaluate.
-      batches: host batches of ``sft_jax.data.lm``.
+      batches: this process's rows of each batch of ``sft_jax.data.lm`` (all rows with one
+        process).
       batch_sharding: where batches go on the mesh.
 
     Returns:

@@ -108,15 +108,30 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 
 def process_rows(sharding: NamedSharding, global_batch: int) -> slice:
-    """The rows of a [B, ...] global batch that this process's devices hold under ``sharding``
-    (contiguous for meshes whose data axes are laid out process by process, as
-    ``make_mesh`` builds them). A ValueError naming the config keys unless the mesh splits
-    ``global_batch`` evenly."""
+    """The rows of a [B, ...] global batch that this process's devices hold under ``sharding``:
+    one contiguous block (as for meshes whose data axes are laid out process by process, the
+    order of ``jax.devices()`` that ``make_mesh`` keeps).
+
+    Raises:
+      ValueError: naming the config keys, when the mesh does not split ``global_batch``
+        evenly, this process holds no device of the mesh, or its rows are not one block.
+    """
     _check_divisible(global_batch, sharding)
     index = sharding.addressable_devices_indices_map((global_batch,))
-    starts = [ix[0].indices(global_batch)[0] for ix in index.values()]
-    stops = [ix[0].indices(global_batch)[1] for ix in index.values()]
-    return slice(min(starts), max(stops))
+    blocks = sorted({ix[0].indices(global_batch)[:2] for ix in index.values()})
+    shape = tuple(sharding.mesh.shape.values())
+    if not blocks:
+        raise ValueError(
+            f"process {jax.process_index()} holds no device of mesh.shape {shape}: use a "
+            "mesh over every process's devices (a -1 entry takes them all)"
+        )
+    if any(a[1] != b[0] for a, b in zip(blocks, blocks[1:])):
+        raise ValueError(
+            f"process {jax.process_index()}'s devices hold rows {blocks} of the batch, not one "
+            f"block, under mesh.shape {shape}: order the mesh's data axes process by process "
+            "(make_mesh over jax.devices())"
+        )
+    return slice(blocks[0][0], blocks[-1][1])
 
 
 def feed_rows(mesh: Mesh, batch_size: int) -> slice | None:
@@ -156,8 +171,9 @@ def global_rows(sharding: NamedSharding, local_rows: int) -> int:
     mine = rows.stop - rows.start
     if local_rows % mine:
         raise ValueError(
-            f"this process's {local_rows} rows cannot be split over its {mine} devices (mesh "
-            f"axes {axes} of mesh.shape {tuple(sharding.mesh.shape.values())})"
+            f"this process's {local_rows} rows cannot be split into the {mine} parts of the "
+            f"batch it holds (mesh axes {axes} of mesh.shape "
+            f"{tuple(sharding.mesh.shape.values())})"
         )
     return local_rows // mine * parts
 

@@ -67,13 +67,18 @@ def _is_overflow(m: dict) -> bool:
     return float(m.get("loss_scale", 1.0)) > 1.0 and math.isfinite(float(m["loss"]))
 
 
-def _all_processes_sum(count: int) -> int:
-    """``count`` summed over the processes of a multi-host run (each counts its own rows)."""
-    if jax.process_count() == 1:
+def _all_processes_sum(count: int, rows: slice | None) -> int:
+    """The real tokens (images) of the global batches: ``count``, what this process's ``rows``
+    held (``sharding.feed_rows``; None: one process, the whole batch), summed once per distinct
+    block of rows (processes that hold the same rows, as when the tensor axis spans them, count
+    once). Every process calls it at the same step: a collective (int32: < 2**31 per process
+    between two log rows)."""
+    if rows is None:
         return count
     from jax.experimental import multihost_utils
 
-    return int(np.sum(multihost_utils.process_allgather(np.int64(count))))
+    held = multihost_utils.process_allgather(np.asarray([rows.start, count], np.int32))
+    return int(sum(dict(np.asarray(held).reshape(-1, 2).tolist()).values()))
 
 
 class NonFiniteError(FloatingPointError):
@@ -95,6 +100,7 @@ class Trainer:
         self.mode = cfg.mesh.get("mode", "jit")
         self.mesh = self._make_mesh()
         self.processor = tokenizer
+        self.train_rows = sharding_lib.feed_rows(self.mesh, cfg.data.batch_size)
         one_epoch = self._batches("train", cfg.data.batch_size)
         self.steps_per_epoch = len(one_epoch)
         if self.steps_per_epoch == 0:
@@ -271,7 +277,8 @@ class Trainer:
         return progress["stopped_early"]
 
     def _batch(self, step: int) -> dict:
-        """Host batch ``step`` of the training stream (the same batch for the same step)."""
+        """Host batch ``step`` of the training stream (the same batch for the same step): the
+        rows this process builds (``train_rows``; all of them with one process)."""
         return self.feed.get(step)
 
     def _log_train(self, done: int, m: dict, meter: dict) -> None:
@@ -279,7 +286,7 @@ class Trainer:
         dt = time.time() - meter["t0"]
         rate = f"{meter['unit']}_per_sec"
         m.update(
-            {rate: _all_processes_sum(meter["count"]) / dt},
+            {rate: _all_processes_sum(meter["count"], self.train_rows) / dt},
             steps_per_sec=(done - meter["step0"]) / dt,
             epoch=done / self.steps_per_epoch,
             num_compilations=self.runner.num_compilations(),

@@ -2,10 +2,12 @@
 
 Every pipeline is indexed by batch: ``ds[i]`` is global batch ``i``, the same on every process
 (seeded shuffles). In a multi-process run each process builds only the rows its devices hold
-(``rows``, from ``sharding.process_rows``): it reads, decodes and tokenizes those records and
-nothing else, and whatever depends on the whole batch (the padded length of a text batch, the
-augmentation draws of an image batch) is decided from data every process has, so the rows
-agree with the global batch one process would build (tests/data/test_process_rows.py).
+(``rows``, from ``sharding.feed_rows``): it tokenizes, decodes and resamples those records
+and no others, and whatever depends on the whole batch is decided from data every process
+has: the padded length of a text batch from the token counts taken when the split loads, the
+augmentation draws of an image batch replayed from the earlier rows' image sizes (their
+records are read for that, not decoded). So the rows agree with the global batch one process
+would build (tests/data/test_process_rows.py).
 """
 
 from __future__ import annotations

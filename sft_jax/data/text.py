@@ -211,7 +211,7 @@ def text_cls_dataset(
         source,
         encode,
         _Collate(buckets, tokenizer.pad_id, filler),
-        encoded_lengths(source, lengths, encode),
+        encoded_lengths(source, lengths, tokenizer, max_length, text_pair),
         batch_size,
         process_rows,
     )
@@ -226,26 +226,39 @@ def text_cls_dataset(
     return ds
 
 
+def _texts(records: Sequence[Mapping[str, Any]], text_pair: bool) -> list:
+    """What the tokenizer's batch encoding takes: texts, or (text, text_pair) tuples."""
+    texts = [_as_str(r["text"]) for r in records]
+    if text_pair:
+        texts = list(zip(texts, [_as_str(r["text_pair"]) for r in records]))
+    return texts
+
+
 def token_lengths(
     source: Sequence[Mapping[str, Any]], tokenizer: TextTokenizer, text_pair: bool = False
 ) -> list[int]:
     """Untruncated token counts (special tokens included) of every record of `source`."""
-    records = [source[i] for i in range(len(source))]
-    texts = [_as_str(r["text"]) for r in records]
-    if text_pair:
-        texts = list(zip(texts, [_as_str(r["text_pair"]) for r in records]))
+    texts = _texts([source[i] for i in range(len(source))], text_pair)
     return [len(e.ids) for e in tokenizer.backend.encode_batch(texts)]
 
 
 def encoded_lengths(
-    source: Sequence[Mapping[str, Any]], lengths: Sequence[int], encode: _Encode
+    source: Sequence[Mapping[str, Any]],
+    lengths: Sequence[int],
+    tokenizer: TextTokenizer,
+    max_length: int,
+    text_pair: bool,
 ) -> tuple[int, ...]:
-    """The length `encode` gives each record: its untruncated token count (`lengths`) where
-    that fits `encode.max_length`, else that of the truncated encoding (computed)."""
-    return tuple(
-        n if n <= encode.max_length else len(encode(source[i])["input_ids"])
-        for i, n in enumerate(lengths)
-    )
+    """The length of every record's encoding as the pipeline makes it: its untruncated token
+    count (`lengths`) where that fits `max_length`, else that of its truncated encoding (the
+    longer records encoded again, in one batch)."""
+    out = list(lengths)
+    long = [i for i, n in enumerate(lengths) if n > max_length]
+    if long:
+        texts = _texts([source[i] for i in long], text_pair)
+        for i, n in zip(long, tokenizer.truncated_lengths(texts, max_length)):
+            out[i] = n
+    return tuple(out)
 
 
 def report_long_examples(

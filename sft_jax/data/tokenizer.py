@@ -85,6 +85,11 @@ class TextTokenizer:
         enc = self._truncator(max_length).encode(text, text_pair)
         return Encoded(enc.ids, enc.type_ids, True)
 
+    def truncated_lengths(self, texts: list, max_length: int) -> list[int]:
+        """Token counts of ``texts`` (strings, or (text, text_pair) tuples) encoded as
+        ``encode(..., max_length=max_length)`` encodes them, in one batch."""
+        return [len(e.ids) for e in self._truncator(max_length).encode_batch(texts)]
+
     def _truncator(self, max_length: int) -> tokenizers.Tokenizer:
         # A copy per length, so no thread ever changes the settings of a tokenizer in use.
         if max_length not in self._truncating:

@@ -34,6 +34,13 @@ class Counted(list):
         return super().__getitem__(i)
 
 
+class CountedBatched(Counted):
+    """... read in one call per batch where the pipeline can (as tfds array_record sources)."""
+
+    def __getitems__(self, indices):
+        return [self[i] for i in indices]
+
+
 def _parts_equal_whole(whole, parts):
     """Batch by batch, the parts' rows in order are the whole batch's."""
     assert all(len(p) == len(whole) for p in parts)
@@ -55,8 +62,11 @@ def test_check_rows():
             records.check_rows(bad, 4)
 
 
-def test_text_part_is_padded_to_the_whole_batch_bucket_and_reads_only_its_records(tiny_tok):
-    source = Counted(_records(("the cat", 0), ("the cat sat on the mat", 1), ("a dog", 2),
+@pytest.mark.parametrize("counted", [Counted, CountedBatched])
+def test_text_part_is_padded_to_the_whole_batch_bucket_and_reads_only_its_records(
+    tiny_tok, counted
+):
+    source = counted(_records(("the cat", 0), ("the cat sat on the mat", 1), ("a dog", 2),
                               ("dogs", 0), ("the mat", 1)))  # fmt: skip
     kw = dict(batch_size=4, buckets=(4, 8), max_length=8, shuffle=False, seed=0, num_epochs=1,
               drop_remainder=False)  # fmt: skip

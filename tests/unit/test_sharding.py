@@ -49,27 +49,44 @@ def test_process_rows_cover_this_process_devices():
         assert sharding.process_rows(sharding.batch_sharding(mesh), 16) == slice(0, 16)
 
 
+class _Held:
+    """What one process of a multi-host run sees of a 4-part batch sharding: its devices hold
+    parts ``parts`` (of 4) of the rows."""
+
+    def __init__(self, *parts):
+        real = sharding.batch_sharding(sharding.make_mesh((4, 1, 1), jax.devices()[:4]))
+        self.spec, self.mesh, self.parts = real.spec, real.mesh, parts
+
+    def addressable_devices_indices_map(self, shape):
+        n = shape[0] // 4
+        return {f"d{i}": (slice(p * n, (p + 1) * n),) for i, p in enumerate(self.parts)}
+
+
 def test_process_rows_of_a_process_holding_part_of_the_batch():
-    real = sharding.batch_sharding(sharding.make_mesh((4, 1, 1), jax.devices()[:4]))
-
-    class TwoOfFourDevices:  # what process 1 of 2 sees: its devices hold the second half
-        spec, mesh = real.spec, real.mesh
-
-        def addressable_devices_indices_map(self, shape):
-            n = shape[0] // 4
-            return {"d2": (slice(2 * n, 3 * n),), "d3": (slice(3 * n, 4 * n),)}
-
-    fake = TwoOfFourDevices()
-    assert sharding.process_rows(fake, 16) == slice(8, 16)
-    assert sharding.global_rows(fake, 8) == 16  # its 8 rows are half of a 16-row batch
+    second_half = _Held(2, 3)  # process 1 of 2, data parallel
+    assert sharding.process_rows(second_half, 16) == slice(8, 16)
+    assert sharding.global_rows(second_half, 8) == 16  # its 8 rows are half of a 16-row batch
     batch = {"x": np.arange(32).reshape(16, 2), "y": np.arange(16)}
-    mine = sharding.local_rows(batch, fake)
+    mine = sharding.local_rows(batch, second_half)
     np.testing.assert_array_equal(mine["x"], batch["x"][8:])
     np.testing.assert_array_equal(mine["y"], np.arange(8, 16))
-    with pytest.raises(ValueError, match="7 rows cannot be split over its 2 devices"):
-        sharding.global_rows(fake, 7)
+    with pytest.raises(ValueError, match="7 rows cannot be split into the 2 parts"):
+        sharding.global_rows(second_half, 7)
     with pytest.raises(ValueError, match="10 rows .* 4 devices.*data.batch_size"):
-        sharding.process_rows(fake, 10)
+        sharding.process_rows(second_half, 10)
+    # Devices of one part on two processes (the tensor axis spans them): both build those rows.
+    one_part_twice = _Held(1, 1)
+    assert sharding.process_rows(one_part_twice, 16) == slice(4, 8)
+    assert sharding.global_rows(one_part_twice, 4) == 16
+    everything = _Held(0, 1, 2, 3)
+    assert sharding.global_rows(everything, 16) == 16
+
+
+def test_process_rows_refuses_scattered_rows_and_a_process_outside_the_mesh():
+    with pytest.raises(ValueError, match=r"hold rows \[\(0, 4\), \(8, 12\)\] .* not one block"):
+        sharding.process_rows(_Held(0, 2), 16)
+    with pytest.raises(ValueError, match=r"holds no device of mesh.shape \(4, 1, 1\)"):
+        sharding.process_rows(_Held(), 16)
 
 
 def test_make_mesh_minus_one_must_divide_the_devices():
@@ -102,3 +119,20 @@ def test_feed_rows_whole_batch_in_one_process_and_pmap_refuses_several(monkeypat
     monkeypatch.setattr(jax, "process_count", lambda: 2)
     with pytest.raises(ValueError, match="mesh.mode=pmap runs in one process; this run has 2"):
         Trainer._make_mesh(trainer)
+
+
+def test_throughput_counts_each_block_of_rows_once(monkeypatch):
+    """The trainer's tokens/s over processes: processes 0 and 1 hold rows 0..7 (the tensor
+    axis spans them), process 2 rows 8..15; 10 + 7 tokens, not 10 + 10 + 7."""
+    from jax.experimental import multihost_utils
+
+    from sft_jax.trainer import _all_processes_sum
+
+    assert _all_processes_sum(12, None) == 12  # one process
+    gathered = np.asarray([[0, 10], [0, 10], [8, 7]], np.int32)
+    sent = []
+    monkeypatch.setattr(
+        multihost_utils, "process_allgather", lambda x: sent.append(x.tolist()) or gathered
+    )
+    assert _all_processes_sum(7, slice(8, 16)) == 17
+    assert sent == [[8, 7]]
