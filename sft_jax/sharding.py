@@ -197,8 +197,7 @@ def put_batch(batch: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str
     if jax.process_count() == 1:
         _check_divisible(rows, sharding)
         return {k: jax.device_put(v, sharding) for k, v in batch.items()}
-    total = global_rows(sharding, rows)
-    _check_divisible(total, sharding)
+    total = global_rows(sharding, rows)  # divisible by construction
     return {
         k: jax.make_array_from_process_local_data(
             sharding, np.asarray(v), (total,) + np.shape(v)[1:]

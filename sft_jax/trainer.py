@@ -101,7 +101,7 @@ class Trainer:
         self.mesh = self._make_mesh()
         self.processor = tokenizer
         self.train_rows = sharding_lib.feed_rows(self.mesh, cfg.data.batch_size)
-        one_epoch = self._batches("train", cfg.data.batch_size)
+        one_epoch = self._batches("train", self.train_rows)
         self.steps_per_epoch = len(one_epoch)
         if self.steps_per_epoch == 0:
             raise ValueError(
@@ -110,7 +110,9 @@ class Trainer:
             )
         self.train_ds = one_epoch.repeat()  # reshuffled every epoch; batch i is fixed
         self.feed = feed_lib.BatchFeed(self.train_ds, feed_lib.config_threads(cfg))
-        self.val_ds = self._batches("validation", cfg.data.eval_batch_size)
+        self.val_ds = self._batches(
+            "validation", sharding_lib.feed_rows(self.mesh, cfg.data.eval_batch_size)
+        )
         self._whole_train_ds = None  # every row of each batch, for the data order hash
         self.total_steps = cfg.train.num_steps or self.steps_per_epoch * cfg.train.num_epochs
         self.eval_every = cfg.train.eval_every_steps or self.steps_per_epoch
@@ -130,10 +132,8 @@ class Trainer:
         # pmap replicates the state itself; its canonical copy lives on one device.
         return sharding_lib.make_mesh((1, 1, 1) if self.mode == "pmap" else self.cfg.mesh.shape)
 
-    def _batches(self, split: str, batch_size: int, whole: bool = False):
-        """One pass of ``split``'s batches; of each batch only the rows this process's devices
-        hold (all of them with one process, or ``whole``)."""
-        rows = None if whole else sharding_lib.feed_rows(self.mesh, batch_size)
+    def _batches(self, split: str, rows: slice | None):
+        """One pass of ``split``'s batches; of each batch only ``rows`` (None: all of them)."""
         train = split == "train"
         return components.batches(
             self.cfg, self.data, self.processor, split, train=train, process_rows=rows
@@ -145,7 +145,7 @@ class Trainer:
         if jax.process_count() == 1:
             return self.train_ds
         if self._whole_train_ds is None:
-            self._whole_train_ds = self._batches("train", self.cfg.data.batch_size, True).repeat()
+            self._whole_train_ds = self._batches("train", None).repeat()
         return self._whole_train_ds
 
     def _build_state(self, model) -> None:

@@ -213,14 +213,13 @@ def _log_rows(out: Rows, seq_len: int) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class _Collate:
-    """Grain batch_fn: stacks rows ``rows`` (all for None) of a batch and shifts the targets."""
+    """Grain batch_fn: stacks the rows of a batch at ``positions`` (``records.check_rows``) and
+    shifts the targets."""
 
-    batch_size: int
-    rows: slice | None
+    positions: range
 
     def __call__(self, batch: Sequence[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-        positions = check_rows(self.rows, self.batch_size)
-        mine = list(batch)[positions.start : positions.stop]
+        mine = list(batch)[self.positions.start : self.positions.stop]
         stacked = {k: np.stack([r[k] for r in mine]) for k in chat.ROW_KEYS}
         return chat.shift_targets(stacked)
 
@@ -267,8 +266,7 @@ def chat_lm_dataset(
     ds = grain.MapDataset.source(items)
     if shuffle:
         ds = ds.shuffle(seed=seed)
-    check_rows(process_rows, batch_size)
-    collate = _Collate(batch_size, process_rows)
+    collate = _Collate(check_rows(process_rows, batch_size))
     ds = ds.batch(batch_size, drop_remainder=drop_remainder, batch_fn=collate)
     if num_epochs != 1:
         ds = ds.repeat(num_epochs)  # reseeds the upstream shuffle every epoch

@@ -116,7 +116,8 @@ class _Collate:
 
 @dataclasses.dataclass(frozen=True)
 class _Load:
-    """Grain map: a batch of source indices -> rows `rows` (all for None) of the padded batch.
+    """Grain map: a batch of source indices -> its padded rows at `positions`
+    (`records.check_rows`).
 
     The bucket comes from the encoded lengths of the whole batch (`lengths`, known before any
     batch is built), so every process pads its rows to the length one process would."""
@@ -126,18 +127,16 @@ class _Load:
     collate: _Collate
     lengths: tuple[int, ...]  # encoded (truncated) length of every record of `source`
     batch_size: int
-    rows: slice | None
+    positions: range
 
     def __call__(self, indices: Sequence[int]) -> dict[str, np.ndarray]:
-        indices = [int(i) for i in indices]
         longest = max(self.lengths[i] for i in indices)
         if len(indices) < self.batch_size:  # filler rows at the end
             longest = max(longest, len(self.collate.filler["input_ids"]))
         t = pick_bucket(longest, self.collate.buckets)
-        positions = check_rows(self.rows, self.batch_size)
-        mine = indices[positions.start : positions.stop]
+        mine = indices[self.positions.start : self.positions.stop]
         examples = [self.encode(r) for r in read_records(self.source, mine)]
-        return self.collate(examples, positions, len(indices), t)
+        return self.collate(examples, self.positions, len(indices), t)
 
 
 def num_batches(num_examples: int, batch_size: int, drop_remainder: bool) -> int:
@@ -213,9 +212,8 @@ def text_cls_dataset(
         _Collate(buckets, tokenizer.pad_id, filler),
         encoded_lengths(source, lengths, tokenizer, max_length, text_pair),
         batch_size,
-        process_rows,
+        check_rows(process_rows, batch_size),
     )
-    check_rows(process_rows, batch_size)
     # Indices are shuffled and batched first: a batch reads (and encodes) only its own rows.
     ds = grain.MapDataset.range(len(source))
     if shuffle:

@@ -196,9 +196,9 @@ def image_hw(image: Any) -> tuple[int, int]:
 
 @dataclasses.dataclass(frozen=True)
 class _Batch:
-    """Grain map over a batch of source indices: read, resample, to_rgb, normalize rows `rows`
-    (all for None) of [B, S, S, 3]; rows past the last index are zeros with label 0 and
-    `example_mask` 0.
+    """Grain map over a batch of source indices: read, resample, to_rgb, normalize the rows at
+    `positions` (`records.check_rows`) into [B, S, S, 3]; rows past the last index are zeros
+    with label 0 and `example_mask` 0.
 
     Called with a generator (grain `random_map`, seeded by (seed, batch position)), it draws
     each example's augmentation from it in order. A process that builds later rows replays the
@@ -206,21 +206,19 @@ class _Batch:
     without decoding them), so its rows are the ones one process would build."""
 
     source: Sequence[Mapping[str, Any]]
-    batch_size: int
+    positions: range
     size: int
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     augment: AugmentConfig | None = None
-    rows: slice | None = None
 
     def __call__(self, indices: Sequence[int], rng: np.random.Generator | None = None):
-        positions = check_rows(self.rows, self.batch_size)
-        indices = [int(i) for i in indices]
+        start, stop = self.positions.start, self.positions.stop
         if rng is not None and self.augment is not None:
-            for record in read_records(self.source, indices[: positions.start]):
+            for record in read_records(self.source, indices[:start]):
                 augment_matrix(rng, *image_hw(record["image"]), self.size, self.augment)
-        records = read_records(self.source, indices[positions.start : positions.stop])
-        b, n, s = len(positions), len(records), self.size
+        records = read_records(self.source, indices[start:stop])
+        b, n, s = len(self.positions), len(records), self.size
         # (x / 255 - mean) / std as one multiply-add, x * scale + offset, on rows viewed as
         # [S, S * 3] with the per-channel factors tiled along them: numpy is slow when the
         # innermost (broadcast) axis has length 3.
@@ -280,18 +278,16 @@ def image_cls_dataset(
     Returns:
       A `grain.MapDataset` of batch dicts (see the module docstring).
     """
-    check_rows(process_rows, batch_size)
     size = int(image_size or spec.size)
     aug = AugmentConfig.from_config(augment)
     augmenting = train and aug.enabled
     load = _Batch(
         source,
-        batch_size,
+        check_rows(process_rows, batch_size),
         size,
         tuple(spec.mean),
         tuple(spec.std),
         aug if augmenting else None,
-        process_rows,
     )
     # Indices are shuffled and batched first, so that each batch is read with one call.
     ds = grain.MapDataset.range(len(source))
