@@ -25,6 +25,7 @@ skips it).
 
 from __future__ import annotations
 
+import contextvars
 import functools
 from collections.abc import Callable
 from typing import Any
@@ -56,9 +57,13 @@ def apply(block: nnx.Module, *args: Any, call: Callable[..., Any] = _call_block)
     if REMAT.get() == "none":
         return call(block, *args)
     graphdef, state = nnx.split(block)
+    # The backward pass is traced after the forward pass's scopes have closed (the ambient
+    # dropout key, the activation layout, BatchNorm's axis): the recomputation runs in a copy
+    # of the settings the forward pass saw, so it repeats the same operations.
+    settings = contextvars.copy_context()
 
     def run(state: Any, args: tuple) -> Any:
-        return call(nnx.merge(graphdef, state), *args)
+        return settings.run(call, nnx.merge(graphdef, state), *args)
 
     return _recomputed(run, state, args)
 

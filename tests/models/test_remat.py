@@ -7,18 +7,18 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from sft_jax import benchmark, benchmark_shapes, tasks
+from sft_jax import benchmark, benchmark_shapes, lora, tasks
 from sft_jax.models import remat
 from tests.models.test_gpt2 import tiny_gpt2
 
 
 def _grads(model, batch: dict, task_name: str, policy: str) -> list:
     """Gradients of the task's loss sum (dropout on where the model has it) under ``policy``."""
-    graphdef, params = nnx.split(model)
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     task = tasks.get_task(task_name)
 
     def loss(params):
-        return task.loss_sums(nnx.merge(graphdef, params), batch, jax.random.key(3))[0]
+        return task.loss_sums(nnx.merge(graphdef, params, rest), batch, jax.random.key(3))[0]
 
     with remat.REMAT.scope(policy):
         return jax.tree.leaves(jax.jit(jax.grad(loss))(params))
@@ -37,6 +37,19 @@ def test_full_remat_gives_the_same_gradients(name):
     expected = _grads(model, batch, task_name, "none")
     for a, b in zip(_grads(model, batch, task_name, "full"), expected):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)  # float32 sums reordered
+
+
+def test_full_remat_recomputes_lora_dropout_with_the_forward_pass_key():
+    """LoRA adapters read their dropout key from a scope the task opens around the model call;
+    the backward pass is traced after it closed, so the recomputed blocks must see the key the
+    forward pass saw (they saw none before: no adapter dropout, gradients off by ~1)."""
+    spec = benchmark_shapes.get_spec("tiny-llama", batch_size=4)
+    model = benchmark_shapes.build_model(spec)
+    lora.apply_lora(model, rank=4, alpha=8, dropout=0.5, targets=lora.DEFAULT_TARGETS)
+    batch = jax.tree.map(jnp.asarray, benchmark_shapes.make_batch(spec))
+    expected = _grads(model, batch, spec.task, "none")
+    for a, b in zip(_grads(model, batch, spec.task, "full"), expected, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
 def test_full_remat_trains_the_same_on_a_data_fsdp_tensor_mesh_in_bfloat16():
