@@ -106,7 +106,8 @@ def runtime() -> ml_collections.ConfigDict:
     # Causal LM loss in chunks of this many positions (0 = whole sequence; sft_jax.lm_loss): only
     # one chunk's float32 logits in memory at a time, gradients formed in the forward pass.
     c.loss_chunk = 0
-    # none|full: recompute each transformer block's activations in the backward pass from its
-    # input instead of keeping them (sft_jax.models.remat): less memory, a third more FLOPs.
+    # none|full: recompute each block's activations (transformer blocks, ResNet residual layers,
+    # EfficientNet MBConv blocks) in the backward pass from its input instead of keeping them
+    # (sft_jax.models.remat): less memory, a third more FLOPs.
     c.remat = "none"
     return c

@@ -89,8 +89,8 @@ flags.DEFINE_integer(
     "whole sequence)."
 )  # fmt: skip
 flags.DEFINE_enum(
-    "remat", "none", ["none", "full"], "Recompute each transformer block's activations in the "
-    "backward pass (runtime.remat)."
+    "remat", "none", ["none", "full"], "Recompute each block's activations (transformer blocks, "
+    "ResNet / EfficientNet blocks) in the backward pass (runtime.remat)."
 )  # fmt: skip
 _PROFILE = flags.DEFINE_string(
     "profile", None, "Trace 2 extra steps per model with jax.profiler into DIR/MODEL and print "

@@ -24,8 +24,7 @@ class Kernels:
     dropout: ``threefry`` | ``hash`` (``dropout.dropout_implementation``).
     loss_chunk: Causal LM loss positions per chunk, 0 = whole sequence (``lm_loss``).
     packed_max_segments: Segments per row ``cudnn_packed`` describes (``cudnn_attention``).
-    remat: ``none`` | ``full``: what the backward pass keeps of each transformer block
-        (``remat``).
+    remat: ``none`` | ``full``: what the backward pass keeps of each block (``remat``).
     """
 
     attention: str = "xla"

@@ -21,9 +21,10 @@ function):
                  16 (default) | M: segments per row that "cudnn_packed" passes as lengths and
                  offsets (1: padded rows, one sequence per row from token 0); a batch with a
                  row it does not describe takes the dense mask (``cudnn_attention``)
-    remat        "none" (default) | "full": each transformer block's activations recomputed in
-                 the backward pass from its input instead of kept (``sft_jax.models.remat``;
-                 a memory choice: about a third more model FLOPs, the same gradients)
+    remat        "none" (default) | "full": each block's activations (transformer blocks, ResNet
+                 residual layers, EfficientNet MBConv blocks) recomputed in the backward pass
+                 from its input instead of kept (``sft_jax.models.remat``; a memory choice:
+                 about a third more model FLOPs, the same gradients)
 
 All but cpu_matmul are read while a step is traced (``sft_jax.kernel_choices.Kernels``).
 

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from sft_jax.models import dropout
+from sft_jax.models import dropout, remat
 from sft_jax.models.config_base import HFConfig
 from sft_jax.models.conv import BatchNorm, Conv2d, global_avg_pool
 from sft_jax.models.heads import HeadConfig, ImageHead, LayerStructure
@@ -222,7 +222,8 @@ class EfficientNetLite(nnx.Module):
         h = jax.nn.relu6(self.bn0(self.conv_stem(x), train=train))  # [B, H/2, W/2, 32]
         for i, block in enumerate(self.blocks):
             key = None if rng is None else jax.random.fold_in(rng, i)
-            h = block(h, train=train, rng=key)  # [B, H/32, W/32, C_last] after the last one
+            # [B, H/32, W/32, C_last] after the last one
+            h = remat.apply(block, h, key, call=lambda b, h, k: b(h, train=train, rng=k))
         h = jax.nn.relu6(self.bn1(self.conv_head(h), train=train))  # [B, H/32, W/32, 1280]
         return global_avg_pool(h)  # [B, 1280]
 

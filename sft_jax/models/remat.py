@@ -7,10 +7,11 @@
            (about one more forward pass of the blocks, a third more model FLOPs) and
            differentiates it, so a block's activations exist for one block at a time
 
-Both compute the same loss and gradients (the recomputation repeats the same operations). It
-applies to the blocks of the transformer families (BERT, the Llama family, GPT-2, ViT), each
-wrapped by ``apply``; read while a step is traced (``trace_setting``; set with the kernel
-choices by ``kernel_choices.Kernels``).
+Both compute the same loss, gradients and BatchNorm running statistics (the recomputation
+repeats the same operations, under the settings the forward pass saw). It applies to the blocks
+of every family, each wrapped by ``apply``: the transformer blocks (BERT, the Llama family,
+GPT-2, ViT), ResNet's residual layers and EfficientNet's MBConv blocks; read while a step is
+traced (``trace_setting``; set with the kernel choices by ``kernel_choices.Kernels``).
 
 Why not ``jax.checkpoint``: it recomputes from the saved inputs alone, so nothing stops the
 compiler from running the recomputation early. XLA CPU does: on a 4-layer SmolLM2 step
@@ -62,10 +63,14 @@ def apply(block: nnx.Module, *args: Any, call: Callable[..., Any] = _call_block)
     # of the settings the forward pass saw, so it repeats the same operations.
     settings = contextvars.copy_context()
 
-    def run(state: Any, args: tuple) -> Any:
-        return settings.run(call, nnx.merge(graphdef, state), *args)
+    def run(state: Any, args: tuple) -> tuple[Any, Any]:
+        module = nnx.merge(graphdef, state)
+        out = settings.run(call, module, *args)
+        return out, nnx.state(module, nnx.BatchStat)  # as updated by BatchNorm in training
 
-    return _recomputed(run, state, args)
+    out, running_stats = _recomputed(run, state, args)
+    nnx.update(block, running_stats)
+    return out
 
 
 def run_encoder(blocks: Any, x: Any, *args: Any, dropout_rng: Any = None) -> Any:

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from sft_jax.models import layers
+from sft_jax.models import layers, remat
 from sft_jax.models.config_base import HFConfig
 from sft_jax.models.conv import BatchNorm, Conv2d, global_avg_pool, max_pool
 from sft_jax.models.heads import HeadConfig, ImageHead, LayerStructure
@@ -199,7 +199,7 @@ class ResNetStage(nnx.Module):
 
     def __call__(self, x: Array, *, train: bool = False) -> Array:
         for layer in self.layers:
-            x = layer(x, train=train)
+            x = remat.apply(layer, x, call=lambda layer, x: layer(x, train=train))
         return x
 
 
