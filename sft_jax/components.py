@@ -28,17 +28,6 @@ def model_dir(cfg: ml_collections.ConfigDict) -> Path:
     return resolve_model_dir(cfg.model.path)
 
 
-def batch_units(batch: dict) -> tuple[str, int]:
-    """What throughput counts in a host batch, and how many: ``("images", real examples)`` for
-    image batches, else ``("tokens", real tokens)`` (attention mask, else packed segment ids);
-    padding rows and padding tokens count for nothing."""
-    if "pixel_values" in batch:
-        return "images", int(batch["example_mask"].sum())
-    if "attention_mask" in batch:
-        return "tokens", int(batch["attention_mask"].sum())
-    return "tokens", int((batch["segment_ids"] > 0).sum())
-
-
 def is_lm(cfg: ml_collections.ConfigDict) -> bool:
     return cfg.model.task == "causal_lm"
 

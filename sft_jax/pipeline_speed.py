@@ -25,23 +25,23 @@ def pipeline_throughput(cfg: Any, num_batches: int = 50, split: str = "train") -
     Returns:
       ``setup_s`` (load data + tokenizer + first batch), ``batch_shape`` (token ids, or pixels),
       ``batches_per_s``, ``examples_per_s`` (rows per second) and ``tokens_per_s`` (non-padding
-      tokens) or ``images_per_s`` (real images; ``components.batch_units``).
+      tokens) or ``images_per_s`` (real images; ``tasks.batch_units``).
     """
-    from sft_jax import components
+    from sft_jax import components, tasks
 
     t0 = time.perf_counter()
     data, processor = components.load_data(cfg)
     ds = components.batches(cfg, data, processor, split, train=True).repeat()
     first = ds[0]
     setup_s = time.perf_counter() - t0
-    unit, _ = components.batch_units(first)
+    unit, _ = tasks.batch_units(first)
     key = "pixel_values" if unit == "images" else "input_ids"
     rows = units = 0
     t0 = time.perf_counter()
     for i in range(1, num_batches + 1):
         batch = ds[i]
         rows += len(batch[key])
-        units += components.batch_units(batch)[1]
+        units += int(tasks.batch_units(batch)[1])
     dt = time.perf_counter() - t0
     return {
         "config": str(cfg.model.task),

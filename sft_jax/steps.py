@@ -25,7 +25,7 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from sft_jax import loss_scale, optimizers, tree_util
+from sft_jax import loss_scale, optimizers, tasks, tree_util
 from sft_jax.models import activation_sharding, conv
 from sft_jax.sharding import PMAP_AXIS, replicated
 from sft_jax.train_state import StepSetup, TrainState
@@ -220,6 +220,9 @@ def train_step(
         "update_norm": update_norm,
         "learning_rate": setup.lr_schedule(state.step),
         "nonfinite": 1.0 - finite.astype(jnp.float32),
+        # What throughput counts (real tokens or images) in the global batch, counted where the
+        # whole batch is: no host of a multi-process run holds it.
+        "units": _psum(tasks.batch_units(batch)[1].astype(jnp.int32), axis_name),
     }
     if scale is not None:
         metrics["loss_scale"] = scale

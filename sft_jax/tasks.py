@@ -150,6 +150,19 @@ class ImageClassificationTask(ClassificationTask):
         return model(batch["pixel_values"], train=train, dropout_rng=dropout_rng)
 
 
+def batch_units(batch: dict) -> tuple[str, Any]:
+    """What throughput counts in a batch, and how many: ``("images", real examples)`` for
+    image batches, else ``("tokens", real tokens)`` (attention mask, else packed segment ids);
+    padding rows and padding tokens count for nothing. The count is a sum over the batch's
+    arrays: a numpy scalar for a host batch, a traced scalar inside the train step (which
+    reports it over the global batch, ``units``)."""
+    if "pixel_values" in batch:
+        return "images", batch["example_mask"].sum()
+    if "attention_mask" in batch:
+        return "tokens", batch["attention_mask"].sum()
+    return "tokens", (batch["segment_ids"] > 0).sum()
+
+
 TASKS = {
     "classification": ClassificationTask,
     "causal_lm": CausalLMTask,

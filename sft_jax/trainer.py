@@ -13,7 +13,6 @@ import time
 
 import jax
 import ml_collections
-import numpy as np
 
 from sft_jax import checkpoint as ckpt_lib
 from sft_jax import (
@@ -31,7 +30,7 @@ from sft_jax import resume as resume_lib
 from sft_jax import sharding as sharding_lib
 from sft_jax.data import feed as feed_lib
 from sft_jax.evaluation import check_metric, evaluate
-from sft_jax.tasks import get_task
+from sft_jax.tasks import batch_units, get_task
 from sft_jax.train_state import (
     StepSetup,
     create_train_state,
@@ -65,20 +64,6 @@ def _is_overflow(m: dict) -> bool:
     at a loss scale above 1, which the halved scale answers (as GradScaler's skipped steps),
     rather than a divergence."""
     return float(m.get("loss_scale", 1.0)) > 1.0 and math.isfinite(float(m["loss"]))
-
-
-def _all_processes_sum(count: int, rows: slice | None) -> int:
-    """The real tokens (images) of the global batches: ``count``, what this process's ``rows``
-    held (``sharding.feed_rows``; None: one process, the whole batch), summed once per distinct
-    block of rows (processes that hold the same rows, as when the tensor axis spans them, count
-    once). Every process calls it at the same step: a collective (int32: < 2**31 per process
-    between two log rows)."""
-    if rows is None:
-        return count
-    from jax.experimental import multihost_utils
-
-    held = multihost_utils.process_allgather(np.asarray([rows.start, count], np.int32))
-    return int(sum(dict(np.asarray(held).reshape(-1, 2).tolist()).values()))
 
 
 class NonFiniteError(FloatingPointError):
@@ -286,7 +271,7 @@ class Trainer:
         dt = time.time() - meter["t0"]
         rate = f"{meter['unit']}_per_sec"
         m.update(
-            {rate: _all_processes_sum(meter["count"], self.train_rows) / dt},
+            {rate: meter["count"] / dt},
             steps_per_sec=(done - meter["step0"]) / dt,
             epoch=done / self.steps_per_epoch,
             num_compilations=self.runner.num_compilations(),
@@ -364,7 +349,10 @@ class Trainer:
         return step % self.eval_every == 0 or step == self.total_steps
 
     def _log_row(self, done: int, m: dict, meter: dict) -> None:
-        """The train row of step ``done``, at the logging interval (and at the last step)."""
+        """Counts step ``done``'s real tokens (images) of the global batch (``units``, read on
+        the host with the step's other metrics); its train row at the logging interval (and at
+        the last step)."""
+        meter["count"] += int(m.pop("units"))
         if done % self.cfg.train.log_every_steps == 0 or done == self.total_steps:
             self._log_train(done, m, meter)
 
@@ -396,8 +384,7 @@ class Trainer:
         self.state, m = self.runner(self.state, batch)
         previous, self._pending = self._pending, (step + 1, m)
         self._settle_step(previous, progress, meter)  # the previous step, while this one runs
-        meter["unit"], count = components.batch_units(batch)
-        meter["count"] += count
+        meter["unit"] = batch_units(batch)[0]
         self.bar.update(1)
         return step + 1
 

@@ -24,7 +24,7 @@ from sft_jax.models import activation_sharding
 from sft_jax.models.bert import BertConfig, BertForSequenceClassification
 from sft_jax.models.gpt2 import GPT2Config, GPT2LMHeadModel
 from sft_jax.models.llama import LlamaConfig, LlamaForCausalLM
-from sft_jax.tasks import CausalLMTask, ClassificationTask
+from sft_jax.tasks import CausalLMTask, ClassificationTask, batch_units
 from sft_jax.train_state import StepSetup, create_train_state, shardings_of
 
 VOCAB, HIDDEN, HEADS, MLP, LAYERS = 64, 32, 4, 64, 2
@@ -124,8 +124,10 @@ def train_sharded(name: str, mesh_shape) -> tuple[list[float], dict]:
     step = steps.make_train_step(setup, task)
     losses = []
     for i in range(NUM_STEPS):
-        state, m = step(state, sharding.put_batch(CASES[name][2](i % 2), setup.batch_sharding))
+        host = CASES[name][2](i % 2)
+        state, m = step(state, sharding.put_batch(host, setup.batch_sharding))
         assert float(m["nonfinite"]) == 0.0
+        assert int(m["units"]) == batch_units(host)[1]  # the global batch's real tokens
         losses.append(float(m["loss"]))
     return losses, jax.device_get(state.params)
 
@@ -139,7 +141,9 @@ def train_pmap(name: str, accumulation: int = 1) -> tuple[list[float], dict]:
     losses = []
     for i in range(NUM_STEPS):
         old = state.step
-        state, m = step(state, sharding.pmap_batch(CASES[name][2](i % 2), len(devices)))
+        host = CASES[name][2](i % 2)
+        state, m = step(state, sharding.pmap_batch(host, len(devices)))
+        assert np.all(np.asarray(m["units"]) == batch_units(host)[1])  # summed over devices
         assert old.is_deleted()  # donated as laid out by replicate: no copy on the way in
         loss = np.asarray(m["loss"])  # [D], one copy per device
         assert loss.shape == (8,) and np.all(loss == loss[0])

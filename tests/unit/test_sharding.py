@@ -119,20 +119,3 @@ def test_feed_rows_whole_batch_in_one_process_and_pmap_refuses_several(monkeypat
     monkeypatch.setattr(jax, "process_count", lambda: 2)
     with pytest.raises(ValueError, match="mesh.mode=pmap runs in one process; this run has 2"):
         Trainer._make_mesh(trainer)
-
-
-def test_throughput_counts_each_block_of_rows_once(monkeypatch):
-    """The trainer's tokens/s over processes: processes 0 and 1 hold rows 0..7 (the tensor
-    axis spans them), process 2 rows 8..15; 10 + 7 tokens, not 10 + 10 + 7."""
-    from jax.experimental import multihost_utils
-
-    from sft_jax.trainer import _all_processes_sum
-
-    assert _all_processes_sum(12, None) == 12  # one process
-    gathered = np.asarray([[0, 10], [0, 10], [8, 7]], np.int32)
-    sent = []
-    monkeypatch.setattr(
-        multihost_utils, "process_allgather", lambda x: sent.append(x.tolist()) or gathered
-    )
-    assert _all_processes_sum(7, slice(8, 16)) == 17
-    assert sent == [[8, 7]]
