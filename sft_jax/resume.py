@@ -9,7 +9,8 @@ says nothing about the files (out of memory, permissions, an interrupted or time
 does not start over silently: ``restore_latest`` raises until they are removed. ``check_data_order``
 logs a hash of each epoch's batches (a ``split="data"`` row in metrics.jsonl) and, when the
 epoch was already logged by an earlier run, checks that the resumed run sees the very same
-batches.
+batches. The hash is one of every row's digest, in order, so each process of a multi-host run
+digests the rows it builds, and the hash does not depend on how many processes there are.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import orbax.checkpoint as ocp
 
 from sft_jax import checkpoint as ckpt_lib
 from sft_jax import logging as log_lib
+from sft_jax import sharding
 from sft_jax.train_state import TrainState
 
 log = logging.getLogger(__name__)
@@ -126,39 +128,75 @@ def restore_latest(
 HASHED_BATCHES = 64
 
 
-def epoch_hash(ds: Any, epoch: int, steps_per_epoch: int) -> str:
-    """SHA-256 (16 hex digits) of the model inputs (``input_ids``, or ``pixel_values`` for
-    images) and labels of the first ``HASHED_BATCHES`` batches of ``epoch``, in order."""
-    h = hashlib.sha256()
+HASHED_KEYS = ("input_ids", "pixel_values", "labels", "targets")  # model inputs and labels
+# The log field of the hash; runs logged by sft_jax before 2026-11-28 have ``order_hash`` (a
+# digest of whole batches, which a process holding part of each batch cannot recompute).
+HASH_FIELD = "row_order_hash"
+
+
+def _row_digests(batch: dict) -> np.ndarray:
+    """[R, 8] int32: SHA-256 of each row's ``HASHED_KEYS`` entries (its bytes, key by key)."""
+    keys = [k for k in HASHED_KEYS if k in batch]
+    arrays = [np.ascontiguousarray(batch[k]) for k in keys]
+    out = np.empty((len(arrays[0]), 32), np.uint8)
+    for r in range(len(out)):
+        h = hashlib.sha256()
+        for a in arrays:
+            h.update(a[r].tobytes())
+        out[r] = np.frombuffer(h.digest(), np.uint8)
+    return out.view(np.int32)
+
+
+def epoch_hash(ds: Any, epoch: int, steps_per_epoch: int, rows: slice | None = None) -> str:
+    """SHA-256 (16 hex digits) of the row digests (model inputs and labels, ``HASHED_KEYS``) of
+    the first ``HASHED_BATCHES`` batches of ``epoch``, batch by batch, row by row.
+
+    Args:
+      ds: The training stream: of each batch, the ``rows`` this process builds.
+      rows: Which rows of the global batch ``ds`` holds (``sharding.feed_rows``; None: all of
+        them). With several processes this is a collective (``sharding.whole_rows``): every
+        process calls it at the same step, and all get the hash of the whole batches.
+    """
     start = epoch * steps_per_epoch
-    for i in range(start, start + min(steps_per_epoch, HASHED_BATCHES)):
-        batch = ds[i]
-        for key in ("input_ids", "pixel_values", "labels", "targets"):
-            if key in batch:
-                h.update(np.ascontiguousarray(batch[key]).tobytes())
-    return h.hexdigest()[:16]
+    ids = range(start, start + min(steps_per_epoch, HASHED_BATCHES))
+    digests = np.stack([_row_digests(ds[i]) for i in ids], axis=1)  # [R, N, 8]
+    whole = sharding.whole_rows(digests, rows).transpose(1, 0, 2)  # [N, B, 8]
+    return hashlib.sha256(np.ascontiguousarray(whole).tobytes()).hexdigest()[:16]
 
 
 def check_data_order(
-    workdir: str, logger: log_lib.MetricsLogger, ds: Any, step: int, steps_per_epoch: int
+    workdir: str,
+    logger: log_lib.MetricsLogger,
+    ds: Any,
+    step: int,
+    steps_per_epoch: int,
+    rows: slice | None = None,
 ) -> None:
     """Logs the hash of the epoch that ``step`` is in (once), or checks it against the log.
+    ``ds`` and ``rows`` as ``epoch_hash``'s (with several processes, every process calls it at
+    the same step). An epoch logged only in the older format (``order_hash``) is not checked.
 
     Raises:
       DataOrderError: the epoch was logged before with another hash (the data, the tokenizer or
         the seed changed since the checkpoint).
     """
     epoch = step // steps_per_epoch
-    current = epoch_hash(ds, epoch, steps_per_epoch)
+    current = epoch_hash(ds, epoch, steps_per_epoch, rows)
     logged = [
         r for r in log_lib.read_metrics(workdir) if r["split"] == "data" and r["epoch"] == epoch
     ]
-    if logged and logged[-1]["order_hash"] != current:
+    hashes = [r[HASH_FIELD] for r in logged if HASH_FIELD in r]
+    if hashes and hashes[-1] != current:
         raise DataOrderError(
             f"{workdir}: epoch {epoch} batches hash to {current}, but the run before the restart "
-            f"logged {logged[-1]['order_hash']}: data, tokenizer or seed changed; resume would "
-            "not continue the same run (use a new workdir)"
+            f"logged {hashes[-1]}: data, tokenizer or seed changed; resume would not continue "
+            "the same run (use a new workdir)"
         )
+    if logged and not hashes:
+        log.warning(
+            "epoch %d data order not checked: %s/metrics.jsonl logged it in the format of an "
+            "older sft_jax (order_hash)", epoch, workdir
+        )  # fmt: skip
     if not logged:
-        logger.write(epoch * steps_per_epoch, "data", {"epoch": epoch, "order_hash": current})
+        logger.write(epoch * steps_per_epoch, "data", {"epoch": epoch, HASH_FIELD: current})
     log.info("epoch %d data order hash %s", epoch, current)

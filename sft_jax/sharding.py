@@ -186,6 +186,22 @@ def local_rows(batch: dict[str, np.ndarray], sharding: NamedSharding) -> dict[st
     return {k: np.asarray(v)[rows] for k, v in batch.items()}
 
 
+def whole_rows(local: np.ndarray, rows: slice | None) -> np.ndarray:
+    """[B, ...]: every process's ``local`` [R, ...] (what it holds of some row-wise data: its
+    ``rows`` of a batch, ``feed_rows``) put together in row order, each block of rows once
+    (processes that hold the same rows, as when the tensor axis spans them, give it once).
+    ``local`` itself with one process (``rows`` None); else a collective that every process
+    calls at the same point."""
+    if rows is None:
+        return local
+    from jax.experimental import multihost_utils
+
+    starts = np.asarray(multihost_utils.process_allgather(np.asarray(rows.start, np.int32)))
+    parts = np.asarray(multihost_utils.process_allgather(local))  # [P, R, ...]
+    blocks = dict(zip(starts.reshape(-1).tolist(), parts))
+    return np.concatenate([blocks[start] for start in sorted(blocks)])
+
+
 def put_batch(batch: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:
     """Places a host batch on the mesh, split along its leading dimension.
 

@@ -98,7 +98,6 @@ class Trainer:
         self.val_ds = self._batches(
             "validation", sharding_lib.feed_rows(self.mesh, cfg.data.eval_batch_size)
         )
-        self._whole_train_ds = None  # every row of each batch, for the data order hash
         self.total_steps = cfg.train.num_steps or self.steps_per_epoch * cfg.train.num_epochs
         self.eval_every = cfg.train.eval_every_steps or self.steps_per_epoch
         self._build_state(components.build_model(cfg, len(self.label_names)))
@@ -123,15 +122,6 @@ class Trainer:
         return components.batches(
             self.cfg, self.data, self.processor, split, train=train, process_rows=rows
         )
-
-    def _order_ds(self):
-        """The training stream with every row of each batch: what the data order hash reads,
-        so that it is the same whichever process, and however many, compute it."""
-        if jax.process_count() == 1:
-            return self.train_ds
-        if self._whole_train_ds is None:
-            self._whole_train_ds = self._batches("train", None).repeat()
-        return self._whole_train_ds
 
     def _build_state(self, model) -> None:
         cfg = self.cfg
@@ -377,8 +367,9 @@ class Trainer:
         if self.cfg.train.check_data_order and (step % self.steps_per_epoch == 0 or meter["first"]):
             self._settle(progress, meter)  # the last step's row first, as in a resumed run
             resume_lib.check_data_order(
-                self.workdir, self.logger, self._order_ds(), step, self.steps_per_epoch
-            )
+                self.workdir, self.logger, self.train_ds, step, self.steps_per_epoch,
+                self.train_rows,
+            )  # fmt: skip
         meter["first"] = False
         batch = self._batch(step)
         self.state, m = self.runner(self.state, batch)

@@ -332,7 +332,7 @@ def test_restart_with_another_seed_after_a_crash_before_any_checkpoint(setup_dir
         cfg.seed = 1
     Trainer(cfg, workdir).run()
     data = [r for r in log_lib.read_metrics(workdir) if r["split"] == "data"]
-    assert len(first) == len(data) == 1 and first[0]["order_hash"] != data[0]["order_hash"]
+    assert len(first) == len(data) == 1 and first[0]["row_order_hash"] != data[0]["row_order_hash"]
     train = [r["step"] for r in log_lib.read_metrics(workdir) if r["split"] == "train"]
     assert train == [1, 2, 3, 4]
 
