@@ -187,19 +187,31 @@ def local_rows(batch: dict[str, np.ndarray], sharding: NamedSharding) -> dict[st
 
 
 def whole_rows(local: np.ndarray, rows: slice | None) -> np.ndarray:
-    """[B, ...]: every process's ``local`` [R, ...] (what it holds of some row-wise data: its
-    ``rows`` of a batch, ``feed_rows``) put together in row order, each block of rows once
-    (processes that hold the same rows, as when the tensor axis spans them, give it once).
+    """[B, ...]: every process's ``local`` [R, ...] int32 (what it holds of some row-wise data:
+    its ``rows`` of a batch, ``feed_rows``) put together in row order, each block of rows once.
     ``local`` itself with one process (``rows`` None); else a collective that every process
-    calls at the same point."""
+    calls at the same point.
+
+    Raises:
+      ValueError: processes that hold the same rows (as when the tensor axis spans them) hold
+        different values for them: they built different batches.
+    """
     if rows is None:
         return local
     from jax.experimental import multihost_utils
 
-    starts = np.asarray(multihost_utils.process_allgather(np.asarray(rows.start, np.int32)))
-    parts = np.asarray(multihost_utils.process_allgather(local))  # [P, R, ...]
-    blocks = dict(zip(starts.reshape(-1).tolist(), parts))
-    return np.concatenate([blocks[start] for start in sorted(blocks)])
+    start = np.full((1, *local.shape[1:]), rows.start, np.int32)  # one gather carries both
+    held = np.asarray(multihost_utils.process_allgather(np.concatenate([start, local])))
+    blocks: dict[int, np.ndarray] = {}
+    for process, part in enumerate(held):  # part: [1 + R, ...]
+        first, values = int(part.reshape(-1)[0]), part[1:]
+        if not np.array_equal(blocks.setdefault(first, values), values):
+            raise ValueError(
+                f"process {process} holds other values for rows {first}.. of the batch than "
+                "another process holding the same rows: the processes built different batches "
+                "(different data files, config or code?)"
+            )
+    return np.concatenate([blocks[first] for first in sorted(blocks)])
 
 
 def put_batch(batch: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:

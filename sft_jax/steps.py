@@ -3,10 +3,11 @@
 ``train_step(state, batch) -> (state, metrics)``: merges the graph with the params, computes the
 task loss (summed over real examples), differentiates only the trainable leaves, accumulates over
 ``accumulation_steps`` micro-batches with ``lax.scan``, and applies the optax update. Metrics are
-global-batch means plus gradient / parameter / update norms (as big_vision's ``update_fn``) and
+global-batch means plus gradient / parameter / update norms (as big_vision's ``update_fn``),
 ``nonfinite``: 1 when the update was skipped because the loss or a gradient was NaN/Inf (the
 step still counts, the state keeps its last good parameters and optimizer moments; the
-learning-rate schedule moves on with the step).
+learning-rate schedule moves on with the step), and ``units``: the real tokens (images) of the
+global batch, int32, what the trainer's throughput counts (``tasks.batch_units``).
 
 Two ways to run it on several devices, both exact (the loss is normalized by the global batch):
 ``make_train_step`` jits it over a ``(data, fsdp, tensor)`` mesh with sharded state and batch;

@@ -375,7 +375,8 @@ class Trainer:
         self.state, m = self.runner(self.state, batch)
         previous, self._pending = self._pending, (step + 1, m)
         self._settle_step(previous, progress, meter)  # the previous step, while this one runs
-        meter["unit"] = batch_units(batch)[0]
+        if meter["unit"] is None:  # what the step's ``units`` count: tokens or images
+            meter["unit"] = batch_units(batch)[0]
         self.bar.update(1)
         return step + 1
 
@@ -394,7 +395,7 @@ class Trainer:
         if progress["stopped_early"] or start >= self.total_steps:
             log.info("run in %s is already complete at step %d", self.workdir, start)
         self.bar = log_lib.progress_bar(self.total_steps, start)
-        meter = {"t0": time.time(), "count": 0, "unit": "tokens", "step0": start, "first": True}
+        meter = {"t0": time.time(), "count": 0, "unit": None, "step0": start, "first": True}
         try:
             last_eval, preempted = self._loop(start, progress, meter, stop_after_step)
         finally:  # also when a step raises: a checkpoint still being written is finished

@@ -8,6 +8,7 @@ import jax
 import numpy as np
 from flax import nnx
 
+from sft_jax.models import remat
 from sft_jax.models.conv import BatchNorm, Conv2d, global_avg_pool
 from sft_jax.models.heads import HeadConfig, ImageHead, LayerStructure
 
@@ -28,8 +29,8 @@ class TinyBackbone(nnx.Module):
 
     def __call__(self, x, train: bool):
         x = self.stem(x, train)
-        for block in self.blocks:
-            x = block(x, train)
+        for block in self.blocks:  # recomputed in the backward pass under runtime.remat=full
+            x = remat.apply(block, x, call=lambda b, x: b(x, train))
         return global_avg_pool(x)
 
 

@@ -106,7 +106,8 @@ def dropout_scope(rng: Array | None) -> contextlib.AbstractContextManager[None]:
     For layers whose callers pass no key (e.g. a LoRA adapter behind a ``Dense`` call site). The
     tasks wrap every model call in it with the step's dropout key. It is plain Python state read
     while tracing, so it works under ``jit``/``grad``/``scan`` as long as the scope is opened
-    inside the traced function (as the tasks do).
+    inside the traced function (as the tasks do). Blocks recomputed in the backward pass
+    (``remat``) see the key their forward pass saw, although the scope has closed by then.
 
     Args:
         rng: PRNG key, or None for inference (``scoped_rng`` then returns None).

@@ -1,4 +1,4 @@
-"""Activation rematerialization (gradient checkpointing) of transformer blocks.
+"""Activation rematerialization (gradient checkpointing) of a model's blocks.
 
 ``runtime.remat`` says what the backward pass keeps of each block's forward pass:
 
@@ -48,6 +48,13 @@ def _call_block(block: nnx.Module, *args: Any) -> Any:
 def apply(block: nnx.Module, *args: Any, call: Callable[..., Any] = _call_block) -> Any:
     """``call(block, *args)`` (default ``block(*args)``), recomputed in the backward pass under
     the ``full`` policy.
+
+    The recomputation runs under the trace settings current here (``trace_setting``), which
+    may hold traced values (the ambient dropout key): the gradient must be taken in the trace
+    that calls this (as the train step does, also inside its accumulation scan), not outside a
+    ``scan`` / ``jit`` whose body opens such a scope (jax then reports a leaked tracer). Of the
+    block's variables, the call may change its ``nnx.BatchStat`` ones (BatchNorm in training);
+    those are carried back to ``block``, any other change is dropped.
 
     Args:
         block: The block (an ``nnx.Module``; its parameters are differentiable inputs).

@@ -1,6 +1,6 @@
 """Settings read while a function is traced: the attention kernel, the dropout-mask
 implementation, the ambient dropout key, BatchNorm's mapped axis, the LM loss's chunk length,
-whether transformer blocks are recomputed in the backward pass.
+whether blocks are recomputed in the backward pass.
 
 Each is a context variable behind ``TraceSetting``: ``set`` changes it for the rest of the
 current context (a command-line entry point's main thread), ``scope`` for a block, ``get`` reads

@@ -17,6 +17,7 @@ from flax import nnx
 
 from sft_jax import logging as log_lib
 from sft_jax.restore import restore_run
+from sft_jax.tasks import batch_units
 from sft_jax.trainer import NonFiniteError, Trainer
 from tests.tiny_text import as_flags, config_overrides, make_config, make_tiny_setup
 
@@ -294,6 +295,22 @@ def test_same_seed_same_metrics(setup_dirs, reference, tmp_path):
     assert trainer.feed.threads == 3
     trainer.run()
     assert_same_run(workdir, reference)
+
+
+def test_throughput_counts_the_real_tokens_of_the_steps_it_times(setup_dirs, reference, tmp_path):
+    """A train row's tokens/s over its steps/s (one clock: it cancels) is the real tokens per
+    step of the batches since the previous train row or evaluation: the step's ``units``."""
+    trainer = Trainer(make_config(*setup_dirs, **_SETTINGS), str(tmp_path / "run"))
+    logged = log_lib.read_metrics(reference)
+    bounds = sorted({r["step"] for r in logged if r["split"] in ("train", "validation")} | {0})
+    train = [r for r in logged if r["split"] == "train"]
+    assert len(train) >= 3
+    for r in train:
+        since = max(b for b in bounds if b < r["step"])
+        real = [int(batch_units(trainer.train_ds[i])[1]) for i in range(since, r["step"])]
+        padded = trainer.train_ds[since]["attention_mask"].size
+        assert r["tokens_per_sec"] / r["steps_per_sec"] == pytest.approx(np.mean(real), rel=1e-9)
+        assert 0 < np.mean(real) < padded  # padding is not counted
 
 
 @pytest.mark.slow

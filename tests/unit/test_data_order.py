@@ -55,11 +55,31 @@ def test_processes_holding_parts_of_each_batch_get_the_whole_batches_hash(monkey
     """Each process digests its rows; the gathered digests hash as one process's whole
     batches do. (The gather is faked: each process's arrays are computed here.)"""
     ds = batches()
-    digests = [np.stack([resume._row_digests(b) for b in part(ds, rows)], axis=1) for rows in held]
-    gathered = iter([np.asarray([rows.start for rows in held], np.int32), np.stack(digests)])
-    monkeypatch.setattr(multihost_utils, "process_allgather", lambda x: next(gathered))
+    fake_allgather(monkeypatch, [part(ds, rows) for rows in held], held)
     got = resume.epoch_hash(part(ds, held[0]), 0, 3, rows=held[0])
     assert got == resume.epoch_hash(ds, 0, 3)
+
+
+def fake_allgather(monkeypatch, streams: list[list[dict]], held: list[slice]) -> None:
+    """``process_allgather`` as every process's ``whole_rows`` call would fill it: process i
+    built ``streams[i]``, rows ``held[i]`` of each batch ([1 + R, N, 8]: the first row's index,
+    then the row digests)."""
+    sent = []
+    for stream, rows in zip(streams, held, strict=True):
+        digests = np.stack([resume._row_digests(b) for b in stream], axis=1)  # [R, N, 8]
+        sent.append(np.concatenate([np.full_like(digests[:1], rows.start), digests]))
+    monkeypatch.setattr(multihost_utils, "process_allgather", lambda x: np.stack(sent))
+
+
+def test_processes_holding_the_same_rows_must_agree(monkeypatch):
+    """Processes 1 and 2 hold rows 2..3 (the tensor axis spans them) but built other labels
+    there: named, rather than one of them trained on silently."""
+    ds = batches()
+    other = [dict(b, labels=(b["labels"] + 1) % 3) for b in ds]
+    held = [slice(0, 2), slice(2, 4), slice(2, 4)]
+    fake_allgather(monkeypatch, [part(ds, held[0]), part(ds, held[1]), part(other, held[2])], held)
+    with pytest.raises(ValueError, match="process 2 holds other values for rows 2.. of the batch"):
+        resume.epoch_hash(part(ds, held[0]), 0, 3, rows=held[0])
 
 
 def write_rows(workdir, *rows: dict) -> None:
